@@ -1,0 +1,161 @@
+"""Backend selection and input validation shared by every pipeline stage.
+
+A stage's public function validates its inputs here once, then dispatches to
+``_numpy_*`` (the definition), ``_numba_*`` (CPU default) or ``_cuda_*``.
+CuPy is imported lazily, only when a CuPy array or ``backend="cuda"`` asks
+for it.
+"""
+
+import sys
+
+import numpy as np
+
+BACKENDS = ("auto", "numpy", "numba", "cuda")
+
+
+def is_cupy_array(x):
+    """Return True if `x` is a CuPy array, without importing CuPy."""
+    cupy = sys.modules.get("cupy")
+    return cupy is not None and isinstance(x, cupy.ndarray)
+
+
+def get_array_module(x):
+    """Return ``cupy`` for a CuPy array and ``numpy`` otherwise."""
+    if is_cupy_array(x):
+        import cupy
+
+        return cupy
+    return np
+
+
+def resolve_backend(backend, *arrays):
+    """Pick the backend for `arrays` and check that it can take them.
+
+    Parameters
+    ----------
+    backend : {"auto", "numpy", "numba", "cuda"}
+        The requested backend. ``"auto"`` means CUDA for CuPy arrays and
+        Numba for NumPy arrays.
+    *arrays : array_like or None
+        The stage's array inputs; ``None`` entries are ignored.
+
+    Returns
+    -------
+    str
+        One of ``"numpy"``, ``"numba"``, ``"cuda"``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown backend name.
+    TypeError
+        When NumPy and CuPy arrays are mixed, or the backend does not live on
+        the arrays' device (we never copy between host and device silently).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    kinds = {is_cupy_array(a) for a in arrays if a is not None}
+    if len(kinds) > 1:
+        raise TypeError("inputs mix NumPy and CuPy arrays; move them to one device first")
+    on_gpu = kinds == {True}
+    if backend == "auto":
+        return "cuda" if on_gpu else "numba"
+    if on_gpu and backend != "cuda":
+        raise TypeError(
+            f"backend={backend!r} runs on the CPU but got CuPy arrays; "
+            "use backend='cuda' or pass NumPy arrays (e.g. cupy.asnumpy)"
+        )
+    if not on_gpu and backend == "cuda" and kinds:
+        raise TypeError(
+            "backend='cuda' needs CuPy arrays but got NumPy arrays; "
+            "pass cupy.asarray(x) to run on the GPU"
+        )
+    return backend
+
+
+def check_volume(x, name, ndim=3):
+    """Check that `x` is a non-empty array with `ndim` dimensions.
+
+    Returns the array unchanged (NumPy or CuPy); lists become NumPy arrays.
+    """
+    if not (isinstance(x, np.ndarray) or is_cupy_array(x)):
+        x = np.asarray(x)
+    if x.ndim != ndim:
+        hint = " (a single 2D image? cp3d needs a 3D stack)" if ndim == 3 and x.ndim == 2 else ""
+        raise ValueError(f"{name} must be {ndim}D, got shape {tuple(x.shape)}{hint}")
+    if x.size == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    return x
+
+
+def check_labels(labels, name="labels"):
+    """Validate a 3D label volume and return it as C-contiguous uint32.
+
+    Raises
+    ------
+    TypeError
+        For a non-integer (float, bool) label dtype.
+    ValueError
+        For a non-3D or empty array, negative labels or ids above 2**32 - 1.
+    """
+    labels = check_volume(labels, name)
+    xp = get_array_module(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
+    if labels.dtype.kind == "i" and labels.size and int(labels.min()) < 0:
+        raise ValueError(f"{name} must be non-negative, found {int(labels.min())}")
+    if labels.dtype.itemsize > 4 and int(labels.max()) > np.iinfo(np.uint32).max:
+        raise ValueError(f"{name} holds ids above 2**32 - 1")
+    return xp.ascontiguousarray(labels, dtype=np.uint32)
+
+
+def check_flows(flows, name="flows"):
+    """Validate a ``(3, Z, Y, X)`` flow field and return it as float32.
+
+    Raises
+    ------
+    TypeError
+        For a non-floating dtype.
+    ValueError
+        For a wrong shape, or NaN/inf values.
+    """
+    flows = check_volume(flows, name, ndim=4)
+    if flows.shape[0] != 3:
+        raise ValueError(f"{name} must have shape (3, Z, Y, X), got {tuple(flows.shape)}")
+    if flows.dtype.kind != "f":
+        raise TypeError(f"{name} must be floating point, got {flows.dtype}")
+    xp = get_array_module(flows)
+    flows = xp.ascontiguousarray(flows, dtype=np.float32)
+    if not bool(xp.isfinite(flows).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+    return flows
+
+
+def check_foreground(foreground, shape, name="foreground"):
+    """Validate a foreground mask or probability map and return a bool mask.
+
+    A probability map (floating point) is thresholded at 0.5.
+    """
+    foreground = check_volume(foreground, name)
+    if tuple(foreground.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} shape {tuple(foreground.shape)} does not match the volume shape {tuple(shape)}"
+        )
+    xp = get_array_module(foreground)
+    if foreground.dtype.kind == "f":
+        if not bool(xp.isfinite(foreground).all()):
+            raise ValueError(f"{name} contains NaN or inf values")
+        return xp.ascontiguousarray(foreground > 0.5)
+    if foreground.dtype.kind not in "biu":
+        raise TypeError(f"{name} must be bool, integer or a float probability, got {foreground.dtype}")
+    return xp.ascontiguousarray(foreground != 0)
+
+
+def as_triple(value, name):
+    """Broadcast a scalar or a length-3 sequence to a tuple of three floats."""
+    arr = np.broadcast_to(np.asarray(value, dtype=np.float64), (3,)) if np.ndim(value) == 0 else np.asarray(value, dtype=np.float64)
+    if arr.shape != (3,):
+        raise ValueError(f"{name} must be a scalar or a sequence of 3 values (z, y, x), got {value!r}")
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return tuple(float(v) for v in arr)

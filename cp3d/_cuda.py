@@ -1,0 +1,47 @@
+"""Load the CUDA sources in ``kernels/`` as ``cupy.RawModule`` objects.
+
+Sources are read once and specialised with ``-D`` defines, never by string
+formatting; each compiled module is cached per device.
+"""
+
+import functools
+from importlib import resources
+
+
+@functools.lru_cache(maxsize=None)
+def _read_source(filename):
+    return resources.files("cp3d.kernels").joinpath(filename).read_text()
+
+
+def _include_dir():
+    return str(resources.files("cp3d.kernels"))
+
+
+def get_kernel(filename, kernel_name, defines=()):
+    """Return the compiled kernel `kernel_name` from ``kernels/<filename>``.
+
+    Parameters
+    ----------
+    filename : str
+        A source file in ``kernels/``, e.g. ``"follow.cu"``.
+    kernel_name : str
+        The ``extern "C" __global__`` function to fetch.
+    defines : tuple of str
+        Preprocessor defines such as ``("NDIM=3",)``.
+    """
+    return _get_module(filename, tuple(defines)).get_function(kernel_name)
+
+
+def _get_module(filename, defines):
+    import cupy
+
+    return _compiled_module(filename, defines, cupy.cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_module(filename, defines, device_id):
+    # device_id is part of the key: a module is bound to the device it was built on.
+    import cupy
+
+    options = ("-std=c++17", f"-I{_include_dir()}") + tuple(f"-D{d}" for d in defines)
+    return cupy.RawModule(code=_read_source(filename), options=options)
