@@ -1,16 +1,15 @@
 """cp3d: fast 3D cell instance segmentation with Cellpose3D gradient maps.
 
 The pipeline stages (targets, flow following, grouping, filtering) take NumPy
-or CuPy arrays and return the same kind. The model layer (PyTorch) is loaded
-lazily, so ``import cp3d`` stays light.
+or CuPy arrays and return the same kind. Everything is imported on first
+use, so ``import cp3d`` stays light and never imports torch or CuPy.
 """
-
-from . import data, io, metrics
-from .targets import heat_flows, tanh_flows
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "tanh_flows": ("targets", "tanh_flows"),
+    "heat_flows": ("targets", "heat_flows"),
     "follow_flows": ("follow", "follow_flows"),
     "close_and_label": ("group", "close_and_label"),
     "filter_instances": ("filters", "filter_instances"),
@@ -23,15 +22,19 @@ _LAZY = {
     "segment": ("segment", "segment"),
 }
 
+_SUBMODULES = ("data", "io", "metrics")
+
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(f".{module}", __name__), attr)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'cp3d' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted(list(globals()) + list(_LAZY) + list(_SUBMODULES))
