@@ -397,10 +397,11 @@ def _numpy_heat_flows(nbr, sources, n_iter):
         for k in range(1, 27):
             acc += temp[nbr[k]]
         temp[:n] = acc / 27.0
-    grad = xp.stack([temp[nbr[hi]] - temp[nbr[lo]] for hi, lo in _GRAD_SLOTS])
-    norm = xp.sqrt(grad[0] * grad[0] + grad[1] * grad[1] + grad[2] * grad[2])
-    # Negate: the gradient climbs to the source, the flows point away from it.
-    return xp.where(norm > 0, -grad / xp.where(norm > 0, norm, 1.0), 0.0).astype(np.float32)
+    # Minus the gradient (T[z-1] - T[z+1], ...): the gradient climbs to the
+    # source, the flows point away from it.
+    down = xp.stack([temp[nbr[lo]] - temp[nbr[hi]] for hi, lo in _GRAD_SLOTS])
+    norm = xp.sqrt(down[0] * down[0] + down[1] * down[1] + down[2] * down[2])
+    return xp.where(norm > 0, down / xp.where(norm > 0, norm, 1.0), 0.0).astype(np.float32)
 
 
 def _numba_heat_flows(nbr, sources, n_iter):
@@ -424,14 +425,14 @@ def _numba_heat_kernel(nbr, sources, n_iter, grad_slots, out):
             new[i] = acc / 27.0
         temp, new = new, temp
     for i in prange(n):
-        gz = temp[nbr[grad_slots[0, 0], i]] - temp[nbr[grad_slots[0, 1], i]]
-        gy = temp[nbr[grad_slots[1, 0], i]] - temp[nbr[grad_slots[1, 1], i]]
-        gx = temp[nbr[grad_slots[2, 0], i]] - temp[nbr[grad_slots[2, 1], i]]
-        norm = np.sqrt(gz * gz + gy * gy + gx * gx)
+        dz = temp[nbr[grad_slots[0, 1], i]] - temp[nbr[grad_slots[0, 0], i]]
+        dy = temp[nbr[grad_slots[1, 1], i]] - temp[nbr[grad_slots[1, 0], i]]
+        dx = temp[nbr[grad_slots[2, 1], i]] - temp[nbr[grad_slots[2, 0], i]]
+        norm = np.sqrt(dz * dz + dy * dy + dx * dx)
         if norm > 0:
-            out[0, i] = -gz / norm
-            out[1, i] = -gy / norm
-            out[2, i] = -gx / norm
+            out[0, i] = dz / norm
+            out[1, i] = dy / norm
+            out[2, i] = dx / norm
         else:
             out[0, i] = 0.0
             out[1, i] = 0.0
