@@ -82,11 +82,15 @@ def evaluate(gt, pred, thresholds=(0.5, 0.75, 0.9)):
     count as ``linear_sum_assignment`` on a dense 0/1 cost matrix without
     building it.
 
-    ``arand``, ``voi_split`` and ``voi_merge`` follow CREMI and PlantSeg:
-    voxels that are background in ``gt`` are ignored, while background in
-    ``pred`` is kept as an ordinary segment (so an empty prediction is one
-    large merge). Rand precision and recall count pairs of distinct voxels,
-    as ``skimage.metrics.adapted_rand_error`` with ``ignore_labels=(0,)``.
+    ``arand``, ``voi_split`` and ``voi_merge`` follow CREMI and PlantSeg in
+    ignoring voxels that are background in ``gt``. For ``arand``, as there,
+    a voxel that is background in ``pred`` counts as a segment of its own,
+    so a missed cell is a full split and an empty prediction scores 1. Rand
+    precision and recall count pairs of distinct voxels; the result equals
+    ``skimage.metrics.adapted_rand_error(gt, pred2, ignore_labels=(0,))``
+    where ``pred2`` gives every background voxel a unique id (skimage itself
+    would treat predicted background as one large segment). For the VOI
+    terms, predicted background is one ordinary segment, as in CREMI.
 
     Examples
     --------
@@ -183,7 +187,7 @@ def _scores(table, thresholds):
     out["n_pred"] = n_pred
 
     keep = table.gt != 0  # gt background is ignored by arand and VOI
-    out.update(_rand_and_voi(gt_idx[keep], pred_idx[keep], table.count[keep]))
+    out.update(_rand_and_voi(gt_idx[keep], pred_idx[keep], table.count[keep], table.pred[keep] == 0))
     return out
 
 
@@ -220,7 +224,7 @@ def _true_positives(rows, cols, iou, threshold):
     return int(np.count_nonzero(match >= 0))
 
 
-def _rand_and_voi(rows, cols, counts):
+def _rand_and_voi(rows, cols, counts, pred_background):
     """Adapted Rand error and VOI split/merge from gt-foreground pair counts."""
     n = float(counts.sum())
     if n == 0:
@@ -228,22 +232,35 @@ def _rand_and_voi(rows, cols, counts):
         return {"arand": nan, "voi_split": nan, "voi_merge": nan}
     c = counts.astype(np.float64)
     a = np.bincount(rows, weights=c)  # voxels per gt segment
-    b = np.bincount(cols, weights=c)  # voxels per pred segment (pred 0 included)
+    b = np.bincount(cols, weights=c)  # voxels per pred segment, background included
     a, b = a[a > 0], b[b > 0]
-    # pairs of distinct voxels together in both / in gt / in pred
-    both = c @ c - n
-    in_gt = a @ a - n
-    in_pred = b @ b - n
-    precision = both / in_pred if in_pred else 1.0
-    recall = both / in_gt if in_gt else 1.0
-    f = 2.0 * precision * recall / (precision + recall) if precision + recall else 0.0
+    fg = ~pred_background
+    arand = _adapted_rand(c[fg], a, np.bincount(cols[fg], weights=c[fg]))
 
     p = c / n
     h_joint = -np.sum(p * np.log2(p))
     h_gt = -np.sum((a / n) * np.log2(a / n))
     h_pred = -np.sum((b / n) * np.log2(b / n))
     return {
-        "arand": float(1.0 - f),
+        "arand": arand,
         "voi_split": float(max(h_joint - h_gt, 0.0)),  # H(pred | gt)
         "voi_merge": float(max(h_joint - h_pred, 0.0)),  # H(gt | pred)
     }
+
+
+def _adapted_rand(c_fg, a, b_fg):
+    """``1 - F`` of Rand precision and recall over pairs of distinct voxels.
+
+    `c_fg` are the counts of pairs whose pred id is not background, `a` the
+    gt segment sizes and `b_fg` the non-background pred segment sizes.
+    Predicted background voxels are singletons: they put no two voxels
+    together, so they only enter through `a`.
+    """
+    both = c_fg @ c_fg - c_fg.sum()
+    in_gt = a @ a - a.sum()
+    in_pred = b_fg @ b_fg - b_fg.sum()
+    # a segmentation that puts no two voxels together makes no false merge
+    precision = both / in_pred if in_pred else 1.0
+    recall = both / in_gt if in_gt else 1.0
+    f = 2.0 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return float(1.0 - f)
