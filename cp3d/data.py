@@ -1,0 +1,517 @@
+"""Synthetic 3D stacks with known instance labels.
+
+`synthetic_stack` draws a phantom with ground-truth labels for tests,
+benchmarks and training without downloading data:
+
+* ``kind="membrane"``: a confocal-like shoot-meristem phantom. Cells tile a
+  dome-shaped specimen; their walls are bright, interiors faint, the
+  background empty.
+* ``kind="nuclei"``: packed, touching ellipsoidal nuclei with filled, bright
+  interiors.
+
+Both share one imaging model: an anisotropic Gaussian PSF (wider in z),
+intensity falling with depth, some dim cells, Poisson + Gaussian noise.
+Only NumPy and SciPy are used.
+"""
+
+import logging
+import math
+import numbers
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from ._backend import as_triple
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("membrane", "nuclei")
+
+# Lloyd relaxation of the random seeds: enough sample points per seed and
+# iterations to spread the seeds evenly (no slivers) while keeping them random.
+_LLOYD_SAMPLES_PER_SEED = 12
+_LLOYD_ITERATIONS = 4
+# Power-diagram weights, in units of the squared seed spacing: they give the
+# membrane cells a realistic spread of sizes around the requested one.
+_POWER_WEIGHT_SPREAD = 0.2
+# Nuclei: each seed's Voronoi cell is larger than a nucleus so that there is
+# room between them, and its ellipsoid slightly overlaps the cell faces so
+# that neighbours touch. Calibrated so the median nucleus matches the
+# requested diameter.
+_NUCLEI_CELL_VOLUME = 1.35
+_NUCLEI_RADIUS = 0.56
+# Membrane cells: relative brightness of the cytoplasm compared to the wall.
+_INTERIOR_LEVEL = 0.08
+# 6-connectivity, the one that defines a cell's pieces and its walls.
+_FACES = ndimage.generate_binary_structure(3, 1)
+# Gaussian read noise relative to the Poisson noise at peak intensity.
+_READ_NOISE_RATIO = 0.5
+
+
+class SyntheticStack(NamedTuple):
+    """A synthetic image with its ground-truth labels.
+
+    Attributes
+    ----------
+    image : numpy.ndarray
+        ``(Z, Y, X)`` float32 in [0, 1].
+    labels : numpy.ndarray
+        ``(Z, Y, X)`` uint32, ids 1..N, 0 for background.
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+
+
+def synthetic_stack(
+    shape,
+    cell_diameter,
+    *,
+    anisotropy=(1.0, 1.0, 1.0),
+    kind="membrane",
+    seed=0,
+    noise=0.1,
+    psf_sigma=(2.0, 0.8, 0.8),
+    depth_attenuation=0.5,
+    dim_fraction=0.15,
+):
+    """Draw a synthetic 3D stack of cells and its instance labels.
+
+    Parameters
+    ----------
+    shape : sequence of 3 int
+        ``(Z, Y, X)`` size of the stack in voxels.
+    cell_diameter : float
+        Typical cell diameter in voxels, as the diameter of the sphere of
+        equal volume, ``(6 V / pi) ** (1/3)``. The median cell matches it
+        to within about 10 %. At least 3 voxels.
+    anisotropy : float or sequence of 3 float, optional
+        Per-axis stretch of the cells ``(z, y, x)``: ``(2, 1, 1)`` makes the
+        cells twice as long along z as along y and x. Only the ratios matter;
+        the cell volume follows `cell_diameter`.
+    kind : {"membrane", "nuclei"}, optional
+        ``"membrane"``: cells tiling a dome-shaped specimen, bright walls,
+        dark background outside the dome. ``"nuclei"``: packed, touching,
+        filled ellipsoidal nuclei filling the stack.
+    seed : int or numpy.random.SeedSequence, optional
+        Seed for `numpy.random.default_rng`; the same seed gives identical
+        arrays.
+    noise : float, optional
+        Noise level: the relative Poisson noise at peak intensity (the peak
+        collects ``1 / noise**2`` photons), plus Gaussian read noise of
+        standard deviation ``noise / 2``. 0 gives a clean image.
+    psf_sigma : float or sequence of 3 float, optional
+        Standard deviations ``(z, y, x)`` of the Gaussian PSF in voxels;
+        0 disables the blur along an axis.
+    depth_attenuation : float, optional
+        Fraction of the intensity lost at the deepest plane (``z = Z - 1``)
+        relative to the top one, in [0, 1).
+    dim_fraction : float, optional
+        Fraction of cells, in [0, 1], shown at 30 % of the usual brightness.
+
+    Returns
+    -------
+    SyntheticStack
+        Named tuple ``(image, labels)``: `image` ``(Z, Y, X)`` float32 in
+        [0, 1]; `labels` ``(Z, Y, X)`` uint32 with consecutive ids 1..N,
+        numbered by first voxel in C order, 0 for background.
+
+    Raises
+    ------
+    ValueError
+        For a shape that is not 3 positive integers, a diameter below 3 or
+        too large for the shape, an unknown kind, or an out-of-range option.
+
+    Notes
+    -----
+    Cells are the regions of a power diagram (a Voronoi diagram with
+    weights) of random, Lloyd-relaxed seeds, measured in coordinates divided
+    by the normalised `anisotropy`. Membrane cells are restricted to a
+    half-ellipsoid dome whose base is the bottom of the stack; the walls are
+    the labelled voxels with a differently labelled 6-neighbour, the
+    specimen's outer surface included. A nucleus is its seed's Voronoi
+    region intersected with a randomly oriented ellipsoid a little larger
+    than the region, so that neighbours touch along part of their surface.
+
+    Every cell is one 6-connected component of at least ``1/8`` of the
+    typical cell volume: stray fragments and smaller cells are merged into
+    their neighbours (membrane) or dropped (nuclei).
+
+    Examples
+    --------
+    >>> from cp3d.data import synthetic_stack
+    >>> image, labels = synthetic_stack((16, 48, 48), 8, seed=1)
+    >>> image.dtype, labels.dtype, image.shape
+    (dtype('float32'), dtype('uint32'), (16, 48, 48))
+    >>> bool(image.min() >= 0 and image.max() <= 1)
+    True
+    >>> ids = np.unique(labels)
+    >>> bool(ids[0] == 0 and (ids[1:] == np.arange(1, ids.size)).all())
+    True
+    """
+    shape, cell_diameter, stretch, psf_sigma = _validate(
+        shape, cell_diameter, anisotropy, kind, noise, psf_sigma, depth_attenuation, dim_fraction
+    )
+    rng = np.random.default_rng(seed)
+    if kind == "membrane":
+        labels = _membrane_labels(shape, cell_diameter, stretch, rng)
+    else:
+        labels = _nuclei_labels(shape, cell_diameter, stretch, rng)
+    labels = _clean_labels(labels, cell_diameter, merge=kind == "membrane")
+    brightness = _cell_brightness(int(labels.max()), dim_fraction, rng)
+    if kind == "membrane":
+        signal = _membrane_signal(labels, brightness)
+    else:
+        signal = brightness[labels]
+    image = _microscope(signal, psf_sigma, depth_attenuation, noise, rng)
+    return SyntheticStack(image, labels)
+
+
+def write_synthetic_dataset(out_dir, *, shape, diameter, count, seed=0, kind="membrane", **options):
+    """Write `count` synthetic stacks and their labels as TIFF files.
+
+    Parameters
+    ----------
+    out_dir : str or path-like
+        Output folder, created if missing.
+    shape : sequence of 3 int
+        ``(Z, Y, X)`` size of every stack.
+    diameter : float
+        Typical cell diameter in voxels (see `synthetic_stack`).
+    count : int
+        Number of stacks, at least 1.
+    seed : int, optional
+        Seed of the whole dataset; stack ``i`` uses an independent stream
+        spawned from it, so the dataset is reproducible.
+    kind : {"membrane", "nuclei"}, optional
+        Kind of phantom (see `synthetic_stack`).
+    **options
+        Further keyword arguments of `synthetic_stack` (``noise``,
+        ``anisotropy``, ...).
+
+    Returns
+    -------
+    list of (pathlib.Path, pathlib.Path)
+        The ``(image_path, labels_path)`` pairs written, named
+        ``image_{i:03d}.tif`` and ``labels_{i:03d}.tif``.
+
+    Raises
+    ------
+    ValueError
+        For a count that is not a positive integer, or invalid stack options.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from cp3d.data import write_synthetic_dataset
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     pairs = write_synthetic_dataset(d, shape=(16, 32, 32), diameter=8, count=2)
+    ...     [(p.name, q.name) for p, q in pairs]
+    [('image_000.tif', 'labels_000.tif'), ('image_001.tif', 'labels_001.tif')]
+    """
+    # io is imported here so that `data` stays a leaf module for everyone
+    # who only wants arrays (and needs no TIFF library).
+    from .io import write_image, write_labels
+
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = np.random.SeedSequence(seed).spawn(int(count))
+    pairs = []
+    for i, child in enumerate(seeds):
+        image, labels = synthetic_stack(shape, diameter, kind=kind, seed=child, **options)
+        image_path = out_dir / f"image_{i:03d}.tif"
+        labels_path = out_dir / f"labels_{i:03d}.tif"
+        write_image(image_path, image, voxel_size=None)
+        write_labels(labels_path, labels, voxel_size=None)
+        logger.info("wrote %s and %s (%d cells)", image_path, labels_path, int(labels.max()))
+        pairs.append((image_path, labels_path))
+    return pairs
+
+
+def _validate(shape, cell_diameter, anisotropy, kind, noise, psf_sigma, depth_attenuation, dim_fraction):
+    """Check the public arguments and return them in canonical form."""
+    if np.ndim(shape) != 1 or len(shape) != 3:
+        raise ValueError(f"shape must be 3 positive integers (Z, Y, X), got {shape!r}")
+    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ValueError(f"shape must be 3 positive integers (Z, Y, X), got {shape!r}")
+    shape = tuple(int(n) for n in shape)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(cell_diameter, numbers.Real) or not math.isfinite(cell_diameter):
+        raise ValueError(f"cell_diameter must be a finite number, got {cell_diameter!r}")
+    if cell_diameter < 3:
+        raise ValueError(f"cell_diameter must be at least 3 voxels, got {cell_diameter!r}")
+    cell_volume = math.pi / 6 * cell_diameter**3
+    # Fewer than a handful of cells per stack is no useful phantom, and the
+    # dome of a membrane stack fills only about half of it.
+    if math.prod(shape) < 16 * cell_volume:
+        raise ValueError(
+            f"cell_diameter {cell_diameter!r} is too large for shape {shape}: "
+            f"the stack holds fewer than 16 cells of {cell_volume:.0f} voxels"
+        )
+    stretch = np.asarray(as_triple(anisotropy, "anisotropy"))
+    # Only the ratios matter: a unit geometric mean keeps the cell volume.
+    stretch = stretch / np.prod(stretch) ** (1 / 3)
+    if not isinstance(noise, numbers.Real) or not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    sigma = np.broadcast_to(np.asarray(psf_sigma, dtype=np.float64), (3,)) if np.ndim(psf_sigma) == 0 else np.asarray(psf_sigma, dtype=np.float64)
+    if sigma.shape != (3,) or not np.all(np.isfinite(sigma)) or np.any(sigma < 0):
+        raise ValueError(f"psf_sigma must be a number or 3 numbers (z, y, x), all >= 0, got {psf_sigma!r}")
+    if not isinstance(depth_attenuation, numbers.Real) or not 0 <= depth_attenuation < 1:
+        raise ValueError(f"depth_attenuation must be in [0, 1), got {depth_attenuation!r}")
+    if not isinstance(dim_fraction, numbers.Real) or not 0 <= dim_fraction <= 1:
+        raise ValueError(f"dim_fraction must be in [0, 1], got {dim_fraction!r}")
+    return shape, float(cell_diameter), stretch, tuple(float(s) for s in sigma)
+
+
+def _dome_mask(shape):
+    """Dome-shaped specimen: base on the bottom plane, apex near z = 0.
+
+    A voxel at height ``u`` in [0, 1] above the base (apex at 1) and radial
+    position ``r`` (1 on the dome's rim) is inside when ``r**2 + u**3 <= 1``:
+    blunter than a half-ellipsoid, so the dome fills most of the stack, like
+    a meristem seen from above.
+    """
+    nz, ny, nx = shape
+    height = ((nz - 1 - np.arange(nz, dtype=np.float32)) / (0.94 * nz)) ** 3
+    y = ((np.arange(ny, dtype=np.float32) - (ny - 1) / 2) / (0.47 * ny)) ** 2
+    x = ((np.arange(nx, dtype=np.float32) - (nx - 1) / 2) / (0.47 * nx)) ** 2
+    return height[:, None, None] + y[None, :, None] + x[None, None, :] <= 1
+
+
+def _scaled_coords(flat_index, shape, stretch):
+    """Voxel centres of `flat_index` in the stretched frame, as (n, 3) float64."""
+    coords = np.column_stack(np.unravel_index(flat_index, shape)).astype(np.float64)
+    return coords / stretch
+
+
+def _relaxed_seeds(domain_index, shape, stretch, n_seeds, rng):
+    """Random seeds inside the domain, spread evenly by Lloyd relaxation.
+
+    Sample voxels of the domain stand in for the continuous region: each
+    iteration moves every seed to the centroid of the samples nearest to it.
+    Pure random seeds would make slivers; a grid would look like bricks.
+    """
+    n_samples = min(domain_index.size, _LLOYD_SAMPLES_PER_SEED * n_seeds)
+    samples = _scaled_coords(rng.choice(domain_index, n_samples, replace=False), shape, stretch)
+    # Sub-voxel jitter so the samples do not sit on the lattice.
+    samples += rng.uniform(-0.5, 0.5, samples.shape) / stretch
+    seeds = samples[rng.choice(n_samples, n_seeds, replace=False)]
+    for _ in range(_LLOYD_ITERATIONS):
+        _, owner = cKDTree(seeds).query(samples)
+        counts = np.bincount(owner, minlength=n_seeds)
+        moved = counts > 0
+        for axis in range(3):
+            total = np.bincount(owner, weights=samples[:, axis], minlength=n_seeds)
+            seeds[moved, axis] = total[moved] / counts[moved]
+    return seeds
+
+
+def _nearest_seed(points, seeds, weights=None):
+    """Index of the seed whose power distance ``|p - s|**2 - w`` is smallest.
+
+    The power diagram is a Voronoi diagram one dimension up: lifting seed i
+    to height ``sqrt(max(w) - w_i)`` turns its power distance into a plain
+    squared distance, so one k-d tree query gives the exact answer.
+    """
+    if weights is not None:
+        lift = np.sqrt(weights.max() - weights)
+        seeds = np.column_stack([seeds, lift])
+        points = np.column_stack([points, np.zeros(len(points))])
+    _, owner = cKDTree(seeds).query(points, workers=-1)
+    return owner
+
+
+def _membrane_labels(shape, cell_diameter, stretch, rng):
+    """Power-diagram cells of the dome; ids are seed index + 1."""
+    domain = np.flatnonzero(_dome_mask(shape))
+    cell_volume = math.pi / 6 * cell_diameter**3
+    n_seeds = max(1, round(domain.size / cell_volume))
+    seeds = _relaxed_seeds(domain, shape, stretch, n_seeds, rng)
+    spacing = cell_volume ** (1 / 3)
+    weights = rng.uniform(-1, 1, n_seeds) * _POWER_WEIGHT_SPREAD * spacing**2
+    owner = _nearest_seed(_scaled_coords(domain, shape, stretch), seeds, weights)
+    labels = np.zeros(math.prod(shape), dtype=np.uint32)
+    labels[domain] = owner + 1
+    return labels.reshape(shape)
+
+
+def _random_rotations(n, rng):
+    """`n` uniformly random 3x3 rotation matrices, from unit quaternions."""
+    q = rng.normal(size=(n, 4))
+    w, x, y, z = (q / np.linalg.norm(q, axis=1, keepdims=True)).T
+    return np.stack(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    ).transpose(2, 0, 1)
+
+
+def _nuclei_labels(shape, cell_diameter, stretch, rng):
+    """Voronoi regions of the seeds clipped to one random ellipsoid each."""
+    cell_volume = math.pi / 6 * cell_diameter**3
+    n_seeds = max(1, round(math.prod(shape) / (_NUCLEI_CELL_VOLUME * cell_volume)))
+    seeds = _relaxed_seeds(np.arange(math.prod(shape)), shape, stretch, n_seeds, rng)
+    owner = _voronoi_edt(shape, seeds, stretch)
+    # Semi-axes vary around the mean radius (unit product keeps the volume),
+    # then get a random orientation: the quadratic form A = R D R^T.
+    radius = _NUCLEI_RADIUS * cell_diameter * rng.lognormal(0.0, 0.08, n_seeds)
+    axes = rng.lognormal(0.0, 0.12, (n_seeds, 3))
+    axes /= np.prod(axes, axis=1, keepdims=True) ** (1 / 3)
+    rot = _random_rotations(n_seeds, rng)
+    form = np.einsum("nij,nj,nkj->nik", rot, 1.0 / (axes * radius[:, None]) ** 2, rot)
+    # Offsets from the (sub-voxel) seed in the stretched frame, one axis at a
+    # time in float32 to keep the memory at a few volumes.
+    offset = []
+    for axis in range(3):
+        position = np.arange(shape[axis], dtype=np.float32) / np.float32(stretch[axis])
+        position = position.reshape([-1 if a == axis else 1 for a in range(3)])
+        offset.append(position - seeds[:, axis].astype(np.float32)[owner])
+    quad = np.zeros(shape, dtype=np.float32)
+    for i in range(3):
+        for j in range(i, 3):
+            coef = ((1.0 if i == j else 2.0) * form[:, i, j]).astype(np.float32)
+            quad += coef[owner] * offset[i] * offset[j]
+    return np.where(quad <= 1, owner + 1, 0).astype(np.uint32)
+
+
+def _voronoi_edt(shape, seeds, stretch):
+    """Nearest seed of every voxel, by a Euclidean distance transform.
+
+    The seeds are rounded to voxels and the transform measures distances with
+    ``sampling=stretch``, which is the same metric as the stretched frame.
+    Much faster than a k-d tree query per voxel. Returns the ``(Z, Y, X)``
+    int32 volume of seed indices.
+    """
+    voxel = np.clip(np.rint(seeds * stretch).astype(np.intp), 0, np.asarray(shape) - 1)
+    seed_id = np.full(shape, -1, dtype=np.int32)
+    # Two seeds rounding to one voxel (not seen with relaxed seeds): the last
+    # one wins and the other simply gets no voxels.
+    seed_id[tuple(voxel.T)] = np.arange(len(seeds), dtype=np.int32)
+    index = ndimage.distance_transform_edt(
+        seed_id < 0, sampling=tuple(stretch), return_distances=False, return_indices=True
+    )
+    return seed_id[tuple(index)]
+
+
+def _clean_labels(labels, cell_diameter, merge):
+    """Keep one sizeable connected piece per cell and number them 1..N.
+
+    Stray pieces (all but the largest component of a cell) and cells below
+    1/8 of the typical volume become orphans. With `merge`, orphans join the
+    neighbouring cells, so the specimen keeps no holes; otherwise they
+    become background.
+    """
+    min_size = math.pi / 6 * cell_diameter**3 / 8
+    orphan = np.zeros(labels.shape, dtype=bool)
+    for i, box in enumerate(ndimage.find_objects(labels)):
+        if box is None:
+            continue
+        cell = labels[box] == i + 1
+        pieces, n_pieces = ndimage.label(cell, structure=_FACES)
+        sizes = np.bincount(pieces.ravel())
+        sizes[0] = 0
+        if sizes.max() < min_size:
+            orphan[box] |= cell
+        elif n_pieces > 1:
+            orphan[box] |= cell & (pieces != sizes.argmax())
+    if orphan.any():
+        labels = labels.copy()
+        labels[orphan] = 0
+        if merge:
+            _merge_orphans(labels, orphan)
+    return _relabel_sequential(labels)
+
+
+def _merge_orphans(labels, orphan):
+    """Grow the neighbouring cells into the orphan voxels, in place.
+
+    Each round hands every orphan voxel the largest id among its labelled
+    6-neighbours, so each absorbed voxel touches its new cell and the cells
+    stay connected.
+    """
+    shape = labels.shape
+    flat = labels.reshape(-1)
+    todo = np.flatnonzero(orphan)
+    coords = np.unravel_index(todo, shape)
+    while todo.size:
+        best = np.zeros(todo.size, dtype=np.uint32)
+        stride = 1
+        for axis in range(2, -1, -1):
+            for step in (-1, 1):
+                inside = (coords[axis] + step >= 0) & (coords[axis] + step < shape[axis])
+                neighbour = flat[np.where(inside, todo + step * stride, todo)]
+                best = np.maximum(best, np.where(inside, neighbour, 0))
+            stride *= shape[axis]
+        done = best > 0
+        if not done.any():
+            break  # orphans with no labelled cell around: leave as background
+        flat[todo[done]] = best[done]
+        todo = todo[~done]
+        coords = tuple(c[~done] for c in coords)
+
+
+def _relabel_sequential(labels):
+    """Renumber ids to 1..N in order of each cell's first voxel (C order)."""
+    flat = labels.reshape(-1)
+    nonzero = np.flatnonzero(flat)
+    ids, first = np.unique(flat[nonzero], return_index=True)
+    order = ids[np.argsort(first, kind="stable")]
+    lut = np.zeros(int(labels.max()) + 1, dtype=np.uint32)
+    lut[order] = np.arange(1, order.size + 1, dtype=np.uint32)
+    return lut[labels]
+
+
+def _cell_brightness(n_cells, dim_fraction, rng):
+    """Per-cell brightness, index 0 (background) dark; a fraction is dim.
+
+    Reporter expression varies from cell to cell, and some cells are much
+    dimmer: a segmenter must not lose them.
+    """
+    brightness = np.clip(rng.lognormal(0.0, 0.15, n_cells + 1), 0.6, 1.4)
+    dim = rng.random(n_cells + 1) < dim_fraction
+    brightness[dim] = 0.3
+    brightness[0] = 0.0
+    return brightness.astype(np.float32)
+
+
+def _membrane_signal(labels, brightness):
+    """Bright walls where a 6-neighbour has another id, faint interiors."""
+    wall = np.zeros(labels.shape, dtype=bool)
+    for axis in range(3):
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis] = slice(None, -1)
+        hi[axis] = slice(1, None)
+        differs = labels[tuple(lo)] != labels[tuple(hi)]
+        wall[tuple(lo)] |= differs
+        wall[tuple(hi)] |= differs
+    level = np.where(wall, np.float32(1.0), np.float32(_INTERIOR_LEVEL))
+    return level * brightness[labels]
+
+
+def _microscope(signal, psf_sigma, depth_attenuation, noise, rng):
+    """Blur, attenuate with depth, add noise and scale to [0, 1]."""
+    image = ndimage.gaussian_filter(signal.astype(np.float32, copy=False), psf_sigma, mode="constant")
+    nz = image.shape[0]
+    depth = np.arange(nz, dtype=np.float32) / max(nz - 1, 1)
+    image *= ((1 - depth_attenuation) ** depth)[:, None, None].astype(np.float32)
+    peak = float(image.max())
+    if peak > 0:
+        image /= peak
+    if noise > 0:
+        photons = 1.0 / noise**2
+        image = rng.poisson(image * photons).astype(np.float32) / np.float32(photons)
+        image += rng.normal(0.0, _READ_NOISE_RATIO * noise, image.shape).astype(np.float32)
+        np.clip(image, 0, None, out=image)
+        peak = float(image.max())
+        if peak > 0:
+            image /= peak
+    return image.astype(np.float32, copy=False)

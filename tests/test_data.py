@@ -1,0 +1,180 @@
+"""Tests for cp3d.data: synthetic stacks with known labels."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cp3d.data import synthetic_stack, write_synthetic_dataset
+
+SHAPE = (32, 64, 64)
+DIAMETER = 10
+
+
+@pytest.fixture(scope="module", params=["membrane", "nuclei"])
+def stack(request):
+    image, labels = synthetic_stack(SHAPE, DIAMETER, kind=request.param, seed=3)
+    return request.param, image, labels
+
+
+@pytest.fixture(scope="module")
+def clean_membrane():
+    return synthetic_stack(SHAPE, DIAMETER, kind="membrane", seed=5, noise=0)
+
+
+def _equivalent_diameters(labels):
+    volumes = np.bincount(labels.ravel())[1:]
+    return (6 * volumes / np.pi) ** (1 / 3)
+
+
+def test_dtypes_shapes_and_range(stack):
+    _, image, labels = stack
+    assert image.shape == labels.shape == SHAPE
+    assert image.dtype == np.float32 and labels.dtype == np.uint32
+    assert image.min() >= 0 and image.max() == pytest.approx(1.0)
+
+
+def test_ids_are_consecutive_and_numbered_by_first_voxel(stack):
+    _, _, labels = stack
+    ids, first = np.unique(labels.ravel(), return_index=True)
+    assert ids[0] == 0
+    np.testing.assert_array_equal(ids[1:], np.arange(1, ids.size))
+    assert np.all(np.diff(first[1:]) > 0)
+    assert ids.size > 20
+
+
+def test_cells_are_single_sizeable_components(stack):
+    _, _, labels = stack
+    min_size = np.pi / 6 * DIAMETER**3 / 8
+    assert np.bincount(labels.ravel())[1:].min() >= min_size
+    for i, box in enumerate(ndimage.find_objects(labels)):
+        _, n = ndimage.label(labels[box] == i + 1)
+        assert n == 1, f"cell {i + 1} has {n} pieces"
+
+
+@pytest.mark.parametrize("kind", ["membrane", "nuclei"])
+def test_median_size_matches_diameter(kind):
+    _, labels = synthetic_stack(SHAPE, 8, kind=kind, seed=1, noise=0)
+    assert np.median(_equivalent_diameters(labels)) == pytest.approx(8, rel=0.15)
+
+
+@pytest.mark.parametrize("kind", ["membrane", "nuclei"])
+def test_same_seed_same_arrays_other_seed_differs(kind):
+    a = synthetic_stack((16, 40, 40), 8, kind=kind, seed=7)
+    b = synthetic_stack((16, 40, 40), 8, kind=kind, seed=7)
+    c = synthetic_stack((16, 40, 40), 8, kind=kind, seed=8)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.labels, c.labels)
+
+
+def test_anisotropy_elongates_cells_along_z():
+    def median_extent_ratio(anisotropy):
+        _, labels = synthetic_stack((40, 48, 48), 9, anisotropy=anisotropy, seed=2, noise=0)
+        boxes = [b for b in ndimage.find_objects(labels) if b is not None]
+        z = np.array([b[0].stop - b[0].start for b in boxes])
+        x = np.array([b[2].stop - b[2].start for b in boxes])
+        return np.median(z / x)
+
+    assert median_extent_ratio((2, 1, 1)) > 1.5 * median_extent_ratio((1, 1, 1))
+
+
+def test_membrane_background_outside_dome_is_empty_and_dark(clean_membrane):
+    image, labels = clean_membrane
+    # The dome's apex is near z = 0 and its base the bottom plane: the top
+    # corners are outside, the bottom centre inside.
+    assert labels[0, 0, 0] == 0 and labels[0, -1, -1] == 0 and labels[0, 0, -1] == 0
+    assert labels[-1, SHAPE[1] // 2, SHAPE[2] // 2] > 0
+    assert 0.3 < np.mean(labels > 0) < 0.8
+    far = ndimage.distance_transform_edt(labels == 0) > 4
+    assert far.sum() > 1000
+    assert image[far].max() < 0.05
+
+    noisy, noisy_labels = synthetic_stack(SHAPE, DIAMETER, kind="membrane", seed=5, noise=0.1)
+    np.testing.assert_array_equal(noisy_labels, labels)
+    assert noisy[far].mean() < 0.1 < np.percentile(noisy[labels > 0], 99)
+
+
+def test_membranes_brighter_than_interiors(clean_membrane):
+    image, labels = clean_membrane
+    walls = ndimage.morphological_gradient(labels.astype(np.int64), size=3) > 0
+    walls &= labels > 0
+    interior = (labels > 0) & ~ndimage.binary_dilation(walls, iterations=2)
+    assert interior.sum() > 100
+    assert image[walls].mean() > 2 * image[interior].mean()
+
+
+def test_intensity_falls_with_depth(clean_membrane):
+    image, labels = clean_membrane
+    top = image[4:10][labels[4:10] > 0].mean()
+    bottom = image[-6:][labels[-6:] > 0].mean()
+    assert bottom < top
+
+
+def test_noise_zero_is_clean_and_noise_adds_variation():
+    clean, labels = synthetic_stack((16, 40, 40), 8, seed=4, noise=0)
+    noisy, _ = synthetic_stack((16, 40, 40), 8, seed=4, noise=0.2)
+    assert clean[labels == 0].min() == 0
+    assert np.abs(noisy - clean).mean() > 0.01
+
+
+def test_nuclei_touch_and_have_bright_interiors():
+    image, labels = synthetic_stack(SHAPE, DIAMETER, kind="nuclei", seed=6, noise=0)
+    touching = set()
+    for axis in range(3):
+        a = np.moveaxis(labels, axis, 0)
+        pairs = np.stack([a[:-1].ravel(), a[1:].ravel()])
+        pairs = pairs[:, (pairs[0] != pairs[1]) & (pairs[0] > 0) & (pairs[1] > 0)]
+        touching.update(pairs.min(axis=0)[pairs.min(axis=0) > 0])
+        touching.update(pairs.max(axis=0))
+    assert len(touching) > 0.5 * labels.max()
+    assert 0.05 < np.mean(labels == 0) < 0.6
+    inside = ndimage.binary_erosion(labels > 0, iterations=2)
+    outside = ndimage.distance_transform_edt(labels == 0) > 2
+    assert image[inside].mean() > 2 * image[outside].mean()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"shape": (32, 64)}, "shape"),
+        ({"shape": (32, 0, 64)}, "shape"),
+        ({"shape": (32, 64.5, 64)}, "shape"),
+        ({"shape": "abc"}, "shape"),
+        ({"cell_diameter": 0}, "cell_diameter"),
+        ({"cell_diameter": -3}, "cell_diameter"),
+        ({"cell_diameter": float("nan")}, "cell_diameter"),
+        ({"cell_diameter": 40}, "too large"),
+        ({"kind": "cytoplasm"}, "kind"),
+        ({"anisotropy": (1, 2)}, "anisotropy"),
+        ({"anisotropy": (0, 1, 1)}, "anisotropy"),
+        ({"noise": -0.1}, "noise"),
+        ({"psf_sigma": (1, -1, 1)}, "psf_sigma"),
+        ({"depth_attenuation": 1.0}, "depth_attenuation"),
+        ({"dim_fraction": 1.5}, "dim_fraction"),
+    ],
+)
+def test_bad_inputs_raise(kwargs, match):
+    args = {"shape": SHAPE, "cell_diameter": DIAMETER, **kwargs}
+    shape, diameter = args.pop("shape"), args.pop("cell_diameter")
+    with pytest.raises(ValueError, match=match):
+        synthetic_stack(shape, diameter, **args)
+
+
+def test_write_synthetic_dataset(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    pairs = write_synthetic_dataset(tmp_path / "out", shape=(16, 32, 32), diameter=8, count=2, seed=1)
+    assert [(p.name, q.name) for p, q in pairs] == [
+        ("image_000.tif", "labels_000.tif"),
+        ("image_001.tif", "labels_001.tif"),
+    ]
+    first = tifffile.imread(pairs[0][1])
+    second = tifffile.imread(pairs[1][1])
+    assert first.shape == (16, 32, 32) and first.max() > 0
+    assert not np.array_equal(first, second)
+    again = write_synthetic_dataset(tmp_path / "again", shape=(16, 32, 32), diameter=8, count=2, seed=1)
+    np.testing.assert_array_equal(tifffile.imread(again[0][1]), first)
+
+
+def test_write_synthetic_dataset_rejects_bad_count(tmp_path):
+    with pytest.raises(ValueError, match="count"):
+        write_synthetic_dataset(tmp_path, shape=(16, 32, 32), diameter=8, count=0)
