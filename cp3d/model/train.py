@@ -1,0 +1,605 @@
+"""Training on synthetic membrane stacks: data pool, augmentation, losses, checkpoints.
+
+Run from the command line (the arguments are those of :func:`train`)::
+
+    python -m cp3d.model.train OUT_DIR --targets tanh --steps 1500 --num-threads 1
+    python -m cp3d.model.train OUT_DIR --validate-only     # re-score a finished run
+
+Targets are computed on whole synthetic stacks, never on patches: a cell cut
+by the patch border keeps the flows of the whole cell. Geometric augmentation
+is therefore done in a way that keeps the targets exact: flips and y<->x
+swaps transform the flow channels with the maps (flip axis a negates flow
+channel a; swapping y and x swaps flow channels y and x), and anisotropic
+stretching resamples a whole stack along z (labels by nearest neighbour) and
+recomputes its targets. Axis permutations involving z are not used: the
+axial blur of a microscope makes z a different axis from y and x.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from .predict import normalize_percentile, predict
+from .unet import UNet3D, UNetConfig, save_model
+
+__all__ = ["train", "validate", "augment_geometry", "flow_targets"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+VALIDATION_SEED = 10**9  # held-out stacks use seeds VALIDATION_SEED + i; training seeds stay below
+
+
+# --------------------------------------------------------------------------- targets & augmentation
+
+
+def flow_targets(labels, config):
+    """Flow targets ``(3, Z, Y, X)`` for `labels` under the model's formulation."""
+    import cp3d
+
+    if config.targets == "tanh":
+        return np.asarray(cp3d.tanh_flows(labels, scale=config.tanh_scale), dtype=np.float32)
+    return np.asarray(cp3d.heat_flows(labels), dtype=np.float32)
+
+
+def augment_geometry(maps, flows, flips=(False, False, False), swap_yx=False):
+    """Flip and transpose maps and flow fields consistently.
+
+    Parameters
+    ----------
+    maps : sequence of ndarray, each (Z, Y, X) or (C, Z, Y, X)
+        Scalar maps (image, foreground, labels...), transformed spatially.
+    flows : ndarray, shape (3, Z, Y, X)
+        Flow field in channel order (z, y, x).
+    flips : tuple of 3 bool
+        Flip along z, y, x. Flipping axis a also negates flow channel a.
+    swap_yx : bool
+        Transpose y and x (after flipping); flow channels y and x swap too.
+
+    Returns
+    -------
+    maps : list of ndarray
+    flows : ndarray, float32, shape (3, Z', Y', X')
+    """
+    def geo(a):
+        lead = a.ndim - 3
+        axes = [lead + i for i in range(3) if flips[i]]
+        if axes:
+            a = np.flip(a, axis=axes)
+        if swap_yx:
+            a = np.swapaxes(a, lead + 1, lead + 2)
+        return np.ascontiguousarray(a)
+
+    flows = geo(flows)
+    sign = np.array([-1.0 if f else 1.0 for f in flips], np.float32)
+    flows = flows * sign[:, None, None, None]
+    if swap_yx:
+        flows = flows[[0, 2, 1]]
+    return [geo(m) for m in maps], np.ascontiguousarray(flows, dtype=np.float32)
+
+
+def _stretch_z(image, labels, factor):
+    """Resample a stack along z by `factor`: image linearly, labels by nearest neighbour."""
+    image = ndimage.zoom(image, (factor, 1, 1), order=1, mode="nearest", grid_mode=True)
+    labels = ndimage.zoom(labels, (factor, 1, 1), order=0, mode="nearest", grid_mode=True)
+    return image, labels
+
+
+def _dim_cells(image, labels, rng, fraction=0.2, low=0.25, high=0.7):
+    """Dim the membranes of a random `fraction` of the cells by a factor in [low, high]."""
+    n = int(labels.max())
+    lut = np.ones(n + 1, np.float32)
+    pick = rng.random(n) < fraction
+    lut[1:][pick] = rng.uniform(low, high, int(pick.sum()))
+    factor = ndimage.minimum_filter(lut[labels], size=5)
+    return image * factor
+
+
+# --------------------------------------------------------------------------- data pool
+
+
+class _StackPool:
+    """Synthetic stacks with precomputed targets; one is replaced every `refresh_every` steps.
+
+    Stack ``k`` is a pure function of ``(seed, k)``, so a pool is rebuilt
+    exactly from its list of stack ids when training resumes.
+    """
+
+    def __init__(self, config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every):
+        self.config, self.seed, self.diameters = config, seed, diameters
+        self.stack_shape, self.noise, self.stretch = stack_shape, noise, stretch
+        self.n_stacks, self.refresh_every = n_stacks, refresh_every
+        self.ids, self.stacks, self.next_id = [], [], 0
+        self.gen_seconds = 0.0
+
+    def fill(self, ids=None, next_id=None):
+        ids = list(range(self.n_stacks)) if ids is None else list(ids)
+        self.ids, self.stacks = ids, [self.make(k) for k in ids]
+        self.next_id = max(ids) + 1 if next_id is None else next_id
+
+    def refresh(self, step):
+        if self.refresh_every and step > 0 and step % self.refresh_every == 0:
+            slot = self.next_id % self.n_stacks
+            self.ids[slot], self.stacks[slot] = self.next_id, self.make(self.next_id)
+            self.next_id += 1
+
+    def make(self, k):
+        import cp3d.data
+
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([self.seed, k])
+        diameter = float(rng.uniform(*self.diameters))
+        factor = float(np.exp(rng.uniform(np.log(self.stretch[0]), np.log(self.stretch[1])))) if rng.random() < 0.5 else 1.0
+        shape = (max(8, int(math.ceil(self.stack_shape[0] / factor))),) + tuple(self.stack_shape[1:])
+        noise = float(rng.uniform(*self.noise))
+        image, labels = cp3d.data.synthetic_stack(
+            shape, diameter, kind="membrane", seed=int(self.seed * 1_000_003 + k) % VALIDATION_SEED, noise=noise
+        )
+        image = np.asarray(image, np.float32)
+        labels = np.asarray(labels).astype(np.uint32, copy=False)
+        if factor != 1.0:
+            image, labels = _stretch_z(image, labels, factor)
+        if rng.random() < 0.5:
+            image = _dim_cells(image, labels, rng)
+        image = np.clip(image, 0, None) ** np.float32(np.exp(rng.uniform(np.log(0.6), np.log(1.6))))
+        flows = flow_targets(labels, self.config)
+        self.gen_seconds += time.perf_counter() - t0
+        return {
+            "image": normalize_percentile(image),
+            "fg": (labels > 0).astype(np.float32),
+            "flows": flows,
+            "diameter": diameter,
+            "stretch": factor,
+        }
+
+    def sample(self, rng, batch_size, patch):
+        images, fgs, flows = [], [], []
+        for _ in range(batch_size):
+            st = self.stacks[rng.integers(len(self.stacks))]
+            shape = st["image"].shape
+            starts = [int(rng.integers(0, max(1, s - p) + 1)) for s, p in zip(shape, patch)]
+            sl = tuple(slice(a, a + p) for a, p in zip(starts, patch))
+            img, fg, fl = st["image"][sl], st["fg"][sl], st["flows"][(slice(None),) + sl]
+            if img.shape != tuple(patch):  # stack smaller than the patch: zero-pad (background)
+                pad = [(0, p - s) for p, s in zip(patch, img.shape)]
+                img, fg = np.pad(img, pad), np.pad(fg, pad)
+                fl = np.pad(fl, [(0, 0)] + pad)
+            flips = tuple(bool(b) for b in rng.random(3) < 0.5)
+            (img, fg), fl = augment_geometry([img, fg], fl, flips=flips, swap_yx=bool(rng.random() < 0.5))
+            img = _augment_intensity(img, rng)
+            images.append(img)
+            fgs.append(fg)
+            flows.append(fl)
+        return (
+            torch.from_numpy(np.stack(images)[:, None]),
+            torch.from_numpy(np.stack(fgs)),
+            torch.from_numpy(np.stack(flows)),
+        )
+
+
+def _augment_intensity(img, rng):
+    """Random gamma, contrast, offset and Gaussian noise on a normalised patch."""
+    img = np.clip(img, 0, None) ** np.float32(np.exp(rng.uniform(np.log(0.75), np.log(1.33))))
+    img = img * np.float32(rng.uniform(0.7, 1.3)) + np.float32(rng.uniform(-0.1, 0.1))
+    if rng.random() < 0.5:
+        img = img + rng.normal(0, rng.uniform(0.0, 0.15), img.shape).astype(np.float32)
+    return np.ascontiguousarray(img, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def compute_loss(raw, fg, flows, *, flow_weight=5.0, background_weight=0.1):
+    """Training loss on a raw network output.
+
+    BCE (with logits) on the foreground channel, plus `flow_weight` times
+    an MSE on the ``tanh`` flow channels in which foreground voxels weigh 1
+    and background voxels `background_weight` (they should predict ~0).
+
+    Returns
+    -------
+    total, bce, mse : torch.Tensor
+    """
+    bce = F.binary_cross_entropy_with_logits(raw[:, 3], fg)
+    w = fg + background_weight * (1.0 - fg)
+    err = (torch.tanh(raw[:, :3]) - flows).pow(2).mean(dim=1)
+    mse = (w * err).sum() / w.sum().clamp_min(1e-6)
+    return bce + flow_weight * mse, bce, mse
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _resolve_device(device):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _lr_lambda(steps, warmup):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _find_checkpoint(resume):
+    p = Path(resume)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.is_file():
+        raise ValueError(f"no checkpoint to resume from at {p}")
+    return p
+
+
+def train(
+    out_dir,
+    *,
+    targets="tanh",
+    steps=1500,
+    batch_size=2,
+    patch_size=(48, 64, 64),
+    lr=2e-3,
+    weight_decay=1e-4,
+    seed=0,
+    device="auto",
+    checkpoint_every=100,
+    resume=None,
+    progress=True,
+    diameters=(7, 15),
+    n_stacks=8,
+    stack_shape=None,
+    refresh_every=20,
+    noise=(0.02, 0.2),
+    stretch=(0.75, 1.33),
+    base_features=16,
+    depth=3,
+    norm="batch",
+    flow_weight=5.0,
+    background_weight=0.1,
+    num_threads=None,
+    validate_stacks=4,
+    log_every=10,
+):
+    """Train a :class:`UNet3D` on synthetic membrane stacks.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Receives ``checkpoint.pt`` (every `checkpoint_every` steps),
+        ``train_log.jsonl`` and, at the end, ``config.json``, ``weights.pt``
+        and ``model_card.json``.
+    targets : {"tanh", "heat"}
+        Gradient formulation: :func:`cp3d.tanh_flows` or :func:`cp3d.heat_flows`.
+    steps : int
+        Total optimiser steps (a resumed run continues up to this number).
+    batch_size : int
+        Patches per step.
+    patch_size : int or tuple of 3 ints
+        Patch shape (z, y, x); multiples of ``2**depth``.
+    lr, weight_decay : float
+        AdamW parameters; the learning rate warms up linearly over the first
+        5% of the steps, then follows a cosine down to 5% of `lr`.
+    seed : int
+        Seeds the data, the augmentation and the network initialisation.
+    device : {"auto"} or str
+        ``"auto"``: CUDA when available, else the CPU.
+    checkpoint_every : int
+        Steps between checkpoints (model, optimiser, scheduler, step, RNG and
+        data-pool state).
+    resume : path-like, optional
+        A checkpoint file, or a directory holding ``checkpoint.pt``.
+    progress : bool
+        Show a tqdm progress bar.
+    diameters : (float, float)
+        Range of cell diameters (voxels) of the synthetic stacks.
+    n_stacks : int
+        Stacks in the data pool.
+    stack_shape : tuple of 3 ints, optional
+        Shape of the synthetic stacks; default 1.5 x `patch_size`.
+    refresh_every : int
+        Steps between replacing one pool stack by a new one.
+    noise : (float, float)
+        Range of the ``noise`` level passed to :func:`cp3d.data.synthetic_stack`.
+    stretch : (float, float)
+        Range of the z-stretch factor applied (log-uniformly) to half the stacks.
+    base_features, depth, norm
+        Architecture, see :class:`UNetConfig`.
+    flow_weight, background_weight : float
+        Loss weights, see :func:`compute_loss`.
+    num_threads : int, optional
+        ``torch.set_num_threads`` (and Numba's thread count, when loaded).
+    validate_stacks : int
+        Held-out stacks scored by :func:`validate` at the end (0 to skip).
+    log_every : int
+        Steps between lines of ``train_log.jsonl``.
+
+    Returns
+    -------
+    UNet3D
+        The trained network, in eval mode.
+    """
+    arguments = {k: v for k, v in locals().items()}
+    arguments["out_dir"] = str(out_dir)
+    arguments["resume"] = None if resume is None else str(resume)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+        if "numba" in sys.modules:
+            import numba
+
+            numba.set_num_threads(min(int(num_threads), numba.config.NUMBA_NUM_THREADS))
+    if not (isinstance(steps, int) and steps >= 1 and isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError("steps and batch_size must be positive ints")
+    dev = _resolve_device(device)
+    config = UNetConfig(
+        targets=targets,
+        base_features=base_features,
+        depth=depth,
+        norm=norm,
+        patch_size=patch_size,
+        train_diameter=float(np.sqrt(diameters[0] * diameters[1])),
+    )
+    patch = config.patch_size
+    if stack_shape is None:
+        stack_shape = tuple(int(math.ceil(1.5 * p)) for p in patch)
+    torch.manual_seed(seed)
+    model = UNet3D(config).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, min(100, steps // 20))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
+    rng = np.random.default_rng([seed, 1])
+    pool = _StackPool(config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every)
+    step, history = 0, []
+
+    if resume is not None:
+        ck_path = _find_checkpoint(resume)
+        try:
+            ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {ck_path}: {e}") from e
+        if UNetConfig.from_dict(ck["config"]) != config:
+            raise ValueError(f"checkpoint {ck_path} was made with a different configuration")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step, history = ck["step"], ck["history"]
+        rng.bit_generator.state = ck["rng"]["numpy"]
+        torch.set_rng_state(ck["rng"]["torch"])
+        pool.fill(ck["pool"]["ids"], ck["pool"]["next_id"])
+        log.info("resumed from %s at step %d", ck_path, step)
+    else:
+        pool.fill()
+
+    def checkpoint():
+        ck = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "step": step,
+            "history": history,
+            "config": config.to_dict(),
+            "arguments": arguments,
+            "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+            "pool": {"ids": list(pool.ids), "next_id": pool.next_id},
+        }
+        tmp = out_dir / (CHECKPOINT_NAME + ".tmp")
+        torch.save(ck, tmp)
+        os.replace(tmp, out_dir / CHECKPOINT_NAME)
+
+    log_path = out_dir / "train_log.jsonl"
+    model.train()
+    t_start = time.perf_counter()
+    start_step = step
+    bar = tqdm(total=steps, initial=step, desc=f"train {targets}", unit="step", disable=not progress, mininterval=5)
+    with open(log_path, "a") as log_file:
+        while step < steps:
+            pool.refresh(step)
+            x, fg, fl = pool.sample(rng, batch_size, patch)
+            x, fg, fl = x.to(dev), fg.to(dev), fl.to(dev)
+            raw = model(x)
+            loss, bce, mse = compute_loss(raw, fg, fl, flow_weight=flow_weight, background_weight=background_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            step += 1
+            history.append([loss.item(), bce.item(), mse.item()])
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.4f}", bce=f"{float(bce):.3f}", mse=f"{float(mse):.4f}", refresh=False)
+            if step % log_every == 0 or step == steps:
+                recent = np.mean(history[-log_every:], axis=0)
+                elapsed = time.perf_counter() - t_start
+                log_file.write(json.dumps({
+                    "step": step, "loss": recent[0], "bce": recent[1], "flow_mse": recent[2],
+                    "lr": sched.get_last_lr()[0], "sec_per_step": elapsed / (step - start_step),
+                    "data_gen_seconds": pool.gen_seconds, "elapsed_s": elapsed,
+                }) + "\n")
+                log_file.flush()
+            if checkpoint_every and (step % checkpoint_every == 0 or step == steps):
+                checkpoint()
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+
+    model.eval()
+    save_model(model, out_dir)
+    tail = np.mean(history[-min(50, len(history)):], axis=0)
+    card = {
+        "command": " ".join([Path(sys.executable).name] + sys.argv) if _CLI_RUN else None,
+        "call": "cp3d.model.train(" + ", ".join(f"{k}={v!r}" for k, v in arguments.items()) + ")",
+        "arguments": arguments,
+        "config": config.to_dict(),
+        "data": {
+            "generator": "cp3d.data.synthetic_stack(kind='membrane')",
+            "diameters": list(diameters), "n_stacks": n_stacks, "stack_shape": list(stack_shape),
+            "refresh_every": refresh_every, "noise": list(noise), "z_stretch": list(stretch),
+            "augmentation": "flips (flow channel negated), y<->x swap (flow channels swapped), z-stretch of "
+            "half the stacks with targets recomputed, dim cells, gamma, contrast/offset, Gaussian noise",
+            "stacks_generated": pool.next_id,
+        },
+        "steps": step,
+        "final_losses": {"loss": tail[0], "bce": tail[1], "flow_mse": tail[2], "averaged_over_steps": min(50, len(history))},
+        "seconds_per_step": elapsed / max(1, step - start_step),
+        "n_parameters": model.n_parameters,
+        "device": str(dev),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "validation": None,
+    }
+    _write_card(out_dir, card)
+    if validate_stacks:
+        try:
+            import cp3d.metrics  # noqa: F401
+            from cp3d import reconstruct  # noqa: F401
+        except (ImportError, AttributeError) as e:
+            warnings.warn(
+                f"validation skipped, cp3d.reconstruct/cp3d.metrics not importable ({e}); run "
+                f"`python -m cp3d.model.train {out_dir} --validate-only` later"
+            )
+        else:
+            from .unet import load_model
+
+            # score the saved (float16) weights, i.e. what users will load
+            card["validation"] = validate(load_model(out_dir, device=dev), n_stacks=validate_stacks, progress=progress)
+            _write_card(out_dir, card)
+    return model
+
+
+_CLI_RUN = False
+
+
+def _write_card(out_dir, card):
+    def default(o):
+        if isinstance(o, (np.floating, np.integer)):
+            return o.item()
+        if isinstance(o, (tuple, Path)):
+            return list(o) if isinstance(o, tuple) else str(o)
+        return repr(o)
+
+    Path(out_dir, "model_card.json").write_text(json.dumps(card, indent=2, default=default) + "\n")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _score(result, *names):
+    for n in names:
+        if isinstance(result, dict) and n in result:
+            return float(result[n])
+        if hasattr(result, n):
+            return float(getattr(result, n))
+    raise KeyError(f"cp3d.metrics.evaluate result has none of {names}: {result!r}")
+
+
+def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=(0.03, 0.17), progress=False):
+    """Score `model` on held-out synthetic membrane stacks.
+
+    Stack ``i`` has seed ``10**9 + i`` (never used in training), a diameter
+    evenly spaced in `diameters` and a noise level evenly spaced in `noise`.
+    The network output goes through :func:`cp3d.reconstruct` with the true
+    diameter and is scored by :func:`cp3d.metrics.evaluate`.
+
+    Returns
+    -------
+    dict
+        ``mean_dice``, ``mean_ap50`` and a per-stack list.
+    """
+    import cp3d
+    import cp3d.data
+    import cp3d.metrics
+
+    per_stack = []
+    for i in range(n_stacks):
+        t = i / max(1, n_stacks - 1)
+        d = float(diameters[0] + t * (diameters[1] - diameters[0]))
+        nz = float(noise[0] + t * (noise[1] - noise[0]))
+        image, gt = cp3d.data.synthetic_stack(shape, d, kind="membrane", seed=VALIDATION_SEED + i, noise=nz)
+        pred = predict(image, model, progress=progress)
+        labels = cp3d.reconstruct(pred.flows, pred.foreground, diameter=d)
+        labels = getattr(labels, "labels", labels)
+        res = cp3d.metrics.evaluate(gt, np.asarray(labels))
+        per_stack.append({
+            "seed": VALIDATION_SEED + i, "diameter": d, "noise": nz,
+            "dice": _score(res, "dice", "mean_dice"),
+            "ap50": _score(res, "ap50", "ap_50", "AP50", "ap@0.5", "average_precision_50"),
+            "n_true": int(len(np.unique(gt)) - 1), "n_pred": int(len(np.unique(labels)) - 1),
+        })
+    return {
+        "mean_dice": float(np.mean([s["dice"] for s in per_stack])),
+        "mean_ap50": float(np.mean([s["ap50"] for s in per_stack])),
+        "shape": list(shape), "stacks": per_stack,
+    }
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parse_pair(s, typ=float):
+    vals = [typ(v) for v in s.split(",")]
+    return tuple(vals)
+
+
+def main(argv=None):
+    global _CLI_RUN
+    _CLI_RUN = True
+    p = argparse.ArgumentParser(prog="python -m cp3d.model.train", description="Train a cp3d UNet3D on synthetic stacks.")
+    p.add_argument("out_dir")
+    p.add_argument("--targets", choices=("tanh", "heat"), default="tanh")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--patch-size", type=lambda s: _parse_pair(s, int), default=(48, 64, 64), help="z,y,x")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--diameters", type=_parse_pair, default=(7.0, 15.0), help="min,max")
+    p.add_argument("--n-stacks", type=int, default=8)
+    p.add_argument("--refresh-every", type=int, default=20)
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--validate-stacks", type=int, default=4)
+    p.add_argument("--validate-only", action="store_true", help="score the model in OUT_DIR and update its card")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if a.num_threads:
+        torch.set_num_threads(a.num_threads)
+    if a.validate_only:
+        from .unet import load_model
+
+        model = load_model(a.out_dir)
+        scores = validate(model, n_stacks=a.validate_stacks or 4, progress=not a.no_progress)
+        card_path = Path(a.out_dir, "model_card.json")
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        card["validation"] = scores
+        _write_card(a.out_dir, card)
+        print(json.dumps(scores, indent=2))
+        return
+    train(
+        a.out_dir, targets=a.targets, steps=a.steps, batch_size=a.batch_size, patch_size=a.patch_size,
+        lr=a.lr, seed=a.seed, device=a.device, checkpoint_every=a.checkpoint_every, resume=a.resume,
+        progress=not a.no_progress, diameters=a.diameters, n_stacks=a.n_stacks,
+        refresh_every=a.refresh_every, num_threads=a.num_threads, validate_stacks=a.validate_stacks,
+    )
+
+
+if __name__ == "__main__":
+    main()
