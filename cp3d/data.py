@@ -259,7 +259,9 @@ def _validate(shape, cell_diameter, anisotropy, kind, noise, psf_sigma, depth_at
     stretch = stretch / np.prod(stretch) ** (1 / 3)
     if not isinstance(noise, numbers.Real) or not math.isfinite(noise) or noise < 0:
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
-    sigma = np.broadcast_to(np.asarray(psf_sigma, dtype=np.float64), (3,)) if np.ndim(psf_sigma) == 0 else np.asarray(psf_sigma, dtype=np.float64)
+    sigma = np.asarray(psf_sigma, dtype=np.float64)
+    if sigma.ndim == 0:
+        sigma = np.full(3, sigma)
     if sigma.shape != (3,) or not np.all(np.isfinite(sigma)) or np.any(sigma < 0):
         raise ValueError(f"psf_sigma must be a number or 3 numbers (z, y, x), all >= 0, got {psf_sigma!r}")
     if not isinstance(depth_attenuation, numbers.Real) or not 0 <= depth_attenuation < 1:
