@@ -302,22 +302,22 @@ def heat_flows(labels, *, n_iter=None, backend="auto"):
     backend = resolve_backend(backend, labels)
     xp = get_array_module(labels)
     flows = xp.zeros((3,) + labels.shape, dtype=np.float32)
-    setup = _heat_setup(labels)
+    setup = _heat_sources(labels)
     if setup is None:  # no instances
         return flows
-    fg, nbr, sources, default_n_iter = setup
+    fg, sources, default_n_iter = setup
     n_iter = default_n_iter if n_iter is None else n_iter
     logger.debug("heat_flows: %d voxels, %d instances, %d steps", fg.size, sources.size, n_iter)
     if backend == "numba":
-        fg_flows = _numba_heat_flows(nbr, sources, n_iter)
+        fg_flows = _numba_heat_flows(_numba_neighbour_table(labels, fg), sources, n_iter)
     else:  # "numpy" and "cuda": the same array code, on NumPy or CuPy arrays
-        fg_flows = _numpy_heat_flows(nbr, sources, n_iter)
+        fg_flows = _numpy_heat_flows(_neighbour_table(labels, fg), sources, n_iter)
     flows.reshape(3, -1)[:, fg] = fg_flows
     return flows
 
 
-def _heat_setup(labels):
-    """Foreground voxels, neighbour table, sources and default step count.
+def _heat_sources(labels):
+    """Foreground voxels, each instance's heat source and the default step count.
 
     Array-module generic (NumPy or CuPy), shared by every backend.
 
@@ -325,25 +325,19 @@ def _heat_setup(labels):
     -------
     fg : (N,) int64
         Flat C-order indices of the foreground voxels, increasing.
-    nbr : (27, N) int32 or int64
-        ``nbr[k, i]`` is the position in `fg` of the k-th neighbour of voxel
-        i (order of ``_OFFSETS``), or N when it lies outside i's instance.
-    sources : (K,) int
-        Position in `fg` of each instance's heat source.
+    sources : (K,) int64
+        Position in `fg` of each instance's source, instances in id order.
     n_iter : int
-        Twice the largest extent of any instance.
+        Twice the largest extent (voxels along any axis) of any instance.
 
     ``None`` when there is no foreground.
     """
     xp = get_array_module(labels)
     shape = labels.shape
-    flat = labels.ravel()
-    fg = xp.flatnonzero(flat)
-    n = int(fg.size)
-    if n == 0:
+    fg = xp.flatnonzero(labels.ravel())
+    if fg.size == 0:
         return None
-    ids = flat[fg]
-    compact, n_labels = _compact_ids(ids)
+    compact, n_labels = _compact_ids(labels.ravel()[fg])
     inst = compact.astype(np.int64) - 1  # 0..K-1 per foreground voxel
     counts = xp.bincount(inst, minlength=n_labels)
     starts = xp.cumsum(counts) - counts
@@ -358,17 +352,34 @@ def _heat_setup(labels):
         s = sorted_within_instances(coord, size)
         medians.append(s[starts + (counts - 1) // 2])
         extent = max(extent, int((s[starts + counts - 1] - s[starts]).max()) + 1)
+    # The source: the voxel closest to the per-axis median, first in C order on ties.
     d2 = sum((coord - med[inst]) ** 2 for coord, med in zip(coords, medians))
     min_d2 = sorted_within_instances(d2, int(d2.max()) + 1)[starts]
     candidates = xp.flatnonzero(d2 == min_d2[inst])
     _, first = xp.unique(inst[candidates], return_index=True)
-    sources = candidates[first]
+    return fg, candidates[first], 2 * extent
 
-    index_dtype = np.int32 if n < np.iinfo(np.int32).max else np.int64
-    position = xp.full(flat.size, n, dtype=index_dtype)
-    position[fg] = xp.arange(n, dtype=index_dtype)
+
+def _index_dtype(n):
+    return np.int32 if n < np.iinfo(np.int32).max else np.int64
+
+
+def _neighbour_table(labels, fg):
+    """The ``(27, N)`` neighbour table; array-module generic.
+
+    ``nbr[k, i]`` is the position in `fg` of the k-th neighbour (order of
+    ``_OFFSETS``) of foreground voxel i, or N when that neighbour lies
+    outside i's instance (or outside the volume).
+    """
+    xp = get_array_module(labels)
+    shape, flat, n = labels.shape, labels.ravel(), int(fg.size)
+    dtype = _index_dtype(n)
+    position = xp.full(flat.size, n, dtype=dtype)
+    position[fg] = xp.arange(n, dtype=dtype)
+    coords = xp.unravel_index(fg, shape)
+    ids = flat[fg]
     strides = (shape[1] * shape[2], shape[2], 1)
-    nbr = xp.empty((27, n), dtype=index_dtype)
+    nbr = xp.empty((27, n), dtype=dtype)
     for k, offset in enumerate(_OFFSETS):
         inside = xp.ones(n, dtype=bool)
         for coord, size, d in zip(coords, shape, offset):
@@ -377,7 +388,39 @@ def _heat_setup(labels):
         j = xp.where(inside, fg + sum(d * st for d, st in zip(offset, strides)), 0)
         same = inside & (flat[j] == ids)
         nbr[k] = xp.where(same, position[j], n)
-    return fg, nbr, sources, 2 * extent
+    return nbr
+
+
+def _numba_neighbour_table(labels, fg):
+    n = fg.size
+    dtype = _index_dtype(n)
+    position = np.full(labels.size, n, dtype=dtype)
+    position[fg] = np.arange(n, dtype=dtype)
+    nbr = np.empty((27, n), dtype=dtype)
+    _numba_neighbour_kernel(labels, fg, position, nbr)
+    return nbr
+
+
+@njit(parallel=True, cache=True)
+def _numba_neighbour_kernel(labels, fg, position, nbr):
+    nz, ny, nx = labels.shape
+    n = fg.size
+    for i in prange(n):
+        f = fg[i]
+        x = f % nx
+        y = (f // nx) % ny
+        z = f // (nx * ny)
+        lab = labels[z, y, x]
+        k = 0
+        for dz in range(-1, 2):
+            for dy in range(-1, 2):
+                for dx in range(-1, 2):
+                    zz, yy, xx = z + dz, y + dy, x + dx
+                    if 0 <= zz < nz and 0 <= yy < ny and 0 <= xx < nx and labels[zz, yy, xx] == lab:
+                        nbr[k, i] = position[(zz * ny + yy) * nx + xx]
+                    else:
+                        nbr[k, i] = n
+                    k += 1
 
 
 def _numpy_heat_flows(nbr, sources, n_iter):

@@ -179,6 +179,16 @@ def test_heat_numpy_numba_agree(n_iter):
     assert np.all(ref[:, ~fg] == 0)
 
 
+def test_heat_neighbour_tables_agree():
+    from cp3d.targets import _heat_sources, _neighbour_table, _numba_neighbour_table
+
+    labels = np.ascontiguousarray(voronoi_labels(seed=5), dtype=np.uint32)
+    fg, sources, n_iter = _heat_sources(labels)
+    assert sources.size == 10 and n_iter > 0
+    assert np.all(labels.ravel()[fg[sources]] == np.arange(1, 11) * 7)  # sources lie inside
+    np.testing.assert_array_equal(_numba_neighbour_table(labels, fg), _neighbour_table(labels, fg))
+
+
 def test_heat_synthetic_stack_agree():
     data = pytest.importorskip("cp3d.data")
     if not hasattr(data, "synthetic_stack"):
