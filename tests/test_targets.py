@@ -68,7 +68,9 @@ def test_tanh_even_box_centroid_between_voxels(backend):
     labels = np.zeros((1, 1, 6), dtype=np.int32)
     labels[0, 0, 1:5] = 3  # centroid x = 2.5
     flows = tanh_flows(labels, scale=(1.0, 1.0, 0.5), backend=backend)
-    np.testing.assert_allclose(flows[2, 0, 0], np.tanh(np.array([0, -3, -1, 1, 3, 0]) * 1.0) * [0, 1, 1, 1, 1, 0], atol=1e-6)
+    # (x - 2.5) / 0.5 = -3, -1, 1, 3 on the cell
+    expected = np.tanh(np.array([0.0, -3.0, -1.0, 1.0, 3.0, 0.0]))
+    np.testing.assert_allclose(flows[2, 0, 0], expected, atol=1e-6)
     assert np.all(flows[:2] == 0)  # a single voxel thick along z and y
 
 
@@ -255,7 +257,10 @@ def test_accepts_non_contiguous_and_lists(func):
 def load_host_library():
     path = Path(os.environ.get("CP3D_HOST_LIB", REPO / "build" / "libcp3d_host.so"))
     if not path.exists():
-        message = f"host build of the kernels not found at {path} (cmake -S . -B build && cmake --build build)"
+        message = (
+            f"host build of the kernels not found at {path} "
+            "(cmake -S . -B build && cmake --build build)"
+        )
         if os.environ.get("CP3D_REQUIRE_HOST_KERNELS") == "1":
             pytest.fail(message)
         pytest.skip(message)
