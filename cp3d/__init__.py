@@ -5,7 +5,7 @@ or CuPy arrays and return the same kind. The model layer is imported on first
 use, so ``import cp3d`` never imports torch or CuPy.
 """
 
-from . import data, metrics
+from . import data, io, metrics
 from .filters import filter_instances
 from .follow import follow_flows
 from .group import close_and_label

@@ -1,0 +1,60 @@
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _has_gpu():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs CuPy and a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def host_library():
+    """The per-voxel kernel bodies compiled as host C++ by CMakeLists.txt.
+
+    Missing library: skipped locally, a failure where CP3D_REQUIRE_HOST_KERNELS=1 (CI).
+    """
+    path = Path(os.environ.get("CP3D_HOST_LIB", REPO / "build" / "libcp3d_host.so"))
+    if not path.exists():
+        message = f"host build of the kernels not found at {path} (cmake -S . -B build && cmake --build build)"
+        if os.environ.get("CP3D_REQUIRE_HOST_KERNELS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return ctypes.CDLL(str(path))
+
+
+def ptr(array):
+    """ctypes pointer to a C-contiguous NumPy array's data."""
+    assert array.flags.c_contiguous
+    return array.ctypes.data_as(ctypes.c_void_p)
+
+
+@pytest.fixture(scope="session")
+def membrane_cells():
+    """A small synthetic membrane tissue: (image, labels)."""
+    from cp3d.data import synthetic_stack
+
+    return synthetic_stack((32, 64, 64), 8, seed=11)
+
+
+def random_flows(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1, 1, (3, *shape)).astype(np.float32)

@@ -1,0 +1,87 @@
+import ctypes
+
+import numpy as np
+import pytest
+from conftest import ptr, random_flows
+
+import cp3d
+from cp3d.follow import follow_flows
+
+
+def box(shape=(10, 12, 14)):
+    labels = np.zeros(shape, np.uint32)
+    labels[1:-1, 2:-2, 3:-3] = 1
+    return labels
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_voxels_gather_at_the_centre(backend):
+    labels = box()
+    end = follow_flows(cp3d.tanh_flows(labels), labels > 0, backend=backend)
+    centre = np.argwhere(labels).mean(axis=0)
+    assert end.shape == (labels.sum(), 3) and end.dtype == np.float32
+    assert np.abs(end - centre).max() < 1.0
+
+
+def test_step_semantics_one_iteration():
+    flows = np.zeros((3, 4, 4, 4), np.float32)
+    flows[:, 2, 2, 2] = (0.25, -0.5, 1.0)
+    fg = np.zeros((4, 4, 4), bool)
+    fg[2, 2, 2] = True
+    end = follow_flows(flows, fg, step=2.0, n_iter=1, backend="numpy")
+    np.testing.assert_array_equal(end, [[1.5, 3.0, 0.0]])  # moved against the flow, x clipped at 0
+    inward = follow_flows(-flows, fg, step=2.0, n_iter=1, inward=True, backend="numpy")
+    np.testing.assert_array_equal(inward, end)
+
+
+def test_positions_stay_inside_the_volume():
+    flows = random_flows((6, 7, 8), seed=1) * 5
+    end = follow_flows(flows, np.ones((6, 7, 8), bool), step=3.0, n_iter=7, backend="numpy")
+    assert end.min() >= 0 and np.all(end.max(axis=0) <= np.array([5, 6, 7]))
+
+
+@pytest.mark.parametrize("n_iter", [0, 1, 13])
+def test_numba_identical_to_numpy(n_iter):
+    flows = random_flows((9, 17, 23), seed=2)
+    fg = np.random.default_rng(3).random((9, 17, 23)) > 0.4
+    ref = follow_flows(flows, fg, step=4.0, n_iter=n_iter, backend="numpy")
+    np.testing.assert_array_equal(follow_flows(flows, fg, step=4.0, n_iter=n_iter, backend="numba"), ref)
+
+
+def test_host_kernel_identical_to_numpy(host_library):
+    flows = random_flows((9, 17, 23), seed=4)
+    fg = np.random.default_rng(5).random((9, 17, 23)) > 0.5
+    starts = np.flatnonzero(fg).astype(np.int64)
+    out = np.empty((starts.size, 3), np.float32)
+    fn = host_library.cp3d_host_follow_flows
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_longlong] * 4 + [ctypes.c_float, ctypes.c_int,
+                                                                              ctypes.c_void_p]
+    fn(ptr(flows), ptr(starts), starts.size, 9, 17, 23, 4.0, 11, ptr(out))
+    np.testing.assert_array_equal(out, follow_flows(flows, fg, step=4.0, n_iter=11, backend="numpy"))
+
+
+def test_smoothing_changes_the_field_but_not_the_interface():
+    labels = box()
+    flows = cp3d.tanh_flows(labels)
+    end = follow_flows(flows, labels > 0, sigma=1.0, backend="numba")
+    assert end.shape == (labels.sum(), 3)
+    with pytest.raises(ValueError, match="sigma"):
+        follow_flows(flows, labels > 0, sigma=-1)
+
+
+@pytest.mark.parametrize(
+    "flows, fg, kwargs, error, match",
+    [
+        (np.full((3, 4, 4, 4), np.nan, np.float32), np.ones((4, 4, 4), bool), {}, ValueError, "NaN"),
+        (np.zeros((2, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {}, ValueError, r"\(3, Z, Y, X\)"),
+        (np.zeros((3, 4, 4, 4), np.int16), np.ones((4, 4, 4), bool), {}, TypeError, "floating"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 5), bool), {}, ValueError, "does not match"),
+        (np.zeros((3, 4, 4), np.float32), np.ones((4, 4), bool), {}, ValueError, "4D"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"step": 0}, ValueError, "step"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"n_iter": -1}, ValueError, "n_iter"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"backend": "cuda"}, TypeError, "CuPy"),
+    ],
+)
+def test_bad_input(flows, fg, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        follow_flows(flows, fg, **kwargs)

@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+
+import cp3d
+from cp3d.data import synthetic_stack
+from cp3d.metrics import evaluate
+from cp3d.reconstruct import reconstruction_parameters
+
+CASES = {
+    "membrane d7": dict(cell_diameter=7),
+    "membrane d10": dict(cell_diameter=10),
+    "membrane d14": dict(cell_diameter=14),
+    "elongated": dict(cell_diameter=10, anisotropy=(2, 1, 1)),
+    "nuclei": dict(cell_diameter=10, kind="nuclei"),
+}
+
+
+def oracle_flows(labels, targets, diameter):
+    if targets == "tanh":
+        return cp3d.tanh_flows(labels, scale=reconstruction_parameters(diameter).tanh_scale)
+    return cp3d.heat_flows(labels)
+
+
+@pytest.mark.parametrize("targets", ["tanh", "heat"])
+@pytest.mark.parametrize("case", CASES)
+def test_oracle_accuracy_with_diameter(case, targets):
+    kwargs = CASES[case]
+    _, truth = synthetic_stack((40, 80, 80), seed=5, **kwargs)
+    d = kwargs["cell_diameter"]
+    labels = cp3d.reconstruct(oracle_flows(truth, targets, d), truth > 0, diameter=d, targets=targets)
+    scores = evaluate(truth, labels)
+    assert scores["ap50"] >= 0.97 and scores["dice"] >= 0.98, scores
+
+
+@pytest.mark.parametrize("targets", ["tanh", "heat"])
+def test_oracle_accuracy_with_paper_defaults(targets):
+    _, truth = synthetic_stack((40, 80, 80), 10, seed=6)
+    flows = cp3d.tanh_flows(truth) if targets == "tanh" else cp3d.heat_flows(truth)
+    assert evaluate(truth, cp3d.reconstruct(flows, truth > 0, targets=targets))["ap50"] >= 0.97
+
+
+def test_paper_defaults_merge_small_cells_that_the_diameter_knob_keeps():
+    _, truth = synthetic_stack((40, 80, 80), 7, seed=7)
+    paper = evaluate(truth, cp3d.reconstruct(cp3d.tanh_flows(truth), truth > 0))["ap50"]
+    tuned = evaluate(truth, cp3d.reconstruct(oracle_flows(truth, "tanh", 7), truth > 0, diameter=7))["ap50"]
+    assert paper < 0.95 < tuned
+
+
+def test_parameters_scale_with_diameter():
+    assert reconstruction_parameters(None) == reconstruction_parameters(None, "tanh")
+    p10, p20 = reconstruction_parameters(10), reconstruction_parameters(20)
+    assert (p10.step, p10.closing_radius, p10.tanh_scale) == (4.0, 3.0, 5.0)
+    assert p10.volume_range == pytest.approx(reconstruction_parameters(None).volume_range)
+    assert p20.step == 2 * p10.step and p20.closing_radius == 6 and p20.n_iter == p10.n_iter
+    assert reconstruction_parameters(10, "heat").step == 1.0
+    with pytest.raises(ValueError, match="diameter"):
+        reconstruction_parameters(-3)
+
+
+def test_backends_identical(membrane_cells):
+    truth = membrane_cells[1]
+    rng = np.random.default_rng(0)
+    flows = cp3d.tanh_flows(truth, scale=4.0) + rng.normal(0, 0.1, (3, *truth.shape)).astype(np.float32)
+    ref = cp3d.reconstruct(flows, truth > 0, diameter=8, backend="numpy")
+    assert ref.max() > 0.8 * truth.max()
+    np.testing.assert_array_equal(cp3d.reconstruct(flows, truth > 0, diameter=8, backend="numba"), ref)
+
+
+def test_inward_flows_and_probability_foreground(membrane_cells):
+    truth = membrane_cells[1]
+    flows = cp3d.tanh_flows(truth, scale=4.0)
+    prob = np.where(truth > 0, 0.9, 0.1).astype(np.float32)
+    outward = cp3d.reconstruct(flows, truth > 0, diameter=8)
+    np.testing.assert_array_equal(cp3d.reconstruct(-flows, prob, diameter=8, inward=True), outward)
+
+
+def test_empty_foreground_gives_empty_labels():
+    labels = cp3d.reconstruct(np.zeros((3, 5, 6, 7), np.float32), np.zeros((5, 6, 7), bool))
+    assert labels.shape == (5, 6, 7) and labels.dtype == np.uint32 and not labels.any()
+
+
+@pytest.mark.parametrize(
+    "flows, fg, kwargs, error, match",
+    [
+        (np.full((3, 4, 4, 4), np.inf, np.float32), np.ones((4, 4, 4), bool), {}, ValueError, "NaN or inf"),
+        (np.zeros((4, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {}, ValueError, "shape"),
+        (np.zeros((3, 4, 4), np.float32), np.ones((4, 4), bool), {}, ValueError, "4D"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4), bool), {}, ValueError, "3D"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 5, 4), bool), {}, ValueError, "does not match"),
+        (np.zeros((3, 4, 4, 4), np.int32), np.ones((4, 4, 4), bool), {}, TypeError, "floating"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"backend": "gpu"}, ValueError, "backend"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"targets": "x"}, ValueError, "targets"),
+    ],
+)
+def test_bad_input(flows, fg, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cp3d.reconstruct(flows, fg, **kwargs)
+
+
+def test_cupy_array_with_numba_backend_is_refused():
+    cupy = pytest.importorskip("cupy")
+    flows = cupy.zeros((3, 4, 4, 4), cupy.float32)
+    with pytest.raises(TypeError, match="CuPy"):
+        cp3d.reconstruct(flows, cupy.ones((4, 4, 4), bool), backend="numba")
+
+
+@pytest.mark.gpu
+def test_cuda_identical_to_numpy(membrane_cells):
+    import cupy
+
+    truth = membrane_cells[1]
+    flows = cp3d.tanh_flows(truth, scale=4.0)
+    ref = cp3d.reconstruct(flows, truth > 0, diameter=8, backend="numpy")
+    out = cp3d.reconstruct(cupy.asarray(flows), cupy.asarray(truth > 0), diameter=8)
+    assert isinstance(out, cupy.ndarray)
+    np.testing.assert_array_equal(out.get(), ref)
