@@ -254,7 +254,7 @@ def train(
     targets="tanh",
     steps=1500,
     batch_size=2,
-    patch_size=(48, 64, 64),
+    patch_size=(48, 48, 48),
     lr=2e-3,
     weight_decay=1e-4,
     seed=0,
@@ -424,7 +424,7 @@ def train(
             step += 1
             history.append([loss.item(), bce.item(), mse.item()])
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}", bce=f"{float(bce):.3f}", mse=f"{float(mse):.4f}", refresh=False)
+            bar.set_postfix(loss=f"{history[-1][0]:.4f}", bce=f"{history[-1][1]:.3f}", mse=f"{history[-1][2]:.4f}", refresh=False)
             if step % log_every == 0 or step == steps:
                 recent = np.mean(history[-log_every:], axis=0)
                 elapsed = time.perf_counter() - t_start
@@ -533,7 +533,11 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
         nz = float(noise[0] + t * (noise[1] - noise[0]))
         image, gt = cp3d.data.synthetic_stack(shape, d, kind="membrane", seed=VALIDATION_SEED + i, noise=nz)
         pred = predict(image, model, progress=progress)
-        labels = cp3d.reconstruct(pred.flows, pred.foreground, diameter=d)
+        # the model's own formulation: reconstruct's default tanh scale (d / 2) assumes
+        # images rescaled to the training diameter, which these stacks are not
+        labels = cp3d.reconstruct(
+            pred.flows, pred.foreground, diameter=d, targets=model.config.targets, tanh_scale=model.config.tanh_scale
+        )
         labels = getattr(labels, "labels", labels)
         res = cp3d.metrics.evaluate(gt, np.asarray(labels))
         per_stack.append({
@@ -565,7 +569,7 @@ def main(argv=None):
     p.add_argument("--targets", choices=("tanh", "heat"), default="tanh")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--patch-size", type=lambda s: _parse_pair(s, int), default=(48, 64, 64), help="z,y,x")
+    p.add_argument("--patch-size", type=lambda s: _parse_pair(s, int), default=(48, 48, 48), help="z,y,x")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

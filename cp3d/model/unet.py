@@ -103,7 +103,7 @@ class UNetConfig:
     train_diameter: float = 10.0
     tanh_scale: float = 5.0
     voxel_size: tuple = (1.0, 1.0, 1.0)
-    patch_size: tuple = (48, 64, 64)
+    patch_size: tuple = (48, 48, 48)
     tile_size: tuple = (64, 96, 96)
     norm: str = "batch"
     upsampling: str = "transpose"

@@ -1,0 +1,258 @@
+"""Tests of cp3d.model: network, configuration, saving/loading, tiled prediction, training."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cp3d
+from cp3d.model import UNet3D, UNetConfig, load_model, normalize_percentile, predict, save_model, train
+from cp3d.model.predict import blend_window
+from cp3d.model.train import augment_geometry, compute_loss
+
+TINY = dict(base_features=4, depth=2)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_net(seed=0, **kw):
+    torch.manual_seed(seed)
+    return UNet3D(**{**TINY, **kw}).eval()
+
+
+def smooth_image(shape, seed=0):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    return ndimage.gaussian_filter(rng.random(shape), 1.5).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- network and config
+
+
+def test_forward_shapes_and_ranges():
+    net = tiny_net()
+    with torch.no_grad():
+        raw = net(torch.rand(2, 1, 8, 16, 12))
+    assert raw.shape == (2, 4, 8, 16, 12)
+    flows, fg = net.activate(raw)
+    assert flows.shape == (2, 3, 8, 16, 12) and fg.shape == (2, 8, 16, 12)
+    assert flows.abs().max() < 1 and fg.min() >= 0 and fg.max() <= 1
+
+
+def test_forward_rejects_bad_shapes():
+    net = tiny_net()
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.rand(1, 1, 8, 10, 8))
+    with pytest.raises(ValueError, match="expects"):
+        net(torch.rand(1, 2, 8, 8, 8))
+
+
+def test_default_architecture_size():
+    net = UNet3D()
+    assert 1_000_000 < net.n_parameters < 2_000_000
+    assert net.config.out_channels == 4 and net.config.norm == "batch"
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = UNetConfig(targets="heat", base_features=8, depth=2, tile_size=(32, 48, 48), train_diameter=9)
+    cfg.to_json(tmp_path / "config.json")
+    back = UNetConfig.from_json(tmp_path / "config.json")
+    assert back == cfg
+    assert json.loads((tmp_path / "config.json").read_text())["tile_size"] == [32, 48, 48]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"targets": "flows"}, "targets"),
+        ({"norm": "group"}, "norm"),
+        ({"patch_size": (30, 64, 64)}, "divisible"),
+        ({"base_features": 0}, "base_features"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UNetConfig(**kwargs)
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown"):
+        UNetConfig.from_dict({"base_features": 4, "colour": "red"})
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("half, tol", [(False, 0.0), (True, 1e-2)])
+def test_save_load_round_trip(tmp_path, half, tol):
+    net = tiny_net(seed=3)
+    save_model(net, tmp_path / "m", half=half)
+    back = load_model(tmp_path / "m")
+    assert not back.training and back.config == net.config
+    x = torch.from_numpy(smooth_image((8, 8, 8)))[None, None]
+    with torch.no_grad():
+        np.testing.assert_allclose(back(x).numpy(), net(x).numpy(), atol=tol, rtol=0)
+
+
+def test_load_model_errors_name_the_path(tmp_path):
+    net = tiny_net()
+    d = tmp_path / "m"
+    save_model(net, d)
+    with pytest.raises(ValueError, match="no bundled model"):
+        load_model("no-such-model")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model(tmp_path / "missing")
+
+    (d / "weights.pt").write_bytes(b"this is not a torch file")
+    with pytest.raises(ValueError, match="weights.pt.*not a valid torch file"):
+        load_model(d)
+
+    state = net.state_dict()
+    state.pop("head.weight")
+    torch.save(state, d / "weights.pt")
+    with pytest.raises(ValueError, match="do not match"):
+        load_model(d)
+
+    torch.save(tiny_net(base_features=8).state_dict(), d / "weights.pt")  # shape mismatch
+    with pytest.raises(ValueError, match=str(d)):
+        load_model(d)
+
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        load_model(d)
+    (d / "config.json").unlink()
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(d)
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def test_blend_window_is_a_partition_of_unity():
+    size, overlap = 32, 16
+    w = blend_window(size, overlap)
+    step = size - overlap
+    total = np.zeros(step * 5 + size)
+    for k in range(6):
+        total[k * step : k * step + size] += w
+    np.testing.assert_allclose(total[size : -size], 1.0, atol=1e-6)
+    assert w[: overlap // 4].max() == 0 and w[-(overlap // 4) :].max() == 0
+
+
+@pytest.mark.parametrize("tile, overlap", [(24, 16), (32, 0.5), ((24, 32, 24), 16)])
+def test_tiling_is_invisible(tile, overlap):
+    net = tiny_net(seed=1)
+    image = smooth_image((40, 48, 44), seed=2) + np.random.default_rng(0).random((40, 48, 44)).astype(np.float32) * 0.1
+    whole = predict(image, net, tile_size=64, overlap=0)
+    tiled = predict(image, net, tile_size=tile, overlap=overlap, batch_size=3)
+    inner = (slice(8, -8),) * 3
+    np.testing.assert_allclose(tiled.flows[(slice(None),) + inner], whole.flows[(slice(None),) + inner], atol=1e-3)
+    np.testing.assert_allclose(tiled.foreground[inner], whole.foreground[inner], atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 9), (1, 20, 20), (30, 17, 23)])
+def test_predict_any_shape(shape):
+    p = predict(np.random.default_rng(0).random(shape), tiny_net(), tile_size=16, overlap=8)
+    assert p.flows.shape == (3,) + shape and p.foreground.shape == shape
+    assert p.flows.dtype == np.float32 and p.foreground.dtype == np.float32
+    assert np.abs(p.flows).max() < 1 and 0 <= p.foreground.min() and p.foreground.max() <= 1
+
+
+def test_predict_voxel_size_returns_original_shape():
+    image = smooth_image((11, 30, 29))
+    p = predict(image, tiny_net(), voxel_size=(2.5, 1.0, 1.0), tile_size=16)
+    assert p.flows.shape == (3, 11, 30, 29) and p.foreground.shape == (11, 30, 29)
+    same = predict(image, tiny_net(), voxel_size=1.0, tile_size=16)
+    ref = predict(image, tiny_net(), tile_size=16)
+    np.testing.assert_array_equal(same.flows, ref.flows)
+
+
+def test_predict_all_zero_image():
+    p = predict(np.zeros((12, 16, 16), np.uint16), tiny_net(), tile_size=16)
+    assert np.isfinite(p.flows).all() and np.isfinite(p.foreground).all()
+    np.testing.assert_array_equal(normalize_percentile(np.full((4, 4, 4), 7.0)), 0)
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((32, 32), "2D"),
+        ((8, 16, 16, 3), "RGB"),
+        ((8, 16, 16, 4), "RGB"),
+        ((2, 8, 16, 16), "single 3D stack"),
+        ((0, 16, 16), "empty"),
+    ],
+)
+def test_predict_rejects_bad_images(shape, match):
+    with pytest.raises(ValueError, match=match):
+        predict(np.zeros(shape, np.float32), tiny_net())
+
+
+def test_predict_rejects_nan_and_training_mode():
+    image = np.zeros((8, 8, 8), np.float32)
+    image[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        predict(image, tiny_net())
+    with pytest.raises(ValueError, match="training mode"):
+        predict(np.zeros((8, 8, 8)), tiny_net().train())
+
+
+# --------------------------------------------------------------------------- training pieces
+
+
+def _labels():
+    return cp3d.data.synthetic_stack((16, 24, 20), 7, seed=5, noise=0.0).labels
+
+
+@pytest.mark.parametrize("flips", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+@pytest.mark.parametrize("swap_yx", [False, True])
+def test_augmentation_transforms_flow_channels(flips, swap_yx):
+    labels = _labels()
+    flows = cp3d.tanh_flows(labels, scale=5.0)
+    (aug_labels,), aug_flows = augment_geometry([labels], flows, flips=flips, swap_yx=swap_yx)
+    expected = cp3d.tanh_flows(aug_labels, scale=5.0)
+    np.testing.assert_allclose(aug_flows, expected, atol=1e-5)
+
+
+def test_loss_is_small_for_perfect_prediction():
+    labels = _labels()
+    fg = torch.from_numpy((labels > 0).astype(np.float32))[None]
+    flows = torch.from_numpy(cp3d.tanh_flows(labels))[None].clamp(-0.999, 0.999)
+    raw = torch.cat([torch.atanh(flows), (fg[:, None] * 2 - 1) * 20], dim=1)
+    total, bce, mse = compute_loss(raw, fg, flows)
+    assert mse < 1e-8 and bce < 1e-6
+    bad_total, _, _ = compute_loss(torch.zeros_like(raw), fg, flows)
+    assert bad_total > 100 * total
+
+
+def test_training_smoke_and_resume(tmp_path):
+    kw = dict(
+        steps=2, batch_size=1, patch_size=(16, 16, 16), lr=1e-3, seed=0, device="cpu", checkpoint_every=1,
+        progress=False, diameters=(6, 8), n_stacks=1, refresh_every=2, validate_stacks=0, log_every=1, **TINY,
+    )
+    out = tmp_path / "run"
+    train(out, **kw)
+    first = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert first["step"] == 2
+    kw["steps"] = 3
+    model = train(out, resume=out, **kw)
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 3 and len(ck["history"]) == 3
+    assert ck["pool"]["next_id"] == 2  # the pool was rebuilt and refreshed once at step 2
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["steps"] == 3 and card["arguments"]["resume"] == str(out)
+    assert np.isfinite(card["final_losses"]["loss"])
+    loaded = load_model(out)
+    assert loaded.config == model.config
+    p = predict(np.random.default_rng(0).random((16, 16, 16)), loaded)
+    assert p.flows.shape == (3, 16, 16, 16)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train(tmp_path / "other", resume=tmp_path / "nothing", **kw)
