@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ._backend import check_flows, check_foreground, get_array_module, resolve_backend
+from ._backend import as_triple, check_flows, check_foreground, get_array_module, resolve_backend
 from .filters import TARGETS, filter_instances
 from .follow import _check_step, _follow, smooth_flows
 from .group import close_and_label
@@ -54,9 +54,10 @@ def reconstruction_parameters(diameter=None, targets="tanh"):
 
     Parameters
     ----------
-    diameter : float or None
+    diameter : float or (float, float, float) or None
         Equivalent-sphere diameter of a typical cell, the median of
-        ``(6 V / pi) ** (1/3)`` over cells (Cellpose's ``diameter``). ``None``
+        ``(6 V / pi) ** (1/3)`` over cells (Cellpose's ``diameter``), or its
+        extent in voxels along (z, y, x) for anisotropic voxels. ``None``
         gives the paper's fixed defaults (made for cells about 10 voxels
         across): step 4, 100 iterations, closing radius 3, diameters
         (5, 100) as sphere volumes, tanh scale 5.
@@ -82,7 +83,9 @@ def reconstruction_parameters(diameter=None, targets="tanh"):
     group, and the size range is spheres of diameters ``d / 2`` and ``10 d``.
     Because step and scale grow together, a voxel crosses a cell in the same
     number of iterations at every size: ``n_iter`` covers 8 diameters at full
-    speed plus 30 iterations of convergence, 50 in all.
+    speed plus 30 iterations of convergence, 50 in all. With a (z, y, x)
+    triple the scale and closing radius become per-axis, the step follows
+    the shortest axis and the size range the geometric mean diameter.
 
     Examples
     --------
@@ -92,19 +95,22 @@ def reconstruction_parameters(diameter=None, targets="tanh"):
     """
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
-    if diameter is not None and (not np.isfinite(diameter) or diameter <= 0):
-        raise ValueError(f"diameter must be positive and finite, got {diameter!r}")
     if diameter is None:
         defaults = ReconstructionParameters()
         return defaults if targets == "tanh" else dataclasses.replace(defaults, step=1.0)
-    d = float(diameter)
-    step = 0.4 * d if targets == "tanh" else 0.1 * d
+    d = np.asarray(as_triple(diameter, "diameter"))
+    anisotropic = np.ndim(diameter) > 0 and np.ptp(d) > 0
+    # Along each axis the flows saturate over half that axis's diameter; the
+    # step follows the shortest axis so that no axis overshoots.
+    step = (0.4 if targets == "tanh" else 0.1) * d.min()
+    radius = np.maximum(1, np.round(0.3 * d))
+    mean_d = float(np.prod(d) ** (1 / 3))
     return ReconstructionParameters(
-        step=step,
-        n_iter=int(math.ceil(8 * d / step)) + 30,
-        closing_radius=float(max(1, round(0.3 * d))),
-        volume_range=(sphere_volume(d / 2), sphere_volume(10 * d)),
-        tanh_scale=d / 2,
+        step=float(step),
+        n_iter=int(math.ceil(8 * d.max() / step)) + 30,
+        closing_radius=tuple(radius.tolist()) if anisotropic else float(radius[0]),
+        volume_range=(sphere_volume(mean_d / 2), sphere_volume(10 * mean_d)),
+        tanh_scale=tuple((d / 2).tolist()) if anisotropic else float(d[0] / 2),
     )
 
 
@@ -137,9 +143,10 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
         ``p_overlap``: smallest fraction of an instance inside `foreground`.
     max_flow_error : float
         ``err_gradient``: largest mean absolute flow error of an instance.
-    diameter : float, optional
-        Typical cell diameter in voxels; the one knob for small or large
-        cells. ``None`` uses the paper's defaults (cells about 10 across).
+    diameter : float or (float, float, float), optional
+        Typical cell diameter in voxels, or per axis (z, y, x) for
+        anisotropic voxels; the one knob for small or large cells. ``None``
+        uses the paper's defaults (cells about 10 across).
     targets : {"tanh", "heat"}
         Formulation of `flows`, used by the flow-error filter.
     tanh_scale : float, optional
