@@ -1,0 +1,137 @@
+"""Command line: ``cp3d demo | segment | synth | evaluate | train``.
+
+A thin layer: it parses arguments, reads and writes files and calls the
+public functions.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _demo(args):
+    from . import data, io, metrics
+    from .segment import segment
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    image, truth = data.synthetic_stack(tuple(args.shape), args.diameter, seed=args.seed, noise=args.noise)
+    seconds = {"synthesize": time.perf_counter() - start}
+    result = segment(image, args.model, diameter=args.diameter, backend=args.backend, device=args.device)
+    seconds.update(result.seconds)
+    start = time.perf_counter()
+    scores = metrics.evaluate(truth, result.labels)
+    seconds["evaluate"] = time.perf_counter() - start
+    io.write_image(out / "image.tif", image)
+    io.write_labels(out / "truth.tif", truth)
+    io.write_labels(out / "labels.tif", result.labels)
+    io.write_image(out / "flows.tif", np.concatenate([result.flows, result.foreground[None]]).reshape(
+        -1, *image.shape[1:]))
+    report = {"shape": list(image.shape), "cells": int(truth.max()), "found": int(result.labels.max()),
+              "scores": {k: round(float(v), 4) for k, v in scores.items()},
+              "seconds": {k: round(v, 3) for k, v in seconds.items()}, "written_to": str(out)}
+    print(json.dumps(report, indent=2))
+
+
+def _segment(args):
+    from . import io
+    from .segment import segment
+
+    stack = io.read_image(args.input)
+    voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
+    result = segment(stack.data, args.model, diameter=args.diameter, voxel_size=voxel_size, backend=args.backend,
+                     device=args.device, progress=not args.quiet)
+    io.write_labels(args.output, result.labels, voxel_size=stack.voxel_size)
+    if args.save_flows:
+        maps = np.concatenate([result.flows, result.foreground[None]])
+        io.write_image(args.save_flows, maps.reshape(-1, *maps.shape[2:]), voxel_size=stack.voxel_size)
+    print(json.dumps({"cells": int(result.labels.max()), "output": str(args.output),
+                      "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}))
+
+
+def _synth(args):
+    from .data import write_synthetic_dataset
+
+    pairs = write_synthetic_dataset(args.out_dir, shape=tuple(args.shape), diameter=args.diameter,
+                                    count=args.count, seed=args.seed, kind=args.kind)
+    for image_path, labels_path in pairs:
+        print(image_path, labels_path)
+
+
+def _evaluate(args):
+    from . import io, metrics
+
+    scores = metrics.evaluate(io.read_image(args.gt).data, io.read_image(args.pred).data)
+    print(json.dumps({k: float(v) for k, v in scores.items()}, indent=2))
+
+
+def _add_segment_options(parser):
+    parser.add_argument("--model", default=None, help="bundled model name (tanh, heat) or model folder")
+    parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "numba", "cuda"))
+    parser.add_argument("--device", default="auto", help="torch device for prediction")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="cp3d", description="3D cell instance segmentation (Cellpose3D).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="synthesize a stack, segment it with the bundled model, score it")
+    p.add_argument("--out", default="cp3d_demo", help="folder for the TIFFs (default: ./cp3d_demo)")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 128, 128), metavar=("Z", "Y", "X"))
+    p.add_argument("--diameter", type=float, default=10.0)
+    p.add_argument("--noise", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=2026)
+    _add_segment_options(p)
+    p.set_defaults(run=_demo)
+
+    p = sub.add_parser("segment", help="segment a TIFF stack")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True, help="labels TIFF to write (uint32)")
+    p.add_argument("--diameter", type=float, default=None, help="typical cell diameter in voxels along x")
+    p.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="default: read from the TIFF, else isotropic")
+    p.add_argument("--save-flows", default=None, metavar="TIFF", help="also write the 4 predicted maps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_segment_options(p)
+    p.set_defaults(run=_segment)
+
+    p = sub.add_parser("synth", help="write synthetic image/label TIFF pairs")
+    p.add_argument("out_dir")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"))
+    p.add_argument("--diameter", type=float, default=10.0)
+    p.add_argument("--count", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", default="membrane", choices=("membrane", "nuclei"))
+    p.set_defaults(run=_synth)
+
+    p = sub.add_parser("evaluate", help="score a predicted label TIFF against ground truth (JSON)")
+    p.add_argument("gt")
+    p.add_argument("pred")
+    p.set_defaults(run=_evaluate)
+
+    sub.add_parser("train", help="train a model on synthetic stacks (cp3d train --help)", add_help=False)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from .model.train import main as train_main
+
+        return train_main(argv[1:], prog="cp3d train")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"cp3d {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
