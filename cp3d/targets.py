@@ -166,16 +166,21 @@ def _numpy_tanh_flows(compact, n_labels, scale):
 
 def _numba_tanh_flows(compact, n_labels, scale):
     flows = np.empty((3,) + compact.shape, dtype=np.float32)
-    # Race-free sums: one partial table per z-slab (one slab per thread), then a reduction.
-    n_slabs = max(1, min(compact.shape[0], numba.get_num_threads()))
-    _numba_tanh_kernel(compact, n_labels, np.asarray(scale, dtype=np.float64), n_slabs, flows)
+    centroid = numba_centroids(compact, n_labels)
+    _numba_tanh_kernel(compact, centroid, np.asarray(scale, dtype=np.float64), flows)
     return flows
 
 
+def numba_centroids(compact, n_labels):
+    """Centroids ``(n_labels + 1, 3)`` (z, y, x) of compact labels; row 0 unused."""
+    # Race-free sums: one partial table per z-slab (one slab per thread), then a reduction.
+    n_slabs = max(1, min(compact.shape[0], numba.get_num_threads()))
+    return _numba_centroid_kernel(compact, n_labels, n_slabs)
+
+
 @njit(parallel=True, cache=True)
-def _numba_tanh_kernel(compact, n_labels, scale, n_slabs, flows):
+def _numba_centroid_kernel(compact, n_labels, n_slabs):
     nz, ny, nx = compact.shape
-    # Pass 1: per-slab partial sums, then their reduction.
     partial = np.zeros((n_slabs, n_labels + 1, 4))
     for s in prange(n_slabs):
         for z in range(s * nz // n_slabs, (s + 1) * nz // n_slabs):
@@ -196,7 +201,18 @@ def _numba_tanh_kernel(compact, n_labels, scale, n_slabs, flows):
         count = max(sums[0], 1.0)
         for k in range(3):
             centroid[lab, k] = sums[k + 1] / count
-    # Pass 2: the flows.
+    return centroid
+
+
+@njit(cache=True, inline="always")
+def tanh_component(coord, centre, scale):
+    """One component of the tanh target, as float32 (the Numba kernels' definition)."""
+    return np.float32(np.tanh((coord - centre) / scale))
+
+
+@njit(parallel=True, cache=True)
+def _numba_tanh_kernel(compact, centroid, scale, flows):
+    nz, ny, nx = compact.shape
     for z in prange(nz):
         for y in range(ny):
             for x in range(nx):
@@ -206,9 +222,9 @@ def _numba_tanh_kernel(compact, n_labels, scale, n_slabs, flows):
                     flows[1, z, y, x] = 0.0
                     flows[2, z, y, x] = 0.0
                 else:
-                    flows[0, z, y, x] = np.tanh((z - centroid[lab, 0]) / scale[0])
-                    flows[1, z, y, x] = np.tanh((y - centroid[lab, 1]) / scale[1])
-                    flows[2, z, y, x] = np.tanh((x - centroid[lab, 2]) / scale[2])
+                    flows[0, z, y, x] = tanh_component(z, centroid[lab, 0], scale[0])
+                    flows[1, z, y, x] = tanh_component(y, centroid[lab, 1], scale[1])
+                    flows[2, z, y, x] = tanh_component(x, centroid[lab, 2], scale[2])
 
 
 def _cuda_tanh_flows(compact, n_labels, scale):
