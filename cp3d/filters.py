@@ -78,10 +78,22 @@ def filter_instances(labels, flows, foreground, *, volume_range=(65.45, 523598.8
     lo, hi = volume_range
     if not 0 <= lo <= hi:
         raise ValueError(f"volume_range must be (min, max) with 0 <= min <= max, got {volume_range!r}")
-    keep = _keep_mask(labels, flows, foreground, (lo, hi), min_overlap, max_flow_error, targets,
-                      tanh_scale, inward, backend)
-    xp = get_array_module(labels)
-    return relabel_by_first_voxel(xp.where(keep[labels], labels, 0).astype(np.uint32), backend)
+    if int(labels.max()) > labels.size:
+        # Tables indexed by id would be huge; the output is renumbered anyway.
+        labels = _compact_ids(labels)[0]
+    return _filter_instances(labels, flows, foreground, (lo, hi), min_overlap, max_flow_error, targets, tanh_scale,
+                             inward, backend)
+
+
+def _filter_instances(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, tanh_scale,
+                      inward, backend):
+    """filter_instances on validated inputs (called by reconstruct too)."""
+    volume, overlap, flow_error = instance_statistics(
+        labels, flows, foreground, targets=targets, tanh_scale=tanh_scale, inward=inward, backend=backend)
+    keep = ((volume >= volume_range[0]) & (volume <= volume_range[1]) & (overlap >= min_overlap)
+            & (flow_error <= max_flow_error))
+    keep[0] = False
+    return relabel_by_first_voxel(labels, backend, keep=keep)
 
 
 def instance_statistics(labels, flows, foreground, *, targets="tanh", tanh_scale=5.0, inward=False,
@@ -115,31 +127,14 @@ def instance_statistics(labels, flows, foreground, *, targets="tanh", tanh_scale
     return volume, inside / denom, error / (3 * denom)
 
 
-def _keep_mask(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, tanh_scale,
-               inward, backend):
-    volume, overlap, flow_error = instance_statistics(
-        labels, flows, foreground, targets=targets, tanh_scale=tanh_scale, inward=inward, backend=backend)
-    keep = ((volume >= volume_range[0]) & (volume <= volume_range[1]) & (overlap >= min_overlap)
-            & (flow_error <= max_flow_error))
-    keep[0] = False
-    return keep
-
-
 def _numba_tanh_statistics(labels, flows, foreground, tanh_scale, inward):
-    compact, n_labels = _compact_ids(labels)
-    centroid = numba_centroids(compact, n_labels)
+    n_labels = int(labels.max())
+    centroid = numba_centroids(labels, n_labels)
     scale = np.asarray(as_triple(tanh_scale, "tanh_scale"))
     n_slabs = max(1, min(labels.shape[0], numba.get_num_threads()))
-    partial = _tanh_statistics_kernel(compact, flows, foreground, centroid, scale, np.float32(-1 if inward else 1),
+    partial = _tanh_statistics_kernel(labels, flows, foreground, centroid, scale, np.float32(-1 if inward else 1),
                                       n_slabs, n_labels)
-    totals = partial.sum(axis=0)
-    # Back from compact ids to the caller's ids, as bincount over labels would index them.
-    ids = np.zeros(n_labels + 1, np.int64)
-    present = labels.ravel()[_first_voxels(compact, n_labels)]
-    ids[1:] = present
-    out = np.zeros((3, int(labels.max()) + 1))
-    out[:, ids[1:]] = totals[1:].T
-    volume, inside, error = out
+    volume, inside, error = partial.sum(axis=0).T
     denom = np.maximum(volume, 1)
     return volume, inside / denom, error / (3 * denom)
 
@@ -162,14 +157,3 @@ def _tanh_statistics_kernel(compact, flows, foreground, centroid, scale, sign, n
                     partial[s, lab, 1] += foreground[z, y, x]
                     partial[s, lab, 2] += e0 + e1 + e2
     return partial
-
-
-@numba.njit(cache=True)
-def _first_voxels(compact, n_labels):
-    """Flat index of one voxel of each compact id 1..n_labels."""
-    first = np.full(n_labels + 1, -1, np.int64)
-    flat = compact.ravel()
-    for i in range(flat.size):
-        if first[flat[i]] < 0:
-            first[flat[i]] = i
-    return first[1:]

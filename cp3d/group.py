@@ -201,23 +201,36 @@ def _cuda_close_and_label(mask, offsets):
     return relabel_by_first_voxel(labels.astype(cupy.uint32), backend="cuda")
 
 
-def relabel_by_first_voxel(labels, backend="auto"):
+def relabel_by_first_voxel(labels, backend="auto", keep=None):
     """Renumber the ids of a label volume 1..N in C order of their first voxel.
 
     Ids need not be consecutive (filtering leaves gaps); 0 stays background.
     The NumPy definition (also run on CuPy arrays) is one scatter-min of flat
     indices and a lookup table, never a loop over labels; the Numba backend
     is one serial scan.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (Z, Y, X), unsigned integer
+        Label volume.
+    backend : {"auto", "numpy", "numba", "cuda"}
+        Implementation.
+    keep : ndarray of bool, shape (labels.max() + 1,), optional
+        Ids to keep; the others become background.
     """
     backend = resolve_backend(backend, labels)
+    xp = get_array_module(labels)
+    if keep is None:
+        keep = xp.ones(int(labels.max()) + 1, bool)
     if backend == "numba":
         out = np.empty_like(labels)
-        _relabel_scan(labels, np.zeros(int(labels.max()) + 1, labels.dtype), out)
+        lut = np.where(keep, 0, _DROPPED).astype(labels.dtype)
+        _relabel_scan(labels, lut, out)
         return out
-    xp = get_array_module(labels)
+    labels = xp.where(keep[labels], labels, 0).astype(labels.dtype)
     flat = labels.ravel()
     idx = xp.flatnonzero(flat)
-    first = xp.full(int(labels.max()) + 1, flat.size, dtype=xp.int64)
+    first = xp.full(keep.size, flat.size, dtype=xp.int64)
     if xp is np:
         np.minimum.at(first, flat[idx], idx)
     else:
@@ -231,13 +244,21 @@ def relabel_by_first_voxel(labels, backend="auto"):
     return lut[labels]
 
 
+# Marks a dropped id in the Numba scan's lookup table (0 marks "not seen yet").
+_DROPPED = np.iinfo(np.uint32).max
+
+
 @numba.njit(cache=True, nogil=True)
 def _relabel_scan(labels, lut, out):
     flat_in, flat_out = labels.ravel(), out.ravel()
     count = 0
     for i in range(flat_in.size):
         v = flat_in[i]
-        if v and lut[v] == 0:
+        if v == 0:
+            flat_out[i] = 0
+            continue
+        if lut[v] == 0:
             count += 1
             lut[v] = count
-        flat_out[i] = lut[v]
+        new = lut[v]
+        flat_out[i] = 0 if new == _DROPPED else new

@@ -9,10 +9,11 @@ paper's defaults or are derived from one typical cell ``diameter``.
 import dataclasses
 import math
 
+import numba
 import numpy as np
 
 from ._backend import as_triple, check_flows, check_foreground, get_array_module, resolve_backend
-from .filters import TARGETS, filter_instances
+from .filters import TARGETS, _filter_instances
 from .follow import _check_step, _follow, smooth_flows
 from .group import close_and_label
 
@@ -186,26 +187,41 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
         flows = smooth_flows(flows, sigma)
 
     xp = get_array_module(flows)
-    labels = xp.zeros(foreground.shape, np.uint32)
     starts = xp.flatnonzero(foreground)
     if starts.size == 0:
-        return labels
+        return xp.zeros(foreground.shape, np.uint32)
+    # Only foreground voxels are tracked, and each large buffer is released as
+    # soon as the next stage has what it needs (see the README's memory table).
     end = _follow(flows, starts, np.float32(-step if inward else step), n_iter, backend)
-    end_index = _nearest_voxel_index(end, foreground.shape)
+    end_index = _nearest_voxel_index(end, foreground.shape, backend)
     del end
+    labels = xp.zeros(foreground.shape, np.uint32)
     gathered = xp.zeros(foreground.shape, bool)
     gathered.ravel()[end_index] = True
     groups = close_and_label(gathered, radius, backend=backend)
     del gathered
     labels.ravel()[starts] = groups.ravel()[end_index]
     del groups, end_index, starts
-    return filter_instances(labels, flows, foreground, volume_range=volume_range, min_overlap=min_overlap,
-                            max_flow_error=max_flow_error, targets=targets, tanh_scale=scale, inward=inward,
-                            backend=backend)
+    return _filter_instances(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, scale,
+                             inward, backend)
 
 
-def _nearest_voxel_index(positions, shape):
+def _nearest_voxel_index(positions, shape, backend):
     """C-order flat index of the voxel nearest to each (z, y, x) position."""
+    if backend == "numba":
+        out = np.empty(len(positions), np.int64)
+        _nearest_voxel_kernel(positions, np.asarray(shape, np.int64), out)
+        return out
     xp = get_array_module(positions)
     voxel = xp.floor(positions + np.float32(0.5)).astype(xp.int64)
     return (voxel[:, 0] * shape[1] + voxel[:, 1]) * shape[2] + voxel[:, 2]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _nearest_voxel_kernel(positions, shape, out):
+    half = np.float32(0.5)
+    for i in numba.prange(positions.shape[0]):
+        z = np.int64(np.floor(positions[i, 0] + half))
+        y = np.int64(np.floor(positions[i, 1] + half))
+        x = np.int64(np.floor(positions[i, 2] + half))
+        out[i] = (z * shape[1] + y) * shape[2] + x

@@ -103,7 +103,9 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     start = time.perf_counter()
     prediction = predict(image, model, voxel_size=model_voxel, device=device, progress=progress)
     predicted = time.perf_counter()
+    # Back on the original grid the model's tanh scale grows with the cells.
+    scale = tuple(config.tanh_scale * e / config.train_diameter for e in extent)
     labels = reconstruct(prediction.flows, prediction.foreground, diameter=extent, targets=config.targets,
-                         backend=backend)
+                         tanh_scale=scale, backend=backend)
     seconds = {"predict": predicted - start, "reconstruct": time.perf_counter() - predicted}
     return Segmentation(labels, prediction.flows, prediction.foreground, seconds)
