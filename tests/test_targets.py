@@ -1,8 +1,6 @@
 """Tests for cp3d.targets: tanh and heat-diffusion flows."""
 
 import ctypes
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +9,6 @@ from scipy import ndimage
 from cp3d.targets import heat_flows, tanh_flows
 
 CPU_BACKENDS = ("numpy", "numba")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def voronoi_labels(shape=(16, 20, 24), n_cells=10, seed=0, radius=6.0, id_step=7):
@@ -254,27 +251,12 @@ def test_accepts_non_contiguous_and_lists(func):
 # ---------------------------------------------------------------------------
 
 
-def load_host_library():
-    path = Path(os.environ.get("CP3D_HOST_LIB", REPO / "build" / "libcp3d_host.so"))
-    if not path.exists():
-        message = (
-            f"host build of the kernels not found at {path} "
-            "(cmake -S . -B build && cmake --build build)"
-        )
-        if os.environ.get("CP3D_REQUIRE_HOST_KERNELS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    lib = ctypes.CDLL(str(path))
-    fn = lib.cp3d_host_tanh_flows
-    i64, f32 = ctypes.c_int64, ctypes.c_float
-    fn.argtypes = [ctypes.c_void_p, i64, i64, i64, i64, f32, f32, f32, ctypes.c_void_p]
-    fn.restype = None
-    return fn
-
-
 @pytest.mark.parametrize("scale", [(5.0, 5.0, 5.0), (1.5, 3.0, 4.0)])
-def test_host_kernels_match_numpy(scale):
-    host_tanh_flows = load_host_library()
+def test_host_kernels_match_numpy(scale, host_library):
+    host_tanh_flows = host_library.cp3d_host_tanh_flows
+    i64, f32 = ctypes.c_int64, ctypes.c_float
+    host_tanh_flows.argtypes = [ctypes.c_void_p, i64, i64, i64, i64, f32, f32, f32, ctypes.c_void_p]
+    host_tanh_flows.restype = None
     labels = voronoi_labels(seed=2)
     # the host entry point takes compact ids 0..K
     compact = np.unique(labels, return_inverse=True)[1].reshape(labels.shape).astype(np.uint32)
@@ -287,13 +269,8 @@ def test_host_kernels_match_numpy(scale):
 @pytest.mark.gpu
 @pytest.mark.parametrize("func, tol", [(tanh_flows, 1e-5), (heat_flows, 1e-4)])
 def test_cuda_matches_numpy(func, tol):
-    cupy = pytest.importorskip("cupy")
-    try:
-        n_devices = cupy.cuda.runtime.getDeviceCount()
-    except cupy.cuda.runtime.CUDARuntimeError:
-        n_devices = 0
-    if n_devices == 0:
-        pytest.skip("no CUDA device")
+    import cupy  # the gpu marker (conftest.py) skips this without CuPy and a device
+
     labels = voronoi_labels(shape=(20, 24, 28), n_cells=12, seed=4)
     ref = func(labels, backend="numpy")
     out = func(cupy.asarray(labels))  # auto = cuda for CuPy input

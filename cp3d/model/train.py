@@ -2,8 +2,8 @@
 
 Run from the command line (the arguments are those of :func:`train`)::
 
-    python -m cp3d.model.train OUT_DIR --targets tanh --steps 1500 --num-threads 1
-    python -m cp3d.model.train OUT_DIR --validate-only     # re-score a finished run
+    cp3d train OUT_DIR --targets tanh --steps 1500 --num-threads 1
+    cp3d train OUT_DIR --validate-only     # re-score a finished run
 
 Targets are computed on whole synthetic stacks, never on patches: a cell cut
 by the patch border keeps the flows of the whole cell. Geometric augmentation
@@ -276,6 +276,7 @@ def train(
     num_threads=None,
     validate_stacks=4,
     log_every=10,
+    command=None,
 ):
     """Train a :class:`UNet3D` on synthetic membrane stacks.
 
@@ -329,6 +330,8 @@ def train(
         Held-out stacks scored by :func:`validate` at the end (0 to skip).
     log_every : int
         Steps between lines of ``train_log.jsonl``.
+    command : str, optional
+        The command line that started the run, recorded in the model card.
 
     Returns
     -------
@@ -443,7 +446,7 @@ def train(
     save_model(model, out_dir)
     tail = np.mean(history[-min(50, len(history)):], axis=0)
     card = {
-        "command": " ".join([Path(sys.executable).name] + sys.argv) if _CLI_RUN else None,
+        "command": command,
         "call": "cp3d.model.train(" + ", ".join(f"{k}={v!r}" for k, v in arguments.items()) + ")",
         "arguments": arguments,
         "config": config.to_dict(),
@@ -481,9 +484,6 @@ def train(
             card["validation"] = validate(load_model(out_dir, device=dev), n_stacks=validate_stacks, progress=progress)
             _write_card(out_dir, card)
     return model
-
-
-_CLI_RUN = False
 
 
 def _write_card(out_dir, card):
@@ -561,10 +561,9 @@ def _parse_pair(s, typ=float):
     return tuple(vals)
 
 
-def main(argv=None):
-    global _CLI_RUN
-    _CLI_RUN = True
-    p = argparse.ArgumentParser(prog="python -m cp3d.model.train", description="Train a cp3d UNet3D on synthetic stacks.")
+def main(argv=None, prog="cp3d train"):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog=prog, description="Train a cp3d UNet3D on synthetic stacks.")
     p.add_argument("out_dir")
     p.add_argument("--targets", choices=("tanh", "heat"), default="tanh")
     p.add_argument("--steps", type=int, default=1500)
@@ -602,6 +601,7 @@ def main(argv=None):
         lr=a.lr, seed=a.seed, device=a.device, checkpoint_every=a.checkpoint_every, resume=a.resume,
         progress=not a.no_progress, diameters=a.diameters, n_stacks=a.n_stacks,
         refresh_every=a.refresh_every, num_threads=a.num_threads, validate_stacks=a.validate_stacks,
+        command=" ".join([prog] + argv),
     )
 
 
