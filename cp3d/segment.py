@@ -77,7 +77,8 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     Returns
     -------
     Segmentation
-        ``labels``, ``flows``, ``foreground`` and per-stage ``seconds``.
+        ``labels``, ``flows``, ``foreground`` and per-stage ``seconds``. A
+        constant (e.g. all-zero) stack gives empty labels and zero maps.
 
     Examples
     --------
@@ -97,6 +98,11 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     if not isinstance(model, UNet3D):
         model = load_model("tanh" if model is None else model)
     config = model.config
+    if float(image.min()) == float(image.max()):
+        # A constant stack (e.g. all zero) holds no cells; the network would only see noise-free padding.
+        zeros = np.zeros(image.shape, np.float32)
+        return Segmentation(np.zeros(image.shape, np.uint32), np.zeros((3, *image.shape), np.float32), zeros,
+                            {"predict": 0.0, "reconstruct": 0.0})
     extent = cell_extent(diameter, voxel_size, config.train_diameter)
     # Predicting at this voxel size makes each cell train_diameter model voxels across.
     model_voxel = tuple(m * config.train_diameter / e for m, e in zip(config.voxel_size, extent))

@@ -1,0 +1,101 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cp3d
+from cp3d import cli
+from cp3d.model import UNet3D, save_model
+from cp3d.segment import Segmentation, cell_extent, segment
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return UNet3D(base_features=4, depth=2, tile_size=(16, 32, 32)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_model):
+    return save_model(tiny_model, tmp_path_factory.mktemp("model"))
+
+
+def test_cell_extent_follows_voxel_size():
+    assert cell_extent(None, None, 10) == (10, 10, 10)
+    assert cell_extent(8, (2.0, 0.5, 0.5), 10) == (2.0, 8.0, 8.0)
+    with pytest.raises(ValueError, match="diameter"):
+        cell_extent(0, None, 10)
+    with pytest.raises(ValueError, match="voxel_size"):
+        cell_extent(10, (1, 1), 10)
+
+
+def test_segment_returns_maps_on_the_original_grid(tiny_model):
+    image, _ = cp3d.data.synthetic_stack((20, 40, 36), 8, seed=1)
+    result = segment(image, tiny_model, diameter=8, voxel_size=(2, 1, 1))
+    assert isinstance(result, Segmentation)
+    assert result.labels.shape == image.shape and result.labels.dtype == np.uint32
+    assert result.flows.shape == (3, *image.shape) and result.foreground.shape == image.shape
+    assert set(result.seconds) == {"predict", "reconstruct"}
+
+
+def test_segment_rescales_cells_to_the_training_size(tiny_model, monkeypatch):
+    seen = {}
+    real_predict = cp3d.model.predict
+
+    def spy(image, model, **kwargs):
+        seen.update(kwargs)
+        return real_predict(image, model, **kwargs)
+
+    monkeypatch.setattr(cp3d.model, "predict", spy)
+    image = np.random.default_rng(0).random((12, 24, 24)).astype(np.float32)
+    segment(image, tiny_model, diameter=20, voxel_size=(2, 1, 1))
+    # cells 20 voxels across in x and 10 in z must become 10 model voxels: zoom 0.5 in x, 1 in z
+    assert seen["voxel_size"] == pytest.approx((1.0, 0.5, 0.5))
+
+
+def test_all_zero_image_gives_empty_labels(tiny_model):
+    result = segment(np.zeros((16, 32, 32), np.float32), tiny_model)
+    assert result.labels.shape == (16, 32, 32) and result.labels.dtype == np.uint32
+    assert not result.labels.any() and not result.foreground.any()
+
+
+def test_segment_bad_input(tiny_model):
+    with pytest.raises(ValueError, match="3D"):
+        segment(np.zeros((32, 32), np.float32), tiny_model)
+    with pytest.raises(ValueError, match="3D"):
+        segment(np.zeros((8, 32, 32, 3), np.float32), tiny_model)
+    with pytest.raises(TypeError, match="real-valued"):
+        segment(np.zeros((8, 16, 16), np.complex64), tiny_model)
+    with pytest.raises(ValueError, match="model"):
+        segment(np.zeros((8, 16, 16), np.float32), "no-such-model")
+
+
+def test_cli_synth_segment_evaluate(tmp_path, tiny_model_dir, capsys):
+    assert cli.main(["synth", str(tmp_path / "data"), "--shape", "16", "32", "32", "--diameter", "8",
+                     "--count", "1"]) == 0
+    capsys.readouterr()
+    image, labels = tmp_path / "data" / "image_000.tif", tmp_path / "data" / "labels_000.tif"
+    out = tmp_path / "pred.tif"
+    assert cli.main(["segment", str(image), "-o", str(out), "--model", str(tiny_model_dir), "--quiet",
+                     "--save-flows", str(tmp_path / "maps.tif")]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == str(out)
+    assert cp3d.io.read_image(out).data.dtype == np.uint32
+    assert cp3d.io.read_image(tmp_path / "maps.tif").data.shape == (64, 32, 32)
+    assert cli.main(["evaluate", str(labels), str(labels)]) == 0
+    assert json.loads(capsys.readouterr().out)["ap50"] == 1.0
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    assert cli.main(["evaluate", str(tmp_path / "missing.tif"), str(tmp_path / "missing.tif")]) == 2
+    assert "missing.tif" in capsys.readouterr().err
+    assert cli.main(["segment", str(tmp_path / "missing.tif"), "-o", str(tmp_path / "x.tif")]) == 2
+
+
+def test_cli_demo_with_a_model_folder(tmp_path, tiny_model_dir, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), "--shape", "16", "32", "32", "--diameter", "8",
+                     "--model", str(tiny_model_dir)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"scores", "seconds", "cells"} <= set(report)
+    assert set(report["seconds"]) == {"synthesize", "predict", "reconstruct", "evaluate"}
+    assert all((tmp_path / name).exists() for name in ("image.tif", "truth.tif", "labels.tif", "flows.tif"))
