@@ -94,6 +94,7 @@ def _numba_close_and_label(mask, offsets):
     marked = np.flatnonzero(mask)
     _paint_balls(marked, mask.shape, extent, offsets, padded)
     _erode_painted(padded, extent, offsets, closed)
+    del padded
     labels = np.zeros(mask.shape, np.uint32)
     _label_components(closed, labels)
     return labels

@@ -193,23 +193,25 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     # Only foreground voxels are tracked, and each large buffer is released as
     # soon as the next stage has what it needs (see the README's memory table).
     end = _follow(flows, starts, np.float32(-step if inward else step), n_iter, backend)
-    end_index = _nearest_voxel_index(end, foreground.shape, backend)
-    del end
-    labels = xp.zeros(foreground.shape, np.uint32)
+    end_index = _nearest_voxel_index(end, foreground.shape, backend, out=starts)
+    del end, starts
     gathered = xp.zeros(foreground.shape, bool)
     gathered.ravel()[end_index] = True
     groups = close_and_label(gathered, radius, backend=backend)
     del gathered
-    labels.ravel()[starts] = groups.ravel()[end_index]
-    del groups, end_index, starts
+    labels = _labels_at_end(foreground, groups, end_index, backend)
+    del groups, end_index
     return _filter_instances(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, scale,
                              inward, backend)
 
 
-def _nearest_voxel_index(positions, shape, backend):
-    """C-order flat index of the voxel nearest to each (z, y, x) position."""
+def _nearest_voxel_index(positions, shape, backend, out):
+    """C-order flat index of the voxel nearest to each (z, y, x) position.
+
+    The Numba backend writes into `out` (the start indices, no longer needed),
+    so the foreground's index buffer is reused rather than doubled.
+    """
     if backend == "numba":
-        out = np.empty(len(positions), np.int64)
         _nearest_voxel_kernel(positions, np.asarray(shape, np.int64), out)
         return out
     xp = get_array_module(positions)
@@ -225,3 +227,23 @@ def _nearest_voxel_kernel(positions, shape, out):
         y = np.int64(np.floor(positions[i, 1] + half))
         x = np.int64(np.floor(positions[i, 2] + half))
         out[i] = (z * shape[1] + y) * shape[2] + x
+
+
+def _labels_at_end(foreground, groups, end_index, backend):
+    """Give each foreground voxel (in C order) the group found at its end position."""
+    xp = get_array_module(groups)
+    labels = xp.zeros(foreground.shape, np.uint32)
+    if backend == "numba":
+        _labels_at_end_kernel(foreground.ravel(), groups.ravel(), end_index, labels.ravel())
+    else:
+        labels.ravel()[xp.flatnonzero(foreground)] = groups.ravel()[end_index]
+    return labels
+
+
+@numba.njit(cache=True, nogil=True)
+def _labels_at_end_kernel(foreground, groups, end_index, labels):
+    k = 0
+    for v in range(foreground.size):
+        if foreground[v]:
+            labels[v] = groups[end_index[k]]
+            k += 1
