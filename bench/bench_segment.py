@@ -1,0 +1,490 @@
+"""Benchmark end-to-end segmentation: trained models against a classical watershed.
+
+On the same held-out synthetic membrane stacks (``cp3d.data.synthetic_stack``,
+``kind="membrane"``), side by side in one run:
+
+1. ``tanh``: the tanh-formulation model through :func:`cp3d.segment.segment`;
+2. ``watershed``: a seeded watershed of the membrane image with
+   scikit-image, the classical pipeline a user would otherwise run;
+3. ``heat``: the heat-formulation model, trained the same way.
+
+Each method runs twice per stack: with its default settings
+(``diameter=None``: the models assume their training cell size,
+``config.train_diameter``; the watershed assumes the same size) and with the
+stack's true cell diameter (the median equivalent-sphere diameter of its
+ground-truth cells). Scores come from :func:`cp3d.metrics.evaluate`.
+
+Test stacks are held out: seeds from 10,000 on (training draws stack seeds
+``seed * 1_000_003 + k`` for ``k`` below a few hundred), diameters spread
+evenly over 8..14 voxels and noise levels cycling through 0.05, 0.12 and
+0.22. Training samples its noise level continuously from U(0.02, 0.2), so an
+in-range level is only unseen as a stack, never as a level; 0.22 lies outside
+the training range. The watershed's parameters are tuned by a grid search on
+ONE separate training-like stack (seed 1234, diameter 11, noise 0.1), never on
+the test stacks; the grid and its scores are written with the results.
+
+A last measurement times the stages (predict, reconstruct) of the tanh model
+on one 64 x 256 x 256 stack with ``torch.set_num_threads(2)`` and Numba's
+default thread count.
+
+Usage::
+
+    python bench/bench_segment.py --tanh-model /work/train_runs/tanh --heat-model /work/train_runs/heat
+    python bench/bench_segment.py --quick    # smoke test on small stacks, a few minutes
+
+Results go to ``bench/results/segment.json`` and ``segment.md``
+(``segment_quick.*`` with ``--quick``).
+"""
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from scipy import ndimage
+from skimage import filters, measure, morphology, segmentation
+from skimage.feature import peak_local_max
+
+import cp3d
+from cp3d.data import synthetic_stack
+from cp3d.metrics import evaluate
+from cp3d.model import load_model
+from cp3d.segment import segment
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+TEST_SEED = 10_000  # test stack i has seed TEST_SEED + i; training seeds stay far below
+TEST_DIAMETERS = (8.0, 14.0)
+TEST_NOISE = (0.05, 0.12, 0.22)
+TUNE = {"seed": 1234, "diameter": 11.0, "noise": 0.1}  # the one training-like stack the watershed is tuned on
+TIMING = {"shape": (64, 256, 256), "diameter": 10.0, "noise": 0.12, "seed": 20_000, "repeat": 2}
+TIMING_QUICK = {"shape": (32, 128, 128), "diameter": 10.0, "noise": 0.12, "seed": 20_000, "repeat": 1}
+
+# Watershed grid: smoothing sigma (voxels), specimen threshold (x Otsu), interior threshold
+# (x local mean), markers ("peaks": peak_local_max of the interior distance transform with
+# min_distance = value x diameter; "hmax": h-maxima of it with h = value x diameter).
+# The ranges were set while developing the baseline on training-like stacks only (seeds 1234 and
+# 4321..4323); a plain global Otsu threshold for the interiors and 3D-only hole filling did worse there.
+WATERSHED_GRID = {
+    "sigma": (0.5, 0.75, 1.0),
+    "specimen_factor": (0.6, 0.75, 0.9),
+    "interior_factor": (0.6, 0.7, 0.8),
+    "markers": (("peaks", 0.3), ("peaks", 0.5), ("hmax", 0.02), ("hmax", 0.05)),
+}
+WATERSHED_GRID_QUICK = {
+    "sigma": (1.0,),
+    "specimen_factor": (0.75,),
+    "interior_factor": (0.6, 0.85),
+    "markers": (("peaks", 0.5), ("hmax", 0.05)),
+}
+
+GOAL = {"method": "tanh", "setting": "default", "dice": 0.90, "ap50": 0.85}
+SCORE_KEYS = ("dice", "ap50", "ap75", "arand", "n_pred", "n_gt")
+
+
+# ---------------------------------------------------------------------------
+# Machine
+# ---------------------------------------------------------------------------
+
+
+def _version(package):
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "git_commit": commit,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "python": platform.python_version(),
+            "cp3d": cp3d.__version__,
+            "numpy": np.__version__,
+            "torch": torch.__version__,
+            "numba": numba.__version__,
+            "scipy": _version("scipy"),
+            "scikit-image": _version("scikit-image"),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+def true_diameter(labels):
+    """Median equivalent-sphere diameter ``(6 V / pi) ** (1/3)`` of the cells of `labels`."""
+    volumes = np.bincount(labels.ravel())[1:]
+    volumes = volumes[volumes > 0]
+    return float(np.median((6.0 * volumes / np.pi) ** (1.0 / 3.0)))
+
+
+def test_stacks(n, shape):
+    """Specifications of the `n` held-out stacks: diameters evenly over 8..14, noise cycling."""
+    diameters = np.linspace(*TEST_DIAMETERS, n) if n > 1 else [float(np.mean(TEST_DIAMETERS))]
+    return [
+        {"seed": TEST_SEED + i, "diameter": round(float(d), 3), "noise": TEST_NOISE[i % len(TEST_NOISE)],
+         "shape": list(shape)}
+        for i, d in enumerate(diameters)
+    ]
+
+
+def make_stack(spec):
+    image, labels = synthetic_stack(tuple(spec["shape"]), spec["diameter"], kind="membrane", seed=spec["seed"],
+                                    noise=spec["noise"])
+    return image, labels
+
+
+# ---------------------------------------------------------------------------
+# Classical baseline: seeded watershed of the membrane image
+# ---------------------------------------------------------------------------
+
+
+def _fill_holes(mask):
+    """Fill holes in 3D and in every z-slice: slices fill cells cut open by the stack border."""
+    filled = ndimage.binary_fill_holes(mask)
+    for z in range(mask.shape[0]):
+        filled[z] |= ndimage.binary_fill_holes(mask[z])
+    return filled
+
+
+def watershed_baseline(image, diameter, *, sigma, specimen_factor, interior_factor, markers):
+    """Seeded watershed of a membrane stack, with scikit-image.
+
+    1. ``smoothed``: the image smoothed with a Gaussian of `sigma` voxels;
+    2. specimen (the watershed mask): ``smoothed`` above `specimen_factor` x
+       its Otsu threshold (the membranes), dilated by one voxel, holes filled
+       (in 3D and per z-slice), eroded by one voxel;
+    3. cell interiors: specimen voxels darker than `interior_factor` x the
+       local mean (Gaussian of ``diameter / 2``), which follows depth
+       attenuation and dim cells better than one global threshold;
+    4. markers from the Euclidean distance transform of the interiors:
+       ``("peaks", f)``: ``peak_local_max`` with ``min_distance = f x diameter``
+       in each connected interior; ``("hmax", f)``: connected h-maxima with
+       ``h = f x diameter``;
+    5. ``skimage.segmentation.watershed(smoothed, markers, mask=specimen)``.
+    """
+    smoothed = ndimage.gaussian_filter(np.asarray(image, np.float32), sigma)
+    membrane = smoothed > specimen_factor * filters.threshold_otsu(smoothed)
+    specimen = ndimage.binary_dilation(membrane, morphology.ball(1))
+    specimen = ndimage.binary_erosion(_fill_holes(specimen), morphology.ball(1), border_value=1)
+    local_mean = ndimage.gaussian_filter(smoothed, diameter / 2)
+    interior = specimen & (smoothed < interior_factor * local_mean)
+    distance = ndimage.distance_transform_edt(interior)
+    kind, value = markers
+    if kind == "peaks":
+        regions, _ = ndimage.label(interior)
+        peaks = peak_local_max(distance, min_distance=max(1, int(round(value * diameter))), labels=regions,
+                               exclude_border=False)
+        seeds = np.zeros(image.shape, np.int32)
+        seeds[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    elif kind == "hmax":
+        seeds = measure.label(morphology.h_maxima(distance, value * diameter))
+    else:
+        raise ValueError(f"unknown marker kind {kind!r}")
+    labels = segmentation.watershed(smoothed, seeds, mask=specimen)
+    return labels.astype(np.uint32)
+
+
+def tune_watershed(shape, grid):
+    """Grid search of the watershed's parameters on ONE training-like stack (seed < 10,000).
+
+    The objective is the mean of Dice and AP@0.5, with the stack's true diameter.
+    """
+    spec = dict(TUNE, shape=list(shape))
+    image, labels = make_stack(spec)
+    diameter = true_diameter(labels)
+    rows = []
+    for sigma, spf, inf, mk in itertools.product(grid["sigma"], grid["specimen_factor"], grid["interior_factor"],
+                                                 grid["markers"]):
+        params = {"sigma": sigma, "specimen_factor": spf, "interior_factor": inf, "markers": list(mk)}
+        t0 = time.perf_counter()
+        pred = watershed_baseline(image, diameter, **params)
+        seconds = time.perf_counter() - t0
+        s = evaluate(labels, pred)
+        rows.append({"params": params, "dice": s["dice"], "ap50": s["ap50"], "ap75": s["ap75"],
+                     "arand": s["arand"], "n_pred": s["n_pred"], "n_gt": s["n_gt"], "seconds": seconds,
+                     "objective": 0.5 * (s["dice"] + s["ap50"])})
+        print(f"  tune {params}: dice {s['dice']:.3f} ap50 {s['ap50']:.3f} n {s['n_pred']}/{s['n_gt']}", flush=True)
+    best = max(rows, key=lambda r: r["objective"])
+    return {"stack": spec, "true_diameter": diameter, "objective": "mean of Dice and AP@0.5, true diameter",
+            "grid": {k: [list(v) if isinstance(v, tuple) else v for v in vals] for k, vals in grid.items()},
+            "best": best, "rows": rows}
+
+
+# ---------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------
+
+
+def _scores(gt, pred):
+    s = evaluate(gt, pred)
+    return {k: (int(s[k]) if k.startswith("n_") else float(s[k])) for k in SCORE_KEYS}
+
+
+def run_method(method, image, diameter, models, ws_params, assumed_diameter):
+    """One segmentation; returns labels and per-stage seconds."""
+    t0 = time.perf_counter()
+    if method == "watershed":
+        d = assumed_diameter if diameter is None else diameter
+        labels = watershed_baseline(image, d, **ws_params)
+        seconds = {}
+    else:
+        result = segment(image, models[method], diameter=diameter)
+        labels, seconds = result.labels, dict(result.seconds)
+    seconds["total"] = time.perf_counter() - t0
+    return labels, seconds
+
+
+def warm_up(models, ws_params):
+    """Compile the Numba kernels (both formulations) and touch every code path once."""
+    image, _ = synthetic_stack((24, 48, 48), 8.0, kind="membrane", seed=99, noise=0.1)
+    for method in models:
+        segment(image, models[method])
+        segment(image, models[method], diameter=8.0)
+    watershed_baseline(image, 8.0, **ws_params)
+
+
+def time_stages(model, spec):
+    """Per-stage seconds of the tanh model on one large stack (default settings), repeated."""
+    image, labels = make_stack(spec)
+    runs = []
+    for _ in range(spec["repeat"]):
+        result = segment(image, model)
+        runs.append({k: float(v) for k, v in result.seconds.items()})
+    best = min(runs, key=lambda r: r["predict"] + r["reconstruct"])
+    return {"stack": spec, "n_gt": int(labels.max()), "runs": runs,
+            "best": dict(best, total=best["predict"] + best["reconstruct"]),
+            "scores": _scores(labels, result.labels),
+            "torch_threads": torch.get_num_threads(), "numba_threads": numba.get_num_threads()}
+
+
+def summarise(per_stack, methods, settings):
+    summary = {}
+    for method in methods:
+        for setting in settings:
+            rows = [s["results"][method][setting] for s in per_stack]
+            summary[f"{method}/{setting}"] = {
+                "method": method, "setting": setting,
+                **{k: float(np.mean([r["scores"][k] for r in rows])) for k in SCORE_KEYS},
+                "seconds": float(np.mean([r["seconds"]["total"] for r in rows])),
+                **{f"seconds_{k}": float(np.mean([r["seconds"][k] for r in rows]))
+                   for k in ("predict", "reconstruct") if k in rows[0]["seconds"]},
+            }
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+LABELS = {"tanh": "cp3d tanh model", "watershed": "seeded watershed (skimage)", "heat": "cp3d heat model"}
+
+
+def markdown(report):
+    m = report["machine"]
+    lines = [
+        "# End-to-end segmentation on held-out synthetic membrane stacks",
+        "",
+        f"`{report['command']}`",
+        "",
+        f"{m['date_utc']}, {m['platform']}, {m['cpu_count']} CPUs, torch {m['versions']['torch']} "
+        f"({m['torch_threads']} threads), numba {m['versions']['numba']} ({m['numba_threads']} threads), "
+        f"scikit-image {m['versions']['scikit-image']}, cp3d {m['versions']['cp3d']} "
+        f"(commit {(m['git_commit'] or '?')[:10]}). Load average at start {m['load_average']}.",
+        "",
+        f"{len(report['stacks'])} stacks of {report['config']['shape']} voxels, seeds {TEST_SEED}.., "
+        f"diameters {TEST_DIAMETERS[0]:g}..{TEST_DIAMETERS[1]:g}, noise {', '.join(map(str, TEST_NOISE))} "
+        "(training: diameters 7..15, noise U(0.02, 0.2)). Means over stacks. *default*: `diameter=None` "
+        "(the training cell size, "
+        f"{report['models']['tanh']['train_diameter']:.2f} voxels); *true d*: the stack's median "
+        "equivalent-sphere cell diameter.",
+        "",
+        "| method | diameter | Dice | AP@0.5 | AP@0.75 | arand | n_pred / n_gt | s / stack |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["summary"].values():
+        lines.append(
+            f"| {LABELS[row['method']]} | {'default' if row['setting'] == 'default' else 'true d'} | "
+            f"{row['dice']:.3f} | {row['ap50']:.3f} | {row['ap75']:.3f} | {row['arand']:.3f} | "
+            f"{row['n_pred']:.0f} / {row['n_gt']:.0f} | {row['seconds']:.1f} |"
+        )
+    g = report["goal"]
+    lines += [
+        "",
+        f"Goal (tanh model, default settings: Dice >= {g['dice']:.2f} and AP@0.5 >= {g['ap50']:.2f}): "
+        f"Dice {g['measured_dice']:.3f}, AP@0.5 {g['measured_ap50']:.3f}: **{'met' if g['met'] else 'not met'}**.",
+        "",
+        "Per stack (Dice / AP@0.5):",
+        "",
+        "| seed | d (true) | noise | n_gt | " + " | ".join(
+            f"{meth} {set_}" for meth in report["methods"] for set_ in ("default", "true d")) + " |",
+        "|---|---|---|---|" + "---|" * (2 * len(report["methods"])),
+    ]
+    for s in report["stacks"]:
+        cells = []
+        for meth in report["methods"]:
+            for set_ in ("default", "true_diameter"):
+                sc = s["results"][meth][set_]["scores"]
+                cells.append(f"{sc['dice']:.2f} / {sc['ap50']:.2f}")
+        lines.append(f"| {s['spec']['seed']} | {s['true_diameter']:.1f} | {s['spec']['noise']} | {s['n_gt']} | "
+                     + " | ".join(cells) + " |")
+    t = report["timing"]
+    lines += [
+        "",
+        f"Stage timing, tanh model, default settings, one {'x'.join(map(str, t['stack']['shape']))} stack "
+        f"({t['n_gt']} cells), torch {t['torch_threads']} threads, numba {t['numba_threads']} threads, "
+        f"best of {t['stack']['repeat']}:",
+        "",
+        "| predict (s) | reconstruct (s) | total (s) | Dice | AP@0.5 |",
+        "|---|---|---|---|---|",
+        f"| {t['best']['predict']:.1f} | {t['best']['reconstruct']:.1f} | {t['best']['total']:.1f} | "
+        f"{t['scores']['dice']:.3f} | {t['scores']['ap50']:.3f} |",
+        "",
+    ]
+    tw = report["watershed_tuning"]
+    b = tw["best"]
+    lines += [
+        f"Watershed parameters, tuned on one training-like stack (seed {tw['stack']['seed']}, diameter "
+        f"{tw['stack']['diameter']:g}, noise {tw['stack']['noise']}; {len(tw['rows'])} grid points, objective "
+        f"{tw['objective']}): `{json.dumps(b['params'])}` (tuning stack: Dice {b['dice']:.3f}, AP@0.5 "
+        f"{b['ap50']:.3f}). See `watershed_baseline` in `bench/bench_segment.py`.",
+        "",
+    ]
+    if report.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def model_info(model, source):
+    c = model.config
+    card = Path(source, "model_card.json") if Path(source).is_dir() else None
+    info = {"source": str(source), "targets": c.targets, "train_diameter": c.train_diameter,
+            "tanh_scale": c.tanh_scale}
+    if card is not None and card.is_file():
+        data = json.loads(card.read_text())
+        info.update(steps=data.get("steps"), validation=data.get("validation"), command=data.get("command"))
+    return info
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tanh-model", default="tanh", help="bundled model name or model directory")
+    p.add_argument("--heat-model", default="heat", help="bundled model name or model directory")
+    p.add_argument("--stacks", type=int, default=None, help="number of test stacks (default 6; 2 with --quick)")
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="test stack shape (default 64 128 128; 32 64 64 with --quick)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/segment.json, "
+                                               "segment_quick.json with --quick); the .md goes beside it")
+    p.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
+    a = p.parse_args(argv)
+    n_stacks = a.stacks if a.stacks is not None else (2 if a.quick else 6)
+    shape = tuple(a.shape) if a.shape is not None else ((32, 64, 64) if a.quick else (64, 128, 128))
+    out = Path(a.out) if a.out else RESULTS / ("segment_quick.json" if a.quick else "segment.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(a.threads)
+    command = " ".join(["python", "bench/bench_segment.py"] + [shlex.quote(x) for x in argv])
+    machine = machine_info()
+    t_start = time.perf_counter()
+
+    models = {"tanh": load_model(a.tanh_model), "heat": load_model(a.heat_model)}
+    sources = {"tanh": a.tanh_model, "heat": a.heat_model}
+    assumed = models["tanh"].config.train_diameter
+    if models["heat"].config.train_diameter != assumed:
+        print(f"warning: the models assume different cell sizes ({assumed}, "
+              f"{models['heat'].config.train_diameter})", flush=True)
+    methods = ("tanh", "watershed", "heat")
+    settings = ("default", "true_diameter")
+
+    print("tuning the watershed on one training-like stack", flush=True)
+    tuning = tune_watershed(shape, WATERSHED_GRID_QUICK if a.quick else WATERSHED_GRID)
+    ws_params = tuning["best"]["params"]
+    ws_params = dict(ws_params, markers=tuple(ws_params["markers"]))
+    print(f"watershed parameters: {ws_params}", flush=True)
+    warm_up(models, ws_params)
+
+    per_stack = []
+    for spec in test_stacks(n_stacks, shape):
+        image, gt = make_stack(spec)
+        d_true = true_diameter(gt)
+        entry = {"spec": spec, "true_diameter": d_true, "n_gt": int(gt.max()), "results": {}}
+        # methods interleaved per stack so that background load hits them alike
+        for method in methods:
+            entry["results"][method] = {}
+            for setting in settings:
+                labels, seconds = run_method(method, image, None if setting == "default" else d_true, models,
+                                             ws_params, assumed)
+                sc = _scores(gt, labels)
+                entry["results"][method][setting] = {"scores": sc, "seconds": seconds}
+                print(f"seed {spec['seed']} d {d_true:.1f} noise {spec['noise']} {method:9s} {setting:13s} "
+                      f"dice {sc['dice']:.3f} ap50 {sc['ap50']:.3f} ap75 {sc['ap75']:.3f} "
+                      f"n {sc['n_pred']}/{sc['n_gt']} {seconds['total']:.1f}s", flush=True)
+        per_stack.append(entry)
+
+    timing_spec = dict(TIMING_QUICK if a.quick else TIMING)
+    timing_spec["shape"] = list(timing_spec["shape"])
+    print(f"timing the stages on one {timing_spec['shape']} stack", flush=True)
+    timing = time_stages(models["tanh"], timing_spec)
+    print(f"  {timing['best']}", flush=True)
+
+    summary = summarise(per_stack, methods, settings)
+    main_row = summary[f"{GOAL['method']}/{GOAL['setting']}"]
+    goal = dict(GOAL, measured_dice=main_row["dice"], measured_ap50=main_row["ap50"],
+                met=bool(main_row["dice"] >= GOAL["dice"] and main_row["ap50"] >= GOAL["ap50"]))
+    report = {
+        "command": command,
+        "machine": machine,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "wall_seconds": time.perf_counter() - t_start,
+        "config": {"quick": a.quick, "stacks": n_stacks, "shape": list(shape), "test_seed": TEST_SEED,
+                   "test_diameters": list(TEST_DIAMETERS), "test_noise": list(TEST_NOISE),
+                   "training_data": "diameters U(7, 15), noise U(0.02, 0.2), stack seeds < 10,000",
+                   "watershed_default_diameter": assumed},
+        "models": {k: model_info(models[k], sources[k]) for k in models},
+        "methods": list(methods),
+        "settings": list(settings),
+        "summary": summary,
+        "goal": goal,
+        "timing": timing,
+        "watershed_tuning": tuning,
+        "stacks": per_stack,
+        "notes": list(a.note),
+    }
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    md = out.with_suffix(".md")
+    md.write_text(markdown(report))
+    print(md.read_text())
+    print(f"wrote {out} and {md}")
+
+
+if __name__ == "__main__":
+    main()
