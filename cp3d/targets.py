@@ -175,7 +175,10 @@ def numba_centroids(compact, n_labels):
     """Centroids ``(n_labels + 1, 3)`` (z, y, x) of compact labels; row 0 unused."""
     # Race-free sums: one partial table per z-slab (one slab per thread), then a reduction.
     n_slabs = max(1, min(compact.shape[0], numba.get_num_threads()))
-    return _numba_centroid_kernel(compact, n_labels, n_slabs)
+    # The reduction stays in NumPy: array code inside a parallel kernel would
+    # become one parallel region per label.
+    sums = _numba_centroid_kernel(compact, n_labels, n_slabs).sum(axis=0)
+    return sums[:, 1:] / np.maximum(sums[:, :1], 1.0)
 
 
 @njit(parallel=True, cache=True)
@@ -192,16 +195,7 @@ def _numba_centroid_kernel(compact, n_labels, n_slabs):
                         partial[s, lab, 1] += z
                         partial[s, lab, 2] += y
                         partial[s, lab, 3] += x
-    centroid = np.zeros((n_labels + 1, 3))
-    for lab in range(1, n_labels + 1):
-        sums = np.zeros(4)
-        for s in range(n_slabs):
-            for k in range(4):
-                sums[k] += partial[s, lab, k]
-        count = max(sums[0], 1.0)
-        for k in range(3):
-            centroid[lab, k] = sums[k + 1] / count
-    return centroid
+    return partial
 
 
 @njit(cache=True, inline="always")
