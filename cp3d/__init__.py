@@ -10,6 +10,7 @@ from .filters import filter_instances
 from .follow import follow_flows
 from .group import close_and_label
 from .reconstruct import reconstruct, reconstruction_parameters
+from .segment import Segmentation, segment
 from .targets import heat_flows, tanh_flows
 
 __version__ = "0.1.0"
@@ -17,7 +18,8 @@ __version__ = "0.1.0"
 _MODEL_API = ("UNet3D", "load_model", "predict", "train")
 
 __all__ = ["data", "io", "metrics", "tanh_flows", "heat_flows", "follow_flows", "close_and_label",
-           "filter_instances", "reconstruct", "reconstruction_parameters", *_MODEL_API]
+           "filter_instances", "reconstruct", "reconstruction_parameters", "segment", "Segmentation",
+           *_MODEL_API]
 
 
 def __getattr__(name):
