@@ -27,19 +27,17 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numba
 import numpy as np
 
+import _machine
 import cp3d
 from cp3d.data import synthetic_stack
 from cp3d.metrics import evaluate
@@ -82,60 +80,8 @@ STAGES = ("follow", "group", "filter", "glue")
 # ---------------------------------------------------------------------------
 
 
-def _version(package):
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def _gpu_name():
-    """Name of the first NVIDIA GPU, or None."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.splitlines()[0] if out else None
-
-
 def machine_info():
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel region has run yet
-        layer = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "numba_threads": numba.get_num_threads(),
-        "numba_threading_layer": layer,
-        "gpu": _gpu_name(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "git_commit": commit,
-        "versions": {
-            "python": platform.python_version(),
-            "cp3d": cp3d.__version__,
-            "numpy": np.__version__,
-            "numba": numba.__version__,
-            "scipy": _version("scipy"),
-            "torch": _version("torch"),
-            "cellpose": _version("cellpose"),
-        },
-    }
+    return _machine.machine_info(("numpy", "numba", "scipy", "torch", "cellpose"))
 
 
 def timed(fn):

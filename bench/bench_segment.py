@@ -37,16 +37,12 @@ Results go to ``bench/results/segment.json`` and ``segment.md``
 """
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numba
@@ -56,7 +52,7 @@ from scipy import ndimage
 from skimage import filters, measure, morphology, segmentation
 from skimage.feature import peak_local_max
 
-import cp3d
+import _machine
 from cp3d.data import synthetic_stack
 from cp3d.metrics import evaluate
 from cp3d.model import load_model
@@ -99,43 +95,8 @@ SCORE_KEYS = ("dice", "ap50", "ap75", "arand", "n_pred", "n_gt")
 # ---------------------------------------------------------------------------
 
 
-def _version(package):
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 def machine_info():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "numba_threads": numba.get_num_threads(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "git_commit": commit,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {
-            "python": platform.python_version(),
-            "cp3d": cp3d.__version__,
-            "numpy": np.__version__,
-            "torch": torch.__version__,
-            "numba": numba.__version__,
-            "scipy": _version("scipy"),
-            "scikit-image": _version("scikit-image"),
-        },
-    }
-
-
-# ---------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------
+    return _machine.machine_info(("numpy", "numba", "scipy", "torch", "scikit-image"), torch_threads=torch.get_num_threads())
 
 
 def true_diameter(labels):

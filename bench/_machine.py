@@ -1,0 +1,69 @@
+"""What a benchmark JSON records about the machine it ran on."""
+
+import datetime
+import os
+import platform
+import shutil
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numba
+
+HERE = Path(__file__).resolve().parent
+
+
+def package_version(package):
+    """Installed version of `package`, or None."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def gpu_name():
+    """Name of the first NVIDIA GPU, or None."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(packages=("numpy", "numba", "scipy", "torch"), **extra):
+    """Platform, CPUs, threads, GPU, load, commit, date and package versions."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run yet
+        layer = None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "numba_threads": numba.get_num_threads(),
+        "numba_threading_layer": layer,
+        "gpu": gpu_name(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "git_commit": git_commit(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+        "versions": {"python": platform.python_version(), "cp3d": package_version("cp3d"),
+                     **{p: package_version(p) for p in packages}},
+    }
