@@ -46,10 +46,10 @@ def _segment(args):
     voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
     result = segment(stack.data, args.model, diameter=args.diameter, voxel_size=voxel_size, backend=args.backend,
                      device=args.device, progress=not args.quiet)
-    io.write_labels(args.output, result.labels, voxel_size=stack.voxel_size)
+    io.write_labels(args.output, result.labels, voxel_size=voxel_size)
     if args.save_flows:
         maps = np.concatenate([result.flows, result.foreground[None]])
-        io.write_image(args.save_flows, maps.reshape(-1, *maps.shape[2:]), voxel_size=stack.voxel_size)
+        io.write_image(args.save_flows, maps.reshape(-1, *maps.shape[2:]), voxel_size=voxel_size)
     print(json.dumps({"cells": int(result.labels.max()), "output": str(args.output),
                       "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}))
 
@@ -127,7 +127,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:
         print(f"cp3d {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -8,6 +8,8 @@ from .group import relabel_by_first_voxel
 from .targets import _compact_ids, heat_flows, numba_centroids, tanh_component, tanh_flows
 
 TARGETS = ("tanh", "heat")
+# Larger ids are compacted first, so per-id tables stay a few MB per thread.
+_MAX_TABLE_ID = 1 << 20
 
 
 def filter_instances(labels, flows, foreground, *, volume_range=(65.45, 523598.8), min_overlap=0.2,
@@ -78,8 +80,8 @@ def filter_instances(labels, flows, foreground, *, volume_range=(65.45, 523598.8
     lo, hi = volume_range
     if not 0 <= lo <= hi:
         raise ValueError(f"volume_range must be (min, max) with 0 <= min <= max, got {volume_range!r}")
-    if int(labels.max()) > labels.size:
-        # Tables indexed by id would be huge; the output is renumbered anyway.
+    if int(labels.max()) > _MAX_TABLE_ID:
+        # Per-thread tables are indexed by id; the output is renumbered anyway.
         labels = _compact_ids(labels)[0]
     return _filter_instances(labels, flows, foreground, (lo, hi), min_overlap, max_flow_error, targets, tanh_scale,
                              inward, backend)

@@ -3,7 +3,7 @@
 import numba
 import numpy as np
 
-from ._backend import check_volume, get_array_module, resolve_backend
+from ._backend import check_labels, check_volume, get_array_module, resolve_backend
 
 
 def close_and_label(mask, radius=3, *, backend="auto"):
@@ -220,6 +220,7 @@ def relabel_by_first_voxel(labels, backend="auto", keep=None):
         Ids to keep; the others become background.
     """
     backend = resolve_backend(backend, labels)
+    labels = check_labels(labels)
     xp = get_array_module(labels)
     if keep is None:
         keep = xp.ones(int(labels.max()) + 1, bool)
@@ -231,7 +232,9 @@ def relabel_by_first_voxel(labels, backend="auto", keep=None):
     labels = xp.where(keep[labels], labels, 0).astype(labels.dtype)
     flat = labels.ravel()
     idx = xp.flatnonzero(flat)
-    first = xp.full(keep.size, flat.size, dtype=xp.int64)
+    # uint64: the widest integer type cupyx.scatter_min takes.
+    first = xp.full(keep.size, flat.size, dtype=xp.uint64)
+    idx = idx.astype(xp.uint64)
     if xp is np:
         np.minimum.at(first, flat[idx], idx)
     else:

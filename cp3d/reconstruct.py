@@ -15,7 +15,7 @@ import numpy as np
 from ._backend import as_triple, check_flows, check_foreground, get_array_module, resolve_backend
 from .filters import TARGETS, _filter_instances
 from .follow import _check_step, _follow, smooth_flows
-from .group import close_and_label
+from .group import ball_offsets, close_and_label
 
 PAPER_DIAMETER = 10.0
 
@@ -75,7 +75,7 @@ def reconstruction_parameters(diameter=None, targets="tanh"):
     Notes
     -----
     Everything scales with the diameter ``d`` so that the paper's values come
-    back at ``d = 10``: the tanh scale is ``d / 2`` (the targets the model
+    back at ``d = 10`` (all but ``n_iter``, see below): the tanh scale is ``d / 2`` (the targets the model
     sees after rescaling cells to its training size), the step ``0.4 d`` keeps
     the contraction near a centre at ``1 - step / scale = 0.2`` per iteration
     whatever the size, the closing radius ``0.3 d`` (at least 1) stays below
@@ -181,8 +181,14 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     params = reconstruction_parameters(diameter, targets)
     step, n_iter = _check_step(params.step if step is None else step, params.n_iter if n_iter is None else n_iter)
     radius = params.closing_radius if closing_radius is None else closing_radius
+    ball_offsets(radius)  # fail here, not after following
+    if diameter_range is not None and not 0 <= diameter_range[0] <= diameter_range[1]:
+        raise ValueError(f"diameter_range must be (min, max) with 0 <= min <= max, got {diameter_range!r}")
     volume_range = params.volume_range if diameter_range is None else tuple(map(sphere_volume, diameter_range))
-    scale = params.tanh_scale if tanh_scale is None else tanh_scale
+    scale = as_triple(params.tanh_scale if tanh_scale is None else tanh_scale, "tanh_scale")
+    for name, value in (("min_overlap", min_overlap), ("max_flow_error", max_flow_error), ("sigma", sigma)):
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     if sigma > 0:
         flows = smooth_flows(flows, sigma)
 

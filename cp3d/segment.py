@@ -68,7 +68,8 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
         Voxel size (z, y, x), any unit; only ratios matter. ``None`` means
         isotropic voxels.
     backend : {"auto", "numpy", "numba", "cuda"}
-        Reconstruction backend (see :func:`cp3d.reconstruct`).
+        Reconstruction backend (see :func:`cp3d.reconstruct`); ``"cuda"``
+        moves the predicted maps to the GPU for it. Results are NumPy arrays.
     device : str
         Torch device for prediction: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     progress : bool
@@ -111,7 +112,14 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     predicted = time.perf_counter()
     # Back on the original grid the model's tanh scale grows with the cells.
     scale = tuple(config.tanh_scale * e / config.train_diameter for e in extent)
-    labels = reconstruct(prediction.flows, prediction.foreground, diameter=extent, targets=config.targets,
-                         tanh_scale=scale, backend=backend)
+    flows, foreground = prediction.flows, prediction.foreground
+    if backend == "cuda":
+        import cupy
+
+        flows, foreground = cupy.asarray(flows), cupy.asarray(foreground)
+    labels = reconstruct(flows, foreground, diameter=extent, targets=config.targets, tanh_scale=scale,
+                         backend=backend)
+    if backend == "cuda":
+        labels = cupy.asnumpy(labels)
     seconds = {"predict": predicted - start, "reconstruct": time.perf_counter() - predicted}
     return Segmentation(labels, prediction.flows, prediction.foreground, seconds)

@@ -51,10 +51,14 @@ def test_empty_mask():
         assert not close_and_label(np.zeros((4, 5, 6), bool), backend=backend).any()
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.int32, np.uint16])
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-def test_relabel_by_first_voxel(backend):
-    labels = np.array([[[0, 7, 7, 3], [0, 9, 3, 0]]], np.uint32)
+def test_relabel_by_first_voxel(backend, dtype):
+    labels = np.array([[[0, 7, 7, 3], [0, 9, 3, 0]]], dtype)
     np.testing.assert_array_equal(relabel_by_first_voxel(labels, backend), [[[0, 1, 1, 2], [0, 3, 2, 0]]])
+    keep = np.ones(10, bool)
+    keep[3] = False
+    np.testing.assert_array_equal(relabel_by_first_voxel(labels, backend, keep=keep), [[[0, 1, 1, 0], [0, 2, 0, 0]]])
 
 
 def test_bad_input():

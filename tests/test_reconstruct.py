@@ -90,6 +90,13 @@ def test_empty_foreground_gives_empty_labels():
         (np.zeros((3, 4, 4, 4), np.int32), np.ones((4, 4, 4), bool), {}, TypeError, "floating"),
         (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"backend": "gpu"}, ValueError, "backend"),
         (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"targets": "x"}, ValueError, "targets"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"diameter_range": (100, 5)}, ValueError,
+         "diameter_range"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"sigma": -1}, ValueError, "sigma"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"min_overlap": np.nan}, ValueError,
+         "min_overlap"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"tanh_scale": 0}, ValueError, "tanh_scale"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"closing_radius": -2}, ValueError, "radius"),
     ],
 )
 def test_bad_input(flows, fg, kwargs, error, match):
