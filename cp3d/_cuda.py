@@ -5,6 +5,7 @@ formatting; each compiled module is cached per device.
 """
 
 import functools
+import hashlib
 from importlib import resources
 
 
@@ -15,6 +16,20 @@ def _read_source(filename):
 
 def _include_dir():
     return str(resources.files("cp3d.kernels"))
+
+
+@functools.lru_cache(maxsize=None)
+def _sources_hash():
+    """Hash of every kernel source and header.
+
+    CuPy's on-disk cache is keyed on the compiled file's text and the options
+    only; passing this as a define makes an edited header rebuild the module.
+    """
+    digest = hashlib.sha1()
+    for entry in sorted(resources.files("cp3d.kernels").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith((".cu", ".cuh")):
+            digest.update(entry.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def get_kernel(filename, kernel_name, defines=()):
@@ -44,5 +59,6 @@ def _compiled_module(filename, defines, device_id):
     import cupy
 
     # No fused multiply-add: the kernels then round exactly as the NumPy reference.
-    options = ("-std=c++17", "--fmad=false", f"-I{_include_dir()}") + tuple(f"-D{d}" for d in defines)
+    options = ("-std=c++17", "--fmad=false", f"-I{_include_dir()}", f"-DCP3D_SOURCES={_sources_hash()}")
+    options += tuple(f"-D{d}" for d in defines)
     return cupy.RawModule(code=_read_source(filename), options=options)

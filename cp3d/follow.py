@@ -164,7 +164,7 @@ def _cuda_follow(flows, starts, step, n_iter):
         kernel(
             (blocks,),
             (threads,),
-            (flows, starts.astype(cupy.int64), np.int64(starts.size), np.int64(nz), np.int64(ny),
+            (flows, starts.astype(cupy.int64, copy=False), np.int64(starts.size), np.int64(nz), np.int64(ny),
              np.int64(nx), step, np.int32(n_iter), out),
         )
     return out

@@ -221,8 +221,11 @@ def _nearest_voxel_index(positions, shape, backend, out):
         _nearest_voxel_kernel(positions, np.asarray(shape, np.int64), out)
         return out
     xp = get_array_module(positions)
-    voxel = xp.floor(positions + np.float32(0.5)).astype(xp.int64)
-    return (voxel[:, 0] * shape[1] + voxel[:, 1]) * shape[2] + voxel[:, 2]
+    index = xp.zeros(len(positions), xp.int64)
+    for axis in range(3):  # one axis at a time keeps the temporaries to one column
+        index *= shape[axis]
+        index += xp.floor(positions[:, axis] + np.float32(0.5)).astype(xp.int64)
+    return index
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -12,3 +12,13 @@
 #endif
 
 typedef long long cp3d_index;
+
+// C-order flat index -> (z, y, x).
+CP3D_HD void cp3d_unravel3(cp3d_index i, cp3d_index ny, cp3d_index nx,
+                           cp3d_index* z, cp3d_index* y, cp3d_index* x)
+{
+    *x = i % nx;
+    cp3d_index rest = i / nx;
+    *y = rest % ny;
+    *z = rest / ny;
+}

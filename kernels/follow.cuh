@@ -26,7 +26,9 @@ CP3D_HD void cp3d_follow_point(float p[3], const float* flows, cp3d_index nz,
 
 // Starting position of the voxel with C-order flat index `flat`.
 CP3D_HD void cp3d_unravel(cp3d_index flat, cp3d_index ny, cp3d_index nx, float p[3]) {
-  p[2] = (float)(flat % nx);
-  p[1] = (float)((flat / nx) % ny);
-  p[0] = (float)(flat / (nx * ny));
+  cp3d_index z, y, x;
+  cp3d_unravel3(flat, ny, nx, &z, &y, &x);
+  p[0] = (float)z;
+  p[1] = (float)y;
+  p[2] = (float)x;
 }

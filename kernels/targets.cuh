@@ -10,16 +10,6 @@
 
 #include "common.cuh"
 
-// Split a C-order flat index into (z, y, x).
-CP3D_HD void cp3d_unravel3(cp3d_index i, cp3d_index ny, cp3d_index nx,
-                           cp3d_index* z, cp3d_index* y, cp3d_index* x)
-{
-    *x = i % nx;
-    cp3d_index rest = i / nx;
-    *y = rest % ny;
-    *z = rest / ny;
-}
-
 // One axis of the tanh flow at coordinate `coord` of an instance whose
 // centroid on that axis is `centroid`: tanh((coord - centroid) / scale).
 // Positive away from the centre, bounded by 1 in magnitude.
