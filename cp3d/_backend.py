@@ -151,11 +151,16 @@ def check_foreground(foreground, shape, name="foreground"):
     return xp.ascontiguousarray(foreground != 0)
 
 
-def as_triple(value, name):
-    """Broadcast a scalar or a length-3 sequence to a tuple of three floats."""
-    arr = np.broadcast_to(np.asarray(value, dtype=np.float64), (3,)) if np.ndim(value) == 0 else np.asarray(value, dtype=np.float64)
-    if arr.shape != (3,):
-        raise ValueError(f"{name} must be a scalar or a sequence of 3 values (z, y, x), got {value!r}")
-    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+def as_triple(value, name, allow_zero=False):
+    """Broadcast a scalar or a length-3 sequence to a tuple of three floats.
+
+    Values must be finite and positive (or non-negative with `allow_zero`).
+    """
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = np.full(3, arr)
+    too_small = np.any(arr < 0) if allow_zero else np.any(arr <= 0)
+    if arr.shape != (3,) or not np.all(np.isfinite(arr)) or too_small:
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} scalar or a (z, y, x) triple, got {value!r}")
     return tuple(float(v) for v in arr)

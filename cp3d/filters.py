@@ -8,6 +8,14 @@ from .group import relabel_by_first_voxel
 from .targets import _compact_ids, heat_flows, numba_centroids, tanh_component, tanh_flows
 
 TARGETS = ("tanh", "heat")
+
+
+def check_targets(targets):
+    """Raise ValueError unless `targets` names a flow formulation."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+
+
 # Larger ids are compacted first, so per-id tables stay a few MB per thread.
 _MAX_TABLE_ID = 1 << 20
 
@@ -75,8 +83,7 @@ def filter_instances(labels, flows, foreground, *, volume_range=(65.45, 523598.8
     if flows.shape[1:] != labels.shape:
         raise ValueError(f"flows shape {tuple(flows.shape)} does not match labels shape {tuple(labels.shape)}")
     foreground = check_foreground(foreground, labels.shape)
-    if targets not in TARGETS:
-        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    check_targets(targets)
     lo, hi = volume_range
     if not 0 <= lo <= hi:
         raise ValueError(f"volume_range must be (min, max) with 0 <= min <= max, got {volume_range!r}")

@@ -3,7 +3,7 @@
 import numba
 import numpy as np
 
-from ._backend import check_labels, check_volume, get_array_module, resolve_backend
+from ._backend import as_triple, check_labels, check_volume, get_array_module, resolve_backend
 
 
 def close_and_label(mask, radius=3, *, backend="auto"):
@@ -59,9 +59,7 @@ def close_and_label(mask, radius=3, *, backend="auto"):
 
 def ball_offsets(radius):
     """Offsets (dz, dy, dx) of the voxels of an (ellipsoidal) ball, int64 (K, 3)."""
-    r = np.broadcast_to(np.asarray(radius, np.float64), (3,)) if np.ndim(radius) == 0 else np.asarray(radius, np.float64)
-    if r.shape != (3,) or not np.all(np.isfinite(r)) or np.any(r < 0):
-        raise ValueError(f"radius must be a non-negative scalar or (z, y, x) triple, got {radius!r}")
+    r = np.asarray(as_triple(radius, "radius", allow_zero=True))
     extent = np.floor(r).astype(int)
     grid = np.mgrid[tuple(slice(-e, e + 1) for e in extent)].reshape(3, -1).T
     scaled = grid / np.where(r > 0, r, 1)

@@ -13,7 +13,7 @@ import numba
 import numpy as np
 
 from ._backend import as_triple, check_flows, check_foreground, get_array_module, resolve_backend
-from .filters import TARGETS, _filter_instances
+from .filters import _filter_instances, check_targets
 from .follow import _check_step, _follow, smooth_flows
 from .group import ball_offsets, close_and_label
 
@@ -94,8 +94,7 @@ def reconstruction_parameters(diameter=None, targets="tanh"):
     >>> reconstruction_parameters(7).closing_radius
     2.0
     """
-    if targets not in TARGETS:
-        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    check_targets(targets)
     if diameter is None:
         defaults = ReconstructionParameters()
         return defaults if targets == "tanh" else dataclasses.replace(defaults, step=1.0)
