@@ -8,7 +8,7 @@ import torch
 
 import cp3d
 from cp3d.model import UNet3D, UNetConfig, load_model, normalize_percentile, predict, save_model, train
-from cp3d.model.predict import blend_window
+from cp3d.model.predict import blend_window, cheapest_tiles
 from cp3d.model.train import augment_geometry, compute_loss
 
 TINY = dict(base_features=4, depth=2)
@@ -136,31 +136,60 @@ def test_load_model_errors_name_the_path(tmp_path):
 # --------------------------------------------------------------------------- prediction
 
 
-def test_blend_window_is_a_partition_of_unity():
-    size, overlap = 32, 16
-    w = blend_window(size, overlap)
-    step = size - overlap
-    total = np.zeros(step * 5 + size)
-    for k in range(6):
-        total[k * step : k * step + size] += w
-    np.testing.assert_allclose(total[size : -size], 1.0, atol=1e-6)
-    assert w[: overlap // 4].max() == 0 and w[-(overlap // 4) :].max() == 0
+def test_blend_window_fades_inner_ends_only():
+    w = blend_window(40, 10, 6)
+    assert w[:10].max() == 0 and w[-10:].max() == 0 and (w[16:24] == 1).all()
+    assert (np.diff(w[10:16]) > 0).all() and 0 < w[10] < w[15] < 1
+    np.testing.assert_array_equal(w, w[::-1])
+    first, last = blend_window(40, 10, 6, first=True), blend_window(40, 10, 6, last=True)
+    assert (first[:24] == 1).all() and first[-10:].max() == 0
+    np.testing.assert_array_equal(last, first[::-1])
 
 
-@pytest.mark.parametrize("tile, overlap", [(24, 16), (32, 0.5), ((24, 32, 24), 16)])
+def test_receptive_radius_bounds_the_influence_of_a_voxel():
+    net = tiny_net(seed=3)
+    radius = net.config.receptive_radius
+    x = torch.zeros(1, 1, 8, 8, 96)
+    with torch.inference_mode():
+        base = net(x)
+        x[..., 40] = 1.0  # an impulse plane: every output within the radius may change, none beyond
+        changed = (net(x) - base).abs().amax(dim=(0, 1, 2, 3)) > 0
+    reach = np.flatnonzero(changed.numpy())
+    assert reach.min() >= 40 - radius and reach.max() <= 40 + radius
+    assert reach.max() - 40 > radius - 8  # the bound is tight to within one pooling cell
+
+
+@pytest.mark.parametrize("tile, overlap", [((40, 64, 64), 8), (64, 0), ((40, 64, 72), (4, 12, 8))])
 def test_tiling_is_invisible(tile, overlap):
+    """Tiles with the default context reproduce a whole-stack prediction everywhere, borders included."""
     net = tiny_net(seed=1)
-    image = smooth_image((40, 48, 44), seed=2) + np.random.default_rng(0).random((40, 48, 44)).astype(np.float32) * 0.1
-    whole = predict(image, net, tile_size=64, overlap=0)
+    shape = (40, 100, 90)
+    image = smooth_image(shape, seed=2) + np.random.default_rng(0).random(shape).astype(np.float32) * 0.1
+    whole = predict(image, net, tile_size=128)
     tiled = predict(image, net, tile_size=tile, overlap=overlap, batch_size=3)
-    inner = (slice(8, -8),) * 3
-    np.testing.assert_allclose(tiled.flows[(slice(None),) + inner], whole.flows[(slice(None),) + inner], atol=1e-3)
-    np.testing.assert_allclose(tiled.foreground[inner], whole.foreground[inner], atol=1e-3)
+    np.testing.assert_allclose(tiled.flows, whole.flows, atol=1e-5)
+    np.testing.assert_allclose(tiled.foreground, whole.foreground, atol=1e-5)
+
+
+def test_tile_too_small_for_the_context_is_a_clear_error():
+    with pytest.raises(ValueError, match="too small to tile"):
+        predict(np.zeros((8, 8, 100), np.float32), tiny_net(), tile_size=(8, 8, 48))
+    with pytest.raises(ValueError, match="context"):
+        predict(np.zeros((8, 8, 8), np.float32), tiny_net(), context=-1)
+
+
+def test_cheapest_tiles_fit_the_budget():
+    shape = (512, 512, 512)
+    tiles = cheapest_tiles(shape, 2**23, [51] * 3, [8] * 3, 8)
+    assert np.prod(tiles) <= 2**23 and all(t % 8 == 0 for t in tiles)
+    assert cheapest_tiles((64, 250, 256), 2**23, [51] * 3, [8] * 3, 8) == [64, 256, 256]  # one tile
+    with pytest.raises(ValueError, match="no tiling"):
+        cheapest_tiles(shape, 100, [51] * 3, [8] * 3, 8)
 
 
 @pytest.mark.parametrize("shape", [(5, 7, 9), (1, 20, 20), (30, 17, 23)])
 def test_predict_any_shape(shape):
-    p = predict(np.random.default_rng(0).random(shape), tiny_net(), tile_size=16, overlap=8)
+    p = predict(np.random.default_rng(0).random(shape), tiny_net())
     assert p.flows.shape == (3,) + shape and p.foreground.shape == shape
     assert p.flows.dtype == np.float32 and p.foreground.dtype == np.float32
     assert np.abs(p.flows).max() < 1 and 0 <= p.foreground.min() and p.foreground.max() <= 1
@@ -168,10 +197,10 @@ def test_predict_any_shape(shape):
 
 def test_predict_voxel_size_returns_original_shape():
     image = smooth_image((11, 30, 29))
-    p = predict(image, tiny_net(), voxel_size=(2.5, 1.0, 1.0), tile_size=16)
+    p = predict(image, tiny_net(), voxel_size=(2.5, 1.0, 1.0))
     assert p.flows.shape == (3, 11, 30, 29) and p.foreground.shape == (11, 30, 29)
-    same = predict(image, tiny_net(), voxel_size=1.0, tile_size=16)
-    ref = predict(image, tiny_net(), tile_size=16)
+    same = predict(image, tiny_net(), voxel_size=1.0)
+    ref = predict(image, tiny_net())
     np.testing.assert_array_equal(same.flows, ref.flows)
 
 

@@ -13,7 +13,7 @@ from cp3d.segment import Segmentation, cell_extent, segment
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    return UNet3D(base_features=4, depth=2, tile_size=(16, 32, 32)).eval()
+    return UNet3D(base_features=4, depth=2).eval()
 
 
 @pytest.fixture(scope="module")
@@ -101,20 +101,15 @@ def test_cli_demo_with_a_model_folder(tmp_path, tiny_model_dir, capsys):
     assert all((tmp_path / name).exists() for name in ("image.tif", "truth.tif", "labels.tif", "flows.tif"))
 
 
-def test_tiling_gives_the_same_instances():
-    """Default tiles against one whole-stack tile, with the bundled model.
-
-    Its receptive field (~90 voxels) is wider than the overlap, so the maps
-    differ by a few hundredths near tile seams (exact agreement to 1e-3 holds
-    for networks whose receptive field fits in the overlap: test_model.py);
-    the instances must not change.
-    """
+def test_tiling_is_invisible_with_the_bundled_model():
+    """Default-context tiles against one whole-stack tile: the same maps to 1e-3, the same instances."""
     model = cp3d.load_model()
-    image, _ = cp3d.data.synthetic_stack((48, 128, 128), 10, seed=777)
-    whole = cp3d.model.predict(image, model, tile_size=(48, 128, 128))
-    tiled = cp3d.model.predict(image, model, tile_size=(48, 96, 96))
-    assert np.abs(tiled.flows - whole.flows)[:, 8:-8, 16:-16, 16:-16].max() < 0.1
+    image, _ = cp3d.data.synthetic_stack((48, 160, 160), 10, seed=777)
+    whole = cp3d.model.predict(image, model, tile_size=(48, 160, 160))
+    tiled = cp3d.model.predict(image, model, tile_size=(48, 128, 128))
+    assert np.abs(tiled.flows - whole.flows).max() < 1e-3
+    assert np.abs(tiled.foreground - whole.foreground).max() < 1e-3
     a = cp3d.reconstruct(whole.flows, whole.foreground)
     b = cp3d.reconstruct(tiled.flows, tiled.foreground)
     scores = cp3d.metrics.evaluate(a, b)
-    assert a.max() > 100 and scores["ap50"] >= 0.99 and scores["ap90"] >= 0.98, scores
+    assert a.max() > 100 and scores["ap50"] == 1.0 and scores["ap90"] >= 0.99, scores

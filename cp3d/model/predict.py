@@ -1,5 +1,6 @@
 """Network inference on whole stacks: normalise, rescale, blended tiles."""
 
+import itertools
 import logging
 import math
 from typing import NamedTuple
@@ -15,6 +16,10 @@ from .unet import UNet3D, load_model
 __all__ = ["Prediction", "predict", "normalize_percentile", "blend_window"]
 
 log = logging.getLogger(__name__)
+
+#: Voxels per tile when the tile shape is chosen automatically: about 4 GB of float32 activations for the
+#: default network on the CPU, and a float16 tile within a few tens of GB on a GPU.
+TILE_VOXELS = {"cpu": 2**23, "cuda": 2**26}
 
 
 class Prediction(NamedTuple):
@@ -73,49 +78,100 @@ def normalize_percentile(image, lower=1.0, upper=99.8):
     return out
 
 
-def blend_window(size, overlap):
-    """1D blending weight for a tile of `size` voxels overlapping its neighbours by `overlap`.
+def blend_window(size, context, ramp, first=False, last=False):
+    """1D blending weight of a tile of `size` voxels.
 
-    The outer ``margin = overlap // 4`` voxels at each end get weight 0 (they
-    lack context: zero padding inside the network shows there), then a
-    ``sin**2`` ramp of length ``overlap - 2 * margin`` rises to 1. Neighbouring
-    tiles placed ``size - overlap`` apart have their ramps on the same voxels,
-    where ``sin**2 + cos**2 = 1``: the weights form a partition of unity and
-    the blend has no seams.
+    The `context` voxels at each end get weight 0: the network sees them, but
+    the values there depend on voxels beyond the tile. A ``sin**2`` ramp of
+    `ramp` voxels then rises to 1, so neighbouring tiles fade into each other
+    without a seam. The `first` and `last` tile along an axis start or end at
+    the stack's border (where a whole-stack prediction also ends), so they
+    keep weight 1 there.
     """
-    margin = overlap // 4
-    ramp = overlap - 2 * margin
     w = np.ones(size, np.float64)
-    w[:margin] = 0
-    if margin:
-        w[size - margin :] = 0
-    if ramp > 0:
-        r = np.sin(0.5 * np.pi * (np.arange(ramp) + 0.5) / ramp) ** 2
-        w[margin : margin + ramp] = np.minimum(w[margin : margin + ramp], r)
-        w[size - margin - ramp : size - margin] = np.minimum(w[size - margin - ramp : size - margin], r[::-1])
+    r = np.sin(0.5 * np.pi * (np.arange(ramp) + 0.5) / ramp) ** 2 if ramp > 0 else np.ones(0)
+    if not first:
+        w[:context] = 0
+        w[context : context + ramp] = np.minimum(w[context : context + ramp], r)
+    if not last:
+        w[size - context :] = 0
+        w[size - context - ramp : size - context] = np.minimum(w[size - context - ramp : size - context], r[::-1])
     return w.astype(np.float32)
 
 
-def _tile_plan(n, tile, overlap, multiple):
-    """Tile size, overlap, padding before/after and tile starts along one axis of length `n`.
+def _tile_plan(n, tile, context, ramp, multiple):
+    """Tiles along one axis of length `n`: tile size, padded length and ``(start, window)`` pairs.
 
-    The padding before the stack is a multiple of `multiple` so the network's
-    pooling grid stays aligned with the stack whatever the tiling.
+    The axis is padded at its end to a multiple of `multiple`, exactly as a
+    whole-stack prediction pads it, and the first and last tiles sit on the
+    ends of that padded axis; starts are multiples of `multiple` so the
+    network's pooling grid is the same in every tile. Inner tile ends give up
+    `context` voxels each, and neighbouring tiles' weighted parts overlap by
+    at least `ramp` voxels.
     """
-    def plan(tile, overlap):
-        step = max(multiple, ((tile - overlap) // multiple) * multiple) if tile > multiple else tile
-        overlap = tile - step
-        margin = overlap // 4
-        before = -(-margin // multiple) * multiple
-        n_tiles = max(1, math.ceil((before + n + margin - tile) / step) + 1)
-        return tile, overlap, before, (n_tiles - 1) * step + tile - n - before, [i * step for i in range(n_tiles)]
+    length = -(-n // multiple) * multiple
+    if length <= tile:  # one tile holds the whole axis: nothing to blend
+        return length, length, [(0, np.ones(length, np.float32))]
+    step = (tile - 2 * context - ramp) // multiple * multiple
+    if step < multiple:
+        raise ValueError(
+            f"tile size {tile} is too small to tile an axis of {n} voxels with {context} voxels of context "
+            f"on each side and a {ramp}-voxel blend: use tiles of at least {2 * context + ramp + multiple} "
+            "voxels, or less context"
+        )
+    # Spread the tiles evenly, every gap a multiple of `multiple` and at most `step`.
+    units, n_gaps = (length - tile) // multiple, -(-(length - tile) // step)
+    gaps = [units // n_gaps + (k < units % n_gaps) for k in range(n_gaps)]
+    starts = np.concatenate([[0], np.cumsum(gaps)]) * multiple
+    last = len(starts) - 1
+    return tile, length, [
+        (int(s), blend_window(tile, context, ramp, first=k == 0, last=k == last)) for k, s in enumerate(starts)
+    ]
 
-    tile, overlap_, before, after, starts = plan(tile, min(overlap, tile - multiple))
-    if len(starts) == 1:  # one tile is enough: shrink it to the stack, no overlap needed
-        small = -(-n // multiple) * multiple
-        if small < tile:
-            return plan(small, 0)
-    return tile, overlap_, before, after, starts
+
+def _tile_count(n, tile, context, ramp, multiple):
+    """Number of tiles `_tile_plan` puts along an axis of `n` voxels, or 0 if `tile` is too small."""
+    length = -(-n // multiple) * multiple
+    if length <= tile:
+        return 1
+    step = (tile - 2 * context - ramp) // multiple * multiple
+    return -(-(length - tile) // step) + 1 if step >= multiple else 0
+
+
+def cheapest_tiles(shape, budget, context, overlap, multiple):
+    """Tile shape that computes the fewest voxels for `shape`, tiles holding at most `budget` voxels.
+
+    Along each axis only the smallest tile giving each tile count is a
+    candidate; every combination of candidates is scored by the voxels the
+    network computes (tiles times tile volume), fewer tiles breaking ties.
+    """
+    candidates = []
+    for n, c, r in zip(shape, context, overlap):
+        length = -(-n // multiple) * multiple
+        best = {}
+        for t in range(multiple, length + 1, multiple):
+            k = _tile_count(n, t, c, r, multiple)
+            if k and k not in best:
+                best[k] = t
+        candidates.append(sorted(best.items()))
+    scored = []
+    for combo in itertools.product(*candidates):
+        tiles = [t for _, t in combo]
+        if math.prod(tiles) <= budget:
+            count = math.prod(k for k, _ in combo)
+            scored.append((count * math.prod(tiles), count, tiles))
+    if not scored:
+        raise ValueError(
+            f"no tiling of a {tuple(shape)} stack fits {budget} voxels per tile with {context} voxels of context; "
+            "pass a smaller context"
+        )
+    return min(scored)[2]
+
+
+def _nonnegative_int(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int or 3 of them, got {value!r}")
+    return int(value)
 
 
 def _resolve_device(device, model):
@@ -143,8 +199,9 @@ def predict(
     *,
     voxel_size=None,
     tile_size=None,
-    overlap=0.33,
-    batch_size=2,
+    context=None,
+    overlap=8,
+    batch_size=1,
     device="auto",
     pad_mode="reflect",
     progress=False,
@@ -166,13 +223,23 @@ def predict(
         resampled back to the original shape exactly. Flow values are not
         rescaled.
     tile_size : int or tuple of 3 ints, optional
-        Tile shape (z, y, x); default ``model.config.tile_size``. Shrunk for
-        small stacks; rounded to multiples of ``2**depth``.
-    overlap : float or int or tuple, optional
-        Overlap of neighbouring tiles, as a fraction of the tile (float < 1)
-        or in voxels (int), per axis or for all. The outer quarter of the
-        overlap of each tile is ignored and the rest is blended with
-        :func:`blend_window`.
+        Tile shape (z, y, x); default ``model.config.tile_size``, and where
+        that is ``None`` the shape that computes the fewest voxels while a
+        tile holds at most ``2**23`` voxels on the CPU (about 4 GB of
+        activations in float32 for the default network) or ``2**26`` on a
+        GPU: a stack within that budget is predicted whole. Rounded down to
+        multiples of ``2**depth``; an axis that fits in one tile is
+        predicted whole.
+    context : int or tuple of 3 ints, optional
+        Voxels at each inner tile end that the network sees but whose values
+        are not used; default the network's receptive radius
+        (:attr:`UNetConfig.receptive_radius`, 51 voxels for the bundled
+        models), which makes the tiled maps equal to a whole-stack
+        prediction up to float rounding. Less context makes tiles cheaper
+        and the maps approximate near tile seams.
+    overlap : int or tuple of 3 ints, optional
+        Minimum width, in voxels, over which the used parts of neighbouring
+        tiles overlap and are blended with :func:`blend_window`.
     batch_size : int, optional
         Tiles per network call.
     device : {"auto"} or str or torch.device, optional
@@ -198,16 +265,20 @@ def predict(
     Notes
     -----
     Runs under ``torch.inference_mode``; on CUDA under float16 autocast.
-    With ``norm="batch"`` networks (the default) tiling is invisible: a voxel
-    away from the stack border gets the same value as when the whole stack is
-    predicted at once, up to float rounding.
+    With ``norm="batch"`` networks (the default) and the default `context`,
+    tiling is invisible: every voxel, at the stack border too, gets the value
+    a whole-stack prediction gives it, up to float rounding, because each
+    value is taken from a tile that holds the voxel's whole receptive field
+    or ends where the stack does. The price is computing the context twice:
+    a tile of ``T`` voxels advances by about ``T - 2 * context - overlap``
+    voxels, so large tiles waste least.
 
     Examples
     --------
     >>> import numpy as np
     >>> from cp3d.model import UNet3D, predict
     >>> net = UNet3D(base_features=4, depth=2).eval()
-    >>> p = predict(np.random.rand(20, 30, 30), net, tile_size=16)
+    >>> p = predict(np.random.rand(20, 30, 30), net, tile_size=64)
     >>> p.flows.shape, p.foreground.shape
     ((3, 20, 30, 30), (20, 30, 30))
     """
@@ -229,14 +300,14 @@ def predict(
         raise ValueError(f"pad_mode must be 'reflect' or 'constant', got {pad_mode!r}")
 
     tiles = cfg.tile_size if tile_size is None else tile_size
-    tiles = np.broadcast_to(np.asarray(tiles), (3,))
-    if not all(float(t).is_integer() and t >= m for t in tiles):
-        raise ValueError(f"tile_size must be ints >= {m}, got {tile_size!r}")
-    tiles = [int(t) // m * m for t in tiles]
-    ov = np.broadcast_to(np.asarray(overlap, dtype=np.float64), (3,))
-    if np.any(ov < 0):
-        raise ValueError(f"overlap must be non-negative, got {overlap!r}")
-    ov = [int(round(o * t)) if o < 1 else int(o) for o, t in zip(ov, tiles)]
+    if tiles is not None:
+        tiles = np.broadcast_to(np.asarray(tiles), (3,))
+        if not all(float(t).is_integer() and t >= m for t in tiles):
+            raise ValueError(f"tile_size must be ints >= {m}, got {tile_size!r}")
+        tiles = [int(t) // m * m for t in tiles]
+    context = cfg.receptive_radius if context is None else context
+    context = [_nonnegative_int(c, "context") for c in np.broadcast_to(np.asarray(context, dtype=object), (3,))]
+    ramps = [_nonnegative_int(o, "overlap") for o in np.broadcast_to(np.asarray(overlap, dtype=object), (3,))]
 
     original_shape = image.shape
     x = normalize_percentile(image)
@@ -246,36 +317,36 @@ def predict(
             new_shape = tuple(max(1, int(round(s * f))) for s, f in zip(x.shape, factors))
             x = _zoom_to_shape(x, new_shape, order=1)
 
-    plans = [_tile_plan(n, t, o, m) for n, t, o in zip(x.shape, tiles, ov)]
-    pads = [(p[2], p[3]) for p in plans]
-    if pad_mode == "reflect" and all(n > 1 for n in x.shape):
-        xp = np.pad(x, pads, mode="reflect")
-    else:
-        xp = np.pad(x, pads, mode="constant" if pad_mode == "constant" else "edge")
+    if tiles is None:
+        budget = TILE_VOXELS["cuda" if dev.type == "cuda" else "cpu"]
+        tiles = cheapest_tiles(x.shape, budget, context, ramps, m)
+    plans = [_tile_plan(n, t, c, o, m) for n, t, c, o in zip(x.shape, tiles, context, ramps)]
     tshape = tuple(p[0] for p in plans)
-    wins = [blend_window(p[0], p[1]) for p in plans]
-    weight = wins[0][:, None, None] * wins[1][None, :, None] * wins[2][None, None, :]
+    pads = [(0, p[1] - n) for p, n in zip(plans, x.shape)]
+    # Reflect like a whole-stack prediction; a 1-voxel axis cannot reflect.
+    xp = np.pad(x, pads, mode="reflect" if pad_mode == "reflect" and all(n > 1 for n in x.shape) else
+                "constant" if pad_mode == "constant" else "edge")
     acc = np.zeros((4,) + xp.shape, np.float32)
     wsum = np.zeros(xp.shape, np.float32)
-    starts = [(a, b, c) for a in plans[0][4] for b in plans[1][4] for c in plans[2][4]]
-    batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
-    w_t = torch.from_numpy(weight)
+    tiles_ = [(a, b, c) for a in plans[0][2] for b in plans[1][2] for c in plans[2][2]]
+    batches = [tiles_[i : i + batch_size] for i in range(0, len(tiles_), batch_size)]
 
     use_amp = dev.type == "cuda"
     with torch.inference_mode():
         for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress):
-            sl = [tuple(slice(s, s + t) for s, t in zip(st, tshape)) for st in batch]
+            sl = [tuple(slice(s, s + t) for (s, _), t in zip(tile, tshape)) for tile in batch]
             inp = torch.from_numpy(np.stack([xp[s] for s in sl])[:, None]).to(dev)
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 raw = model(inp)
             flows, fg = model.activate(raw.float())
-            out = torch.cat([flows, fg[:, None]], dim=1).cpu() * w_t
-            out = out.numpy()
-            for k, s in enumerate(sl):
-                acc[(slice(None),) + s] += out[k]
+            out = torch.cat([flows, fg[:, None]], dim=1).cpu().numpy()
+            for k, (s, tile) in enumerate(zip(sl, batch)):
+                (_, wz), (_, wy), (_, wx) = tile
+                weight = wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+                acc[(slice(None),) + s] += out[k] * weight
                 wsum[s] += weight
 
-    crop = tuple(slice(p[2], p[2] + n) for p, n in zip(plans, x.shape))
+    crop = tuple(slice(0, n) for n in x.shape)
     acc = acc[(slice(None),) + crop]
     wsum = wsum[crop]
     acc /= np.maximum(wsum, 1e-12)

@@ -85,8 +85,11 @@ class UNetConfig:
         gives ``voxel_size=`` to :func:`cp3d.model.predict`.
     patch_size : tuple of 3 ints
         Training patch shape (z, y, x).
-    tile_size : tuple of 3 ints
-        Default prediction tile shape (z, y, x).
+    tile_size : tuple of 3 ints, optional
+        Prediction tile shape (z, y, x); ``None`` (the default) lets
+        :func:`cp3d.model.predict` choose the fewest voxels of computation
+        within a memory budget. Tiles must be wider than twice
+        :attr:`receptive_radius` along every axis that is tiled.
     norm : {"batch", "instance", "none"}
         Normalisation layer; see the module notes on tiling.
     upsampling : {"transpose", "trilinear"}
@@ -104,7 +107,7 @@ class UNetConfig:
     tanh_scale: float = 5.0
     voxel_size: tuple = (1.0, 1.0, 1.0)
     patch_size: tuple = (48, 48, 48)
-    tile_size: tuple = (64, 96, 96)
+    tile_size: tuple = None
     norm: str = "batch"
     upsampling: str = "transpose"
     negative_slope: float = 0.01
@@ -127,16 +130,39 @@ class UNetConfig:
             raise ValueError("UNetConfig.train_diameter and tanh_scale must be positive")
         self.voxel_size = _triple_float(self.voxel_size, "UNetConfig.voxel_size")
         self.patch_size = _triple_int(self.patch_size, "UNetConfig.patch_size")
-        self.tile_size = _triple_int(self.tile_size, "UNetConfig.tile_size")
+        if self.tile_size is not None:
+            self.tile_size = _triple_int(self.tile_size, "UNetConfig.tile_size")
         m = self.multiple
         for name in ("patch_size", "tile_size"):
-            if any(s % m for s in getattr(self, name)):
+            if any(s % m for s in getattr(self, name) or ()):
                 raise ValueError(f"UNetConfig.{name} {getattr(self, name)} must be divisible by 2**depth = {m}")
 
     @property
     def multiple(self):
         """Inputs must be divisible by this along every axis (``2**depth``)."""
         return 2**self.depth
+
+    @property
+    def receptive_radius(self):
+        """Input voxels on each side that can change one output voxel.
+
+        The worst case over the positions of a voxel within the pooling grid,
+        following the deepest path: the encoder blocks and poolings, the
+        bottom block, the upsamplings and decoder blocks (two 3x3x3
+        convolutions per block). Tiles that give the network this much
+        context reproduce a whole-stack prediction exactly.
+        """
+        m, convs = self.multiple, 2
+        halo = 1 if self.upsampling == "trilinear" else 0  # interpolation also reads the next coarse voxel
+        worst = 0
+        for i in range(m):
+            lo, hi = i - convs, i + convs
+            for _ in range(self.depth):  # decoder, bottom first: upsampling reads voxel i // 2
+                lo, hi = (lo - halo) // 2 - convs, (hi + halo) // 2 + convs
+            for _ in range(self.depth):  # encoder: pooling reads voxels 2j and 2j + 1
+                lo, hi = 2 * lo - convs, 2 * hi + 1 + convs
+            worst = max(worst, i - lo, hi - i)
+        return worst
 
     def to_dict(self):
         d = dataclasses.asdict(self)
