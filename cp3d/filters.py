@@ -20,6 +20,18 @@ def check_targets(targets):
 _MAX_TABLE_ID = 1 << 20
 
 
+def check_thresholds(min_overlap, max_flow_error):
+    """Validate the overlap and flow-error thresholds; a `max_flow_error` of None means no limit."""
+    if max_flow_error is None:
+        max_flow_error = np.inf
+    for name, value in (("min_overlap", min_overlap), ("max_flow_error", max_flow_error)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        if np.isnan(value) or value < 0 or (name == "min_overlap" and value > 1):
+            raise ValueError(f"{name} must be {'in [0, 1]' if name == 'min_overlap' else '>= 0'}, got {value!r}")
+    return float(min_overlap), float(max_flow_error)
+
+
 def filter_instances(labels, flows, foreground, *, volume_range=(65.45, 523598.8), min_overlap=0.2,
                      max_flow_error=0.8, targets="tanh", tanh_scale=5.0, inward=False, backend="auto"):
     """Drop implausible instances and renumber the rest 1..N.
@@ -43,9 +55,9 @@ def filter_instances(labels, flows, foreground, *, volume_range=(65.45, 523598.8
         and 100, i.e. 65.45 and 523598.8).
     min_overlap : float
         Smallest fraction of an instance's voxels in the foreground (0.2).
-    max_flow_error : float
+    max_flow_error : float or None
         Largest mean absolute flow error, averaged over the instance's voxels
-        and the three components (0.8).
+        and the three components (0.8); ``None`` keeps every error.
     targets : {"tanh", "heat"}
         Formulation the flows follow, used to recompute them.
     tanh_scale : float or sequence of 3 floats
@@ -84,6 +96,7 @@ def filter_instances(labels, flows, foreground, *, volume_range=(65.45, 523598.8
         raise ValueError(f"flows shape {tuple(flows.shape)} does not match labels shape {tuple(labels.shape)}")
     foreground = check_foreground(foreground, labels.shape)
     check_targets(targets)
+    min_overlap, max_flow_error = check_thresholds(min_overlap, max_flow_error)
     lo, hi = volume_range
     if not 0 <= lo <= hi:
         raise ValueError(f"volume_range must be (min, max) with 0 <= min <= max, got {volume_range!r}")

@@ -13,7 +13,7 @@ import numba
 import numpy as np
 
 from ._backend import as_triple, check_flows, check_foreground, get_array_module, resolve_backend
-from .filters import _filter_instances, check_targets
+from .filters import _filter_instances, check_targets, check_thresholds
 from .follow import _check_step, _follow, smooth_flows
 from .group import ball_offsets, close_and_label
 
@@ -141,8 +141,9 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
         by default derived from `diameter`.
     min_overlap : float
         ``p_overlap``: smallest fraction of an instance inside `foreground`.
-    max_flow_error : float
-        ``err_gradient``: largest mean absolute flow error of an instance.
+    max_flow_error : float or None
+        ``err_gradient``: largest mean absolute flow error of an instance;
+        ``None`` switches this filter off.
     diameter : float or (float, float, float), optional
         Typical cell diameter in voxels, or per axis (z, y, x) for
         anisotropic voxels; the one knob for small or large cells. ``None``
@@ -185,9 +186,9 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
         raise ValueError(f"diameter_range must be (min, max) with 0 <= min <= max, got {diameter_range!r}")
     volume_range = params.volume_range if diameter_range is None else tuple(map(sphere_volume, diameter_range))
     scale = as_triple(params.tanh_scale if tanh_scale is None else tanh_scale, "tanh_scale")
-    for name, value in (("min_overlap", min_overlap), ("max_flow_error", max_flow_error), ("sigma", sigma)):
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    min_overlap, max_flow_error = check_thresholds(min_overlap, max_flow_error)
+    if not np.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma must be a non-negative number, got {sigma!r}")
     if sigma > 0:
         flows = smooth_flows(flows, sigma)
 

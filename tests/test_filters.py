@@ -66,3 +66,15 @@ def test_bad_input():
         filter_instances(labels, flows, labels > 0, volume_range=(10, 1))
     with pytest.raises(TypeError, match="integer"):
         filter_instances(labels.astype(float), flows, labels > 0)
+    with pytest.raises(ValueError, match="min_overlap"):
+        filter_instances(labels, flows, labels > 0, min_overlap=1.5)
+    with pytest.raises(TypeError, match="max_flow_error"):
+        filter_instances(labels, flows, labels > 0, max_flow_error="0.8")
+
+
+def test_max_flow_error_none_keeps_any_error():
+    labels = two_cells()
+    wrong = -cp3d.tanh_flows(labels)  # inward flows: a large error for both cells
+    assert filter_instances(labels, wrong, labels > 0).max() == 0
+    kept = filter_instances(labels, wrong, labels > 0, max_flow_error=None)
+    assert kept.max() == 2 and set(np.unique(kept[labels == 5])) == {1} and set(np.unique(kept[labels == 2])) == {2}
