@@ -146,29 +146,44 @@ def test_blend_window_fades_inner_ends_only():
     np.testing.assert_array_equal(last, first[::-1])
 
 
-def test_receptive_radius_bounds_the_influence_of_a_voxel():
+@pytest.mark.parametrize("position", [40, 41, 42, 43])  # every phase of the depth-2 pooling grid
+def test_receptive_radius_bounds_the_influence_of_a_voxel(position):
     net = tiny_net(seed=3)
     radius = net.config.receptive_radius
     x = torch.zeros(1, 1, 8, 8, 96)
     with torch.inference_mode():
         base = net(x)
-        x[..., 40] = 1.0  # an impulse plane: every output within the radius may change, none beyond
+        x[..., position] = 1.0  # an impulse plane: outputs within the radius may change, none beyond
         changed = (net(x) - base).abs().amax(dim=(0, 1, 2, 3)) > 0
     reach = np.flatnonzero(changed.numpy())
-    assert reach.min() >= 40 - radius and reach.max() <= 40 + radius
-    assert reach.max() - 40 > radius - 8  # the bound is tight to within one pooling cell
+    assert reach.min() >= position - radius and reach.max() <= position + radius
+    assert max(reach.max() - position, position - reach.min()) > radius - 4  # tight within one pooling cell
 
 
-@pytest.mark.parametrize("tile, overlap", [((40, 64, 64), 8), (64, 0), ((40, 64, 72), (4, 12, 8))])
-def test_tiling_is_invisible(tile, overlap):
+@pytest.mark.parametrize(
+    "depth, tile, overlap, pad_mode",
+    [
+        (2, (40, 64, 64), 8, "reflect"),
+        (2, 64, 0, "reflect"),
+        (2, (40, 64, 72), (4, 12, 8), "constant"),
+        (1, (32, 48, 48), 4, "reflect"),  # z tiled too
+    ],
+)
+def test_tiling_is_invisible(depth, tile, overlap, pad_mode):
     """Tiles with the default context reproduce a whole-stack prediction everywhere, borders included."""
-    net = tiny_net(seed=1)
+    net = tiny_net(seed=1, depth=depth)
     shape = (40, 100, 90)
     image = smooth_image(shape, seed=2) + np.random.default_rng(0).random(shape).astype(np.float32) * 0.1
-    whole = predict(image, net, tile_size=128)
-    tiled = predict(image, net, tile_size=tile, overlap=overlap, batch_size=3)
+    whole = predict(image, net, tile_size=128, pad_mode=pad_mode)
+    tiled = predict(image, net, tile_size=tile, overlap=overlap, batch_size=3, pad_mode=pad_mode)
     np.testing.assert_allclose(tiled.flows, whole.flows, atol=1e-5)
     np.testing.assert_allclose(tiled.foreground, whole.foreground, atol=1e-5)
+
+
+def test_too_small_model_tile_size_falls_back_to_automatic_tiles():
+    net = tiny_net(seed=1, tile_size=(8, 8, 8))
+    image = smooth_image((20, 30, 70))
+    np.testing.assert_array_equal(predict(image, net).flows, predict(image, net, tile_size=128).flows)
 
 
 def test_tile_too_small_for_the_context_is_a_clear_error():
@@ -178,18 +193,31 @@ def test_tile_too_small_for_the_context_is_a_clear_error():
         predict(np.zeros((8, 8, 8), np.float32), tiny_net(), context=-1)
 
 
-def test_cheapest_tiles_fit_the_budget():
-    shape = (512, 512, 512)
-    tiles = cheapest_tiles(shape, 2**23, [51] * 3, [8] * 3, 8)
-    assert np.prod(tiles) <= 2**23 and all(t % 8 == 0 for t in tiles)
+def test_cheapest_tiles_is_the_cheapest_within_the_budget():
+    import itertools
+
+    from cp3d.model.predict import _tile_count
+
+    shape, budget, context, overlap = (70, 150, 200), 150_000, [11, 11, 11], [4, 4, 4]
+    tiles = cheapest_tiles(shape, budget, context, overlap, 4)
+    brute = min(
+        np.prod([_tile_count(n, t, 11, 4, 4) for n, t in zip(shape, combo)]) * np.prod(combo)
+        for combo in itertools.product(*(range(4, -(-n // 4) * 4 + 1, 4) for n in shape))
+        if np.prod(combo) <= budget and all(_tile_count(n, t, 11, 4, 4) for n, t in zip(shape, combo))
+    )
+    cost = np.prod([_tile_count(n, t, 11, 4, 4) for n, t in zip(shape, tiles)]) * np.prod(tiles)
+    assert np.prod(tiles) <= budget and cost == brute
     assert cheapest_tiles((64, 250, 256), 2**23, [51] * 3, [8] * 3, 8) == [64, 256, 256]  # one tile
     with pytest.raises(ValueError, match="no tiling"):
-        cheapest_tiles(shape, 100, [51] * 3, [8] * 3, 8)
+        cheapest_tiles((512, 512, 512), 100, [51] * 3, [8] * 3, 8)
 
 
 @pytest.mark.parametrize("shape", [(5, 7, 9), (1, 20, 20), (30, 17, 23)])
 def test_predict_any_shape(shape):
-    p = predict(np.random.default_rng(0).random(shape), tiny_net())
+    image = np.random.default_rng(0).random(shape)
+    p = predict(image, tiny_net())
+    tiled = predict(image, tiny_net(), tile_size=12, context=2, overlap=2)
+    assert tiled.flows.shape == p.flows.shape and np.isfinite(tiled.flows).all()
     assert p.flows.shape == (3,) + shape and p.foreground.shape == shape
     assert p.flows.dtype == np.float32 and p.foreground.dtype == np.float32
     assert np.abs(p.flows).max() < 1 and 0 <= p.foreground.min() and p.foreground.max() <= 1
@@ -199,6 +227,8 @@ def test_predict_voxel_size_returns_original_shape():
     image = smooth_image((11, 30, 29))
     p = predict(image, tiny_net(), voxel_size=(2.5, 1.0, 1.0))
     assert p.flows.shape == (3, 11, 30, 29) and p.foreground.shape == (11, 30, 29)
+    tiled = predict(image, tiny_net(), voxel_size=(2.5, 1.0, 1.0), tile_size=12, context=2, overlap=2)
+    assert tiled.flows.shape == (3, 11, 30, 29)
     same = predict(image, tiny_net(), voxel_size=1.0)
     ref = predict(image, tiny_net())
     np.testing.assert_array_equal(same.flows, ref.flows)

@@ -13,13 +13,14 @@ from tqdm.auto import tqdm
 from .._backend import as_triple, check_volume, is_cupy_array
 from .unet import UNet3D, load_model
 
-__all__ = ["Prediction", "predict", "normalize_percentile", "blend_window"]
+__all__ = ["Prediction", "predict", "normalize_percentile", "blend_window", "cheapest_tiles", "TILE_ELEMENTS"]
 
 log = logging.getLogger(__name__)
 
-#: Voxels per tile when the tile shape is chosen automatically: about 4 GB of float32 activations for the
-#: default network on the CPU, and a float16 tile within a few tens of GB on a GPU.
-TILE_VOXELS = {"cpu": 2**23, "cuda": 2**26}
+#: Elements of the widest activation (2 * base_features channels at full resolution) of one batch of tiles
+#: when the tile shape is chosen automatically: 2**23 voxels per tile for the default network on the CPU
+#: (3.8 GB peak in float32), 2**25 on a GPU, where it keeps every tensor below 2**31 elements.
+TILE_ELEMENTS = {"cpu": 2**28, "cuda": 2**30}
 
 
 class Prediction(NamedTuple):
@@ -224,10 +225,11 @@ def predict(
         rescaled.
     tile_size : int or tuple of 3 ints, optional
         Tile shape (z, y, x); default ``model.config.tile_size``, and where
-        that is ``None`` the shape that computes the fewest voxels while a
-        tile holds at most ``2**23`` voxels on the CPU (about 4 GB of
-        activations in float32 for the default network) or ``2**26`` on a
-        GPU: a stack within that budget is predicted whole. Rounded down to
+        that is ``None`` (or too small for the context) the shape that
+        computes the fewest voxels within a memory budget (:data:`TILE_ELEMENTS`:
+        for the default network and one tile per batch, ``2**23`` voxels on
+        the CPU, about 4 GB of float32 activations, and ``2**25`` on a GPU):
+        a stack within the budget is predicted whole. Rounded down to
         multiples of ``2**depth``; an axis that fits in one tile is
         predicted whole.
     context : int or tuple of 3 ints, optional
@@ -246,7 +248,7 @@ def predict(
         ``"auto"``: the device of a given model, else CUDA when available,
         else the CPU. A given model is moved to an explicit `device`.
     pad_mode : {"reflect", "constant"}, optional
-        How the stack is extended at its borders so tiles fit.
+        How each axis is extended at its end to a multiple of ``2**depth``.
     progress : bool, optional
         Show a progress bar over the tile batches.
 
@@ -299,7 +301,7 @@ def predict(
     if pad_mode not in ("reflect", "constant"):
         raise ValueError(f"pad_mode must be 'reflect' or 'constant', got {pad_mode!r}")
 
-    tiles = cfg.tile_size if tile_size is None else tile_size
+    tiles = tile_size
     if tiles is not None:
         tiles = np.broadcast_to(np.asarray(tiles), (3,))
         if not all(float(t).is_integer() and t >= m for t in tiles):
@@ -318,14 +320,19 @@ def predict(
             x = _zoom_to_shape(x, new_shape, order=1)
 
     if tiles is None:
-        budget = TILE_VOXELS["cuda" if dev.type == "cuda" else "cpu"]
+        tiles = cfg.tile_size
+        fits = tiles is not None and all(map(_tile_count, x.shape, tiles, context, ramps, [m] * 3))
+        if tiles is not None and not fits:
+            log.warning("the model's tile_size %s is too small for %s voxels of context; choosing tiles automatically",
+                        tiles, context)
+            tiles = None
+    if tiles is None:
+        budget = TILE_ELEMENTS["cuda" if dev.type == "cuda" else "cpu"] // (2 * cfg.base_features * batch_size)
         tiles = cheapest_tiles(x.shape, budget, context, ramps, m)
     plans = [_tile_plan(n, t, c, o, m) for n, t, c, o in zip(x.shape, tiles, context, ramps)]
     tshape = tuple(p[0] for p in plans)
     pads = [(0, p[1] - n) for p, n in zip(plans, x.shape)]
-    # Reflect like a whole-stack prediction; a 1-voxel axis cannot reflect.
-    xp = np.pad(x, pads, mode="reflect" if pad_mode == "reflect" and all(n > 1 for n in x.shape) else
-                "constant" if pad_mode == "constant" else "edge")
+    xp = np.pad(x, pads, mode=pad_mode)  # NumPy repeats a 1-voxel axis when asked to reflect it
     acc = np.zeros((4,) + xp.shape, np.float32)
     wsum = np.zeros(xp.shape, np.float32)
     tiles_ = [(a, b, c) for a in plans[0][2] for b in plans[1][2] for c in plans[2][2]]

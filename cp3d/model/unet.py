@@ -13,8 +13,9 @@ statistics over the whole input, so a stack predicted in tiles gives a
 different answer from the same stack predicted at once: the seams show.
 cp3d defaults to ``norm="batch"`` (BatchNorm3d): batch statistics while
 training, frozen running statistics at inference, which makes every output
-voxel a fixed function of its receptive field, so tiled prediction is exactly
-the whole-stack prediction away from the tile margins (tested to 1e-3).
+voxel a fixed function of its receptive field, so tiles that hold a voxel's
+whole receptive field (:attr:`UNetConfig.receptive_radius`) reproduce the
+whole-stack prediction exactly, up to float rounding.
 ``norm="instance"`` remains available for comparison with the paper, without
 that guarantee; ``norm="none"`` uses no normalisation layer.
 """
@@ -88,8 +89,9 @@ class UNetConfig:
     tile_size : tuple of 3 ints, optional
         Prediction tile shape (z, y, x); ``None`` (the default) lets
         :func:`cp3d.model.predict` choose the fewest voxels of computation
-        within a memory budget. Tiles must be wider than twice
-        :attr:`receptive_radius` along every axis that is tiled.
+        within a memory budget. Along a tiled axis a tile needs at least
+        ``2 * receptive_radius + 8 + 2**depth`` voxels (context at both ends
+        and the blend); a smaller one is replaced by the automatic choice.
     norm : {"batch", "instance", "none"}
         Normalisation layer; see the module notes on tiling.
     upsampling : {"transpose", "trilinear"}
