@@ -315,3 +315,10 @@ def test_training_smoke_and_resume(tmp_path):
     assert p.flows.shape == (3, 16, 16, 16)
     with pytest.raises(ValueError, match="no checkpoint"):
         train(tmp_path / "other", resume=tmp_path / "nothing", **kw)
+    # A checkpoint that recorded a tile size still resumes (an inference setting); an architecture change does not.
+    ck["config"]["tile_size"] = [64, 96, 96]
+    torch.save(ck, out / "checkpoint.pt")
+    kw["steps"] = 4
+    assert train(out, resume=out, **kw).config.tile_size is None
+    with pytest.raises(ValueError, match="different configuration"):
+        train(out, resume=out, **{**kw, "base_features": 8})

@@ -16,6 +16,7 @@ axial blur of a microscope makes z a different axis from y and x.
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -378,7 +379,8 @@ def train(
             ck = torch.load(ck_path, map_location="cpu", weights_only=False)
         except Exception as e:
             raise ValueError(f"cannot read checkpoint {ck_path}: {e}") from e
-        if UNetConfig.from_dict(ck["config"]) != config:
+        # tile_size is an inference setting: a run resumes whatever the checkpoint recorded for it
+        if dataclasses.replace(UNetConfig.from_dict(ck["config"]), tile_size=config.tile_size) != config:
             raise ValueError(f"checkpoint {ck_path} was made with a different configuration")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
