@@ -1,5 +1,7 @@
 """Instance filtering: size range, foreground overlap and flow consistency."""
 
+import math
+
 import numba
 import numpy as np
 
@@ -20,6 +22,15 @@ def check_targets(targets):
 _MAX_TABLE_ID = 1 << 20
 
 
+def sphere_volume(diameter):
+    """Volume of a sphere of the given diameter."""
+    return math.pi / 6 * diameter**3
+
+
+#: The paper's size filter: spheres of diameter 5 and 100 voxels.
+PAPER_VOLUME_RANGE = (sphere_volume(5), sphere_volume(100))
+
+
 def check_thresholds(min_overlap, max_flow_error):
     """Validate the overlap and flow-error thresholds; a `max_flow_error` of None means no limit."""
     if max_flow_error is None:
@@ -32,7 +43,7 @@ def check_thresholds(min_overlap, max_flow_error):
     return float(min_overlap), float(max_flow_error)
 
 
-def filter_instances(labels, flows, foreground, *, volume_range=(65.45, 523598.8), min_overlap=0.2,
+def filter_instances(labels, flows, foreground, *, volume_range=PAPER_VOLUME_RANGE, min_overlap=0.2,
                      max_flow_error=0.8, targets="tanh", tanh_scale=5.0, inward=False, backend="auto"):
     """Drop implausible instances and renumber the rest 1..N.
 

@@ -13,7 +13,7 @@ import numba
 import numpy as np
 
 from ._backend import as_triple, check_flows, check_foreground, get_array_module, resolve_backend
-from .filters import _filter_instances, check_targets, check_thresholds
+from .filters import PAPER_VOLUME_RANGE, _filter_instances, check_targets, check_thresholds, sphere_volume
 from .follow import _check_step, _follow, smooth_flows
 from .group import ball_offsets, close_and_label
 
@@ -41,13 +41,8 @@ class ReconstructionParameters:
     step: float = 4.0
     n_iter: int = 100
     closing_radius: float = 3.0
-    volume_range: tuple = (math.pi / 6 * 5**3, math.pi / 6 * 100**3)
+    volume_range: tuple = PAPER_VOLUME_RANGE
     tanh_scale: float = 5.0
-
-
-def sphere_volume(diameter):
-    """Volume of a sphere of the given diameter."""
-    return math.pi / 6 * diameter**3
 
 
 def reconstruction_parameters(diameter=None, targets="tanh"):
