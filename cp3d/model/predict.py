@@ -11,7 +11,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .._backend import as_triple, check_volume, is_cupy_array
-from .unet import UNet3D, load_model
+from .unet import UNet3D, _triple_int, load_model
 
 __all__ = ["Prediction", "predict", "normalize_percentile", "blend_window", "cheapest_tiles", "TILE_ELEMENTS"]
 
@@ -111,17 +111,17 @@ def _tile_plan(n, tile, context, ramp, multiple):
     at least `ramp` voxels.
     """
     length = -(-n // multiple) * multiple
-    if length <= tile:  # one tile holds the whole axis: nothing to blend
+    count = _tile_count(n, tile, context, ramp, multiple)
+    if count == 1:  # one tile holds the whole axis: nothing to blend
         return length, length, [(0, np.ones(length, np.float32))]
-    step = (tile - 2 * context - ramp) // multiple * multiple
-    if step < multiple:
+    if count == 0:
         raise ValueError(
             f"tile size {tile} is too small to tile an axis of {n} voxels with {context} voxels of context "
             f"on each side and a {ramp}-voxel blend: use tiles of at least {2 * context + ramp + multiple} "
             "voxels, or less context"
         )
-    # Spread the tiles evenly, every gap a multiple of `multiple` and at most `step`.
-    units, n_gaps = (length - tile) // multiple, -(-(length - tile) // step)
+    # Spread the tiles evenly: every gap a multiple of `multiple`, none wider than the step `_tile_count` allows.
+    units, n_gaps = (length - tile) // multiple, count - 1
     gaps = [units // n_gaps + (k < units % n_gaps) for k in range(n_gaps)]
     starts = np.concatenate([[0], np.cumsum(gaps)]) * multiple
     last = len(starts) - 1
@@ -167,12 +167,6 @@ def cheapest_tiles(shape, budget, context, overlap, multiple):
             "pass a smaller context"
         )
     return min(scored)[2]
-
-
-def _nonnegative_int(value, name):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int or 3 of them, got {value!r}")
-    return int(value)
 
 
 def _resolve_device(device, model):
@@ -308,8 +302,8 @@ def predict(
             raise ValueError(f"tile_size must be ints >= {m}, got {tile_size!r}")
         tiles = [int(t) // m * m for t in tiles]
     context = cfg.receptive_radius if context is None else context
-    context = [_nonnegative_int(c, "context") for c in np.broadcast_to(np.asarray(context, dtype=object), (3,))]
-    ramps = [_nonnegative_int(o, "overlap") for o in np.broadcast_to(np.asarray(overlap, dtype=object), (3,))]
+    context = _triple_int(context, "context", allow_zero=True)
+    ramps = _triple_int(overlap, "overlap", allow_zero=True)
 
     original_shape = image.shape
     x = normalize_percentile(image)
@@ -319,13 +313,12 @@ def predict(
             new_shape = tuple(max(1, int(round(s * f))) for s, f in zip(x.shape, factors))
             x = _zoom_to_shape(x, new_shape, order=1)
 
-    if tiles is None:
-        tiles = cfg.tile_size
-        fits = tiles is not None and all(map(_tile_count, x.shape, tiles, context, ramps, [m] * 3))
-        if tiles is not None and not fits:
+    if tiles is None and cfg.tile_size is not None:
+        if all(map(_tile_count, x.shape, cfg.tile_size, context, ramps, [m] * 3)):
+            tiles = cfg.tile_size
+        else:
             log.warning("the model's tile_size %s is too small for %s voxels of context; choosing tiles automatically",
-                        tiles, context)
-            tiles = None
+                        cfg.tile_size, context)
     if tiles is None:
         budget = TILE_ELEMENTS["cuda" if dev.type == "cuda" else "cpu"] // (2 * cfg.base_features * batch_size)
         tiles = cheapest_tiles(x.shape, budget, context, ramps, m)
@@ -335,8 +328,8 @@ def predict(
     xp = np.pad(x, pads, mode=pad_mode)  # NumPy repeats a 1-voxel axis when asked to reflect it
     acc = np.zeros((4,) + xp.shape, np.float32)
     wsum = np.zeros(xp.shape, np.float32)
-    tiles_ = [(a, b, c) for a in plans[0][2] for b in plans[1][2] for c in plans[2][2]]
-    batches = [tiles_[i : i + batch_size] for i in range(0, len(tiles_), batch_size)]
+    grid = list(itertools.product(*(p[2] for p in plans)))
+    batches = [grid[i : i + batch_size] for i in range(0, len(grid), batch_size)]
 
     use_amp = dev.type == "cuda"
     with torch.inference_mode():

@@ -23,10 +23,12 @@ that guarantee; ``norm="none"`` uses no normalisation layer.
 import dataclasses
 import json
 import logging
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,13 +45,22 @@ NORMS = ("batch", "instance", "none")
 UPSAMPLING = ("transpose", "trilinear")
 
 
-def _triple_int(value, name):
-    if isinstance(value, (int,)) and not isinstance(value, bool):
+def _triple_int(value, name, allow_zero=False):
+    """Broadcast an int or a sequence of 3 ints to a tuple of 3 positive (or, with `allow_zero`, non-negative) ints."""
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+    if is_int(value):
         value = (value,) * 3
-    value = tuple(value)
-    if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        raise ValueError(f"{name} must be a positive int or 3 positive ints (z, y, x), got {value!r}")
-    return value
+    try:
+        value = tuple(value)
+    except TypeError:
+        value = (value,)
+    lowest = 0 if allow_zero else 1
+    if len(value) != 3 or not all(is_int(v) and v >= lowest for v in value):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} int or 3 {kind} ints (z, y, x), got {value!r}")
+    return tuple(int(v) for v in value)
 
 
 def _triple_float(value, name):
