@@ -44,7 +44,7 @@ def cell_extent(diameter, voxel_size, train_diameter):
 
 
 def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto", device="auto",
-            progress=False):
+            augment=True, progress=False):
     """Segment the cells of a 3D membrane stack.
 
     The stack is rescaled, per axis, so that its cells match the size the
@@ -72,6 +72,10 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
         moves the predicted maps to the GPU for it. Results are NumPy arrays.
     device : str
         Torch device for prediction: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    augment : bool
+        Average the predictions of the stack and its in-plane mirror images
+        (see :func:`cp3d.predict`): four network passes, a more accurate
+        segmentation. ``False`` predicts once, four times faster.
     progress : bool
         Show a progress bar over the prediction tiles.
 
@@ -108,7 +112,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     # Predicting at this voxel size makes each cell train_diameter model voxels across.
     model_voxel = tuple(m * config.train_diameter / e for m, e in zip(config.voxel_size, extent))
     start = time.perf_counter()
-    prediction = predict(image, model, voxel_size=model_voxel, device=device, progress=progress)
+    prediction = predict(image, model, voxel_size=model_voxel, device=device, augment=augment, progress=progress)
     predicted = time.perf_counter()
     # Back on the original grid the model's tanh scale grows with the cells.
     scale = tuple(config.tanh_scale * e / config.train_diameter for e in extent)

@@ -240,6 +240,24 @@ def test_predict_all_zero_image():
     np.testing.assert_array_equal(normalize_percentile(np.full((4, 4, 4), 7.0)), 0)
 
 
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_augmented_prediction_follows_a_mirrored_stack(axis):
+    """Averaging over the in-plane mirrors makes any network mirror-equivariant; one pass is not."""
+    net, image = tiny_net(seed=3), smooth_image((10, 21, 19), seed=4)
+    mirrored = np.flip(image, axis)
+    for augment, equal in ((True, True), (False, False)):
+        p, m = predict(image, net, augment=augment), predict(mirrored, net, augment=augment)
+        flows = np.flip(m.flows, axis + 1).copy()
+        flows[axis] *= -1
+        assert np.allclose(flows, p.flows, atol=1e-5) == equal
+        assert np.allclose(np.flip(m.foreground, axis), p.foreground, atol=1e-5) == equal
+
+
+def test_augment_must_be_a_bool():
+    with pytest.raises(TypeError, match="augment"):
+        predict(np.zeros((8, 8, 8), np.float32), tiny_net(), augment="yes")
+
 @pytest.mark.parametrize(
     "shape, match",
     [
