@@ -8,11 +8,13 @@ On the same held-out synthetic membrane stacks (``cp3d.data.synthetic_stack``,
    scikit-image, the classical pipeline a user would otherwise run;
 3. ``heat``: the heat-formulation model, trained the same way.
 
-Each method runs twice per stack: with its default settings
+Each method runs on every stack with its default settings
 (``diameter=None``: the models assume their training cell size,
-``config.train_diameter``; the watershed assumes the same size) and with the
-stack's true cell diameter (the median equivalent-sphere diameter of its
-ground-truth cells). Scores come from :func:`cp3d.metrics.evaluate`.
+``config.train_diameter``, and average four mirror images, ``augment=True``;
+the watershed assumes the same size) and with the stack's true cell diameter
+(the median equivalent-sphere diameter of its ground-truth cells). The models
+also run once more with default settings but a single network pass
+(``augment=False``). Scores come from :func:`cp3d.metrics.evaluate`.
 
 Test stacks are held out: seeds from 10,000 on (training draws stack seeds
 ``seed * 1_000_003 + k`` for ``k`` below a few hundred), diameters spread
@@ -23,8 +25,8 @@ the training range. The watershed's parameters are tuned by a grid search on
 ONE separate training-like stack (seed 1234, diameter 11, noise 0.1), never on
 the test stacks; the grid and its scores are written with the results.
 
-A last measurement times the stages (predict, reconstruct) of the tanh model
-on one 64 x 256 x 256 stack with ``torch.set_num_threads(2)`` and Numba's
+A last measurement times the stages (predict, reconstruct) of the tanh model,
+with and without test-time augmentation, on one 64 x 256 x 256 stack with ``torch.set_num_threads(2)`` and Numba's
 default thread count.
 
 Usage::
@@ -87,6 +89,11 @@ WATERSHED_GRID_QUICK = {
 }
 
 GOAL = {"method": "tanh", "setting": "default", "dice": 0.90, "ap50": 0.85}
+SETTINGS = {  # method: settings it runs with, in table order
+    "tanh": ("default", "true_diameter", "single_pass"),
+    "watershed": ("default", "true_diameter"),
+    "heat": ("default", "true_diameter", "single_pass"),
+}
 SCORE_KEYS = ("dice", "ap50", "ap75", "arand", "n_pred", "n_gt")
 
 
@@ -209,15 +216,16 @@ def _scores(gt, pred):
     return {k: (int(s[k]) if k.startswith("n_") else float(s[k])) for k in SCORE_KEYS}
 
 
-def run_method(method, image, diameter, models, ws_params, assumed_diameter):
-    """One segmentation; returns labels and per-stage seconds."""
+def run_method(method, setting, image, d_true, models, ws_params, assumed_diameter):
+    """One segmentation with one of `SETTINGS`; returns labels and per-stage seconds."""
+    diameter = d_true if setting == "true_diameter" else None
     t0 = time.perf_counter()
     if method == "watershed":
         d = assumed_diameter if diameter is None else diameter
         labels = watershed_baseline(image, d, **ws_params)
         seconds = {}
     else:
-        result = segment(image, models[method], diameter=diameter)
+        result = segment(image, models[method], diameter=diameter, augment=setting != "single_pass")
         labels, seconds = result.labels, dict(result.seconds)
     seconds["total"] = time.perf_counter() - t0
     return labels, seconds
@@ -232,23 +240,23 @@ def warm_up(models, ws_params):
     watershed_baseline(image, 8.0, **ws_params)
 
 
-def time_stages(model, spec):
-    """Per-stage seconds of the tanh model on one large stack (default settings), repeated."""
+def time_stages(model, spec, augment):
+    """Per-stage seconds of the tanh model on one large stack (default diameter), repeated."""
     image, labels = make_stack(spec)
     runs = []
     for _ in range(spec["repeat"]):
-        result = segment(image, model)
+        result = segment(image, model, augment=augment)
         runs.append({k: float(v) for k, v in result.seconds.items()})
     best = min(runs, key=lambda r: r["predict"] + r["reconstruct"])
-    return {"stack": spec, "n_gt": int(labels.max()), "runs": runs,
+    return {"stack": spec, "augment": augment, "n_gt": int(labels.max()), "runs": runs,
             "best": dict(best, total=best["predict"] + best["reconstruct"]),
             "scores": _scores(labels, result.labels),
             "torch_threads": torch.get_num_threads(), "numba_threads": numba.get_num_threads()}
 
 
-def summarise(per_stack, methods, settings):
+def summarise(per_stack):
     summary = {}
-    for method in methods:
+    for method, settings in SETTINGS.items():
         for setting in settings:
             rows = [s["results"][method][setting] for s in per_stack]
             summary[f"{method}/{setting}"] = {
@@ -266,6 +274,7 @@ def summarise(per_stack, methods, settings):
 # ---------------------------------------------------------------------------
 
 LABELS = {"tanh": "cp3d tanh model", "watershed": "seeded watershed (skimage)", "heat": "cp3d heat model"}
+SETTING_LABELS = {"default": "default", "true_diameter": "true d", "single_pass": "default, one pass"}
 
 
 def markdown(report):
@@ -285,14 +294,14 @@ def markdown(report):
         "(training: diameters 7..15, noise U(0.02, 0.2)). Means over stacks. *default*: `diameter=None` "
         "(the training cell size, "
         f"{report['models']['tanh']['train_diameter']:.2f} voxels); *true d*: the stack's median "
-        "equivalent-sphere cell diameter.",
+        "equivalent-sphere cell diameter; *one pass*: default but `augment=False` (no test-time mirroring).",
         "",
         "| method | diameter | Dice | AP@0.5 | AP@0.75 | arand | n_pred / n_gt | s / stack |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in report["summary"].values():
         lines.append(
-            f"| {LABELS[row['method']]} | {'default' if row['setting'] == 'default' else 'true d'} | "
+            f"| {LABELS[row['method']]} | {SETTING_LABELS[row['setting']]} | "
             f"{row['dice']:.3f} | {row['ap50']:.3f} | {row['ap75']:.3f} | {row['arand']:.3f} | "
             f"{row['n_pred']:.0f} / {row['n_gt']:.0f} | {row['seconds']:.1f} |"
         )
@@ -305,30 +314,31 @@ def markdown(report):
         "Per stack (Dice / AP@0.5):",
         "",
         "| seed | d (true) | noise | n_gt | " + " | ".join(
-            f"{meth} {set_}" for meth in report["methods"] for set_ in ("default", "true d")) + " |",
-        "|---|---|---|---|" + "---|" * (2 * len(report["methods"])),
+            f"{meth} {SETTING_LABELS[set_]}" for meth, sets in SETTINGS.items() for set_ in sets) + " |",
+        "|---|---|---|---|" + "---|" * sum(map(len, SETTINGS.values())),
     ]
     for s in report["stacks"]:
         cells = []
-        for meth in report["methods"]:
-            for set_ in ("default", "true_diameter"):
+        for meth, sets in SETTINGS.items():
+            for set_ in sets:
                 sc = s["results"][meth][set_]["scores"]
                 cells.append(f"{sc['dice']:.2f} / {sc['ap50']:.2f}")
         lines.append(f"| {s['spec']['seed']} | {s['true_diameter']:.1f} | {s['spec']['noise']} | {s['n_gt']} | "
                      + " | ".join(cells) + " |")
-    t = report["timing"]
+    t = report["timing"][0]
     lines += [
         "",
-        f"Stage timing, tanh model, default settings, one {'x'.join(map(str, t['stack']['shape']))} stack "
+        f"Stage timing, tanh model, default diameter, one {'x'.join(map(str, t['stack']['shape']))} stack "
         f"({t['n_gt']} cells), torch {t['torch_threads']} threads, numba {t['numba_threads']} threads, "
         f"best of {t['stack']['repeat']}:",
         "",
-        "| predict (s) | reconstruct (s) | total (s) | Dice | AP@0.5 |",
-        "|---|---|---|---|---|",
-        f"| {t['best']['predict']:.1f} | {t['best']['reconstruct']:.1f} | {t['best']['total']:.1f} | "
-        f"{t['scores']['dice']:.3f} | {t['scores']['ap50']:.3f} |",
-        "",
+        "| augment | predict (s) | reconstruct (s) | total (s) | Dice | AP@0.5 |",
+        "|---|---|---|---|---|---|",
     ]
+    for t in report["timing"]:
+        lines.append(f"| {t['augment']} | {t['best']['predict']:.1f} | {t['best']['reconstruct']:.1f} | "
+                     f"{t['best']['total']:.1f} | {t['scores']['dice']:.3f} | {t['scores']['ap50']:.3f} |")
+    lines.append("")
     tw = report["watershed_tuning"]
     b = tw["best"]
     lines += [
@@ -383,8 +393,6 @@ def main(argv=None):
     if models["heat"].config.train_diameter != assumed:
         print(f"warning: the models assume different cell sizes ({assumed}, "
               f"{models['heat'].config.train_diameter})", flush=True)
-    methods = ("tanh", "watershed", "heat")
-    settings = ("default", "true_diameter")
 
     print("tuning the watershed on one training-like stack", flush=True)
     tuning = tune_watershed(shape, WATERSHED_GRID_QUICK if a.quick else WATERSHED_GRID)
@@ -399,11 +407,10 @@ def main(argv=None):
         d_true = true_diameter(gt)
         entry = {"spec": spec, "true_diameter": d_true, "n_gt": int(gt.max()), "results": {}}
         # methods interleaved per stack so that background load hits them alike
-        for method in methods:
+        for method, settings in SETTINGS.items():
             entry["results"][method] = {}
             for setting in settings:
-                labels, seconds = run_method(method, image, None if setting == "default" else d_true, models,
-                                             ws_params, assumed)
+                labels, seconds = run_method(method, setting, image, d_true, models, ws_params, assumed)
                 sc = _scores(gt, labels)
                 entry["results"][method][setting] = {"scores": sc, "seconds": seconds}
                 print(f"seed {spec['seed']} d {d_true:.1f} noise {spec['noise']} {method:9s} {setting:13s} "
@@ -414,10 +421,10 @@ def main(argv=None):
     timing_spec = dict(TIMING_QUICK if a.quick else TIMING)
     timing_spec["shape"] = list(timing_spec["shape"])
     print(f"timing the stages on one {timing_spec['shape']} stack", flush=True)
-    timing = time_stages(models["tanh"], timing_spec)
-    print(f"  {timing['best']}", flush=True)
+    timing = [time_stages(models["tanh"], timing_spec, augment) for augment in (True, False)]
+    print(f"  {[t['best'] for t in timing]}", flush=True)
 
-    summary = summarise(per_stack, methods, settings)
+    summary = summarise(per_stack)
     main_row = summary[f"{GOAL['method']}/{GOAL['setting']}"]
     goal = dict(GOAL, measured_dice=main_row["dice"], measured_ap50=main_row["ap50"],
                 met=bool(main_row["dice"] >= GOAL["dice"] and main_row["ap50"] >= GOAL["ap50"]))
@@ -431,8 +438,7 @@ def main(argv=None):
                    "training_data": "diameters U(7, 15), noise U(0.02, 0.2), stack seeds < 10,000",
                    "watershed_default_diameter": assumed},
         "models": {k: model_info(models[k], sources[k]) for k in models},
-        "methods": list(methods),
-        "settings": list(settings),
+        "settings": {k: list(v) for k, v in SETTINGS.items()},
         "summary": summary,
         "goal": goal,
         "timing": timing,
