@@ -516,8 +516,8 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
 
     Stack ``i`` has seed ``10**9 + i`` (never used in training), a diameter
     evenly spaced in `diameters` and a noise level evenly spaced in `noise`.
-    The network output goes through :func:`cp3d.reconstruct` with the true
-    diameter and is scored by :func:`cp3d.metrics.evaluate`.
+    The network output (one pass, no test-time augmentation) goes through
+    :func:`cp3d.reconstruct` with the true diameter and is scored by :func:`cp3d.metrics.evaluate`.
 
     Returns
     -------
@@ -534,7 +534,8 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
         d = float(diameters[0] + t * (diameters[1] - diameters[0]))
         nz = float(noise[0] + t * (noise[1] - noise[0]))
         image, gt = cp3d.data.synthetic_stack(shape, d, kind="membrane", seed=VALIDATION_SEED + i, noise=nz)
-        pred = predict(image, model, progress=progress)
+        # one network pass: the score follows the network itself, comparable across training runs
+        pred = predict(image, model, augment=False, progress=progress)
         # the model's own formulation: reconstruct's default tanh scale (d / 2) assumes
         # images rescaled to the training diameter, which these stacks are not
         labels = cp3d.reconstruct(
