@@ -23,7 +23,7 @@ def _demo(args):
     image, truth = data.synthetic_stack(tuple(args.shape), args.diameter, seed=args.seed, noise=args.noise)
     seconds = {"synthesize": time.perf_counter() - start}
     result = segment(image, args.model, diameter=args.diameter, backend=args.backend, device=args.device,
-                     augment=args.augment)
+                     augment=args.augment, tile_size=args.tile_size, context=args.context)
     seconds.update(result.seconds)
     start = time.perf_counter()
     scores = metrics.evaluate(truth, result.labels)
@@ -46,7 +46,8 @@ def _segment(args):
     stack = io.read_image(args.input)
     voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
     result = segment(stack.data, args.model, diameter=args.diameter, voxel_size=voxel_size, backend=args.backend,
-                     device=args.device, augment=args.augment, progress=not args.quiet)
+                     device=args.device, augment=args.augment, tile_size=args.tile_size, context=args.context,
+                     progress=not args.quiet)
     io.write_labels(args.output, result.labels, voxel_size=voxel_size)
     if args.save_flows:
         maps = np.concatenate([result.flows, result.foreground[None]])
@@ -77,6 +78,11 @@ def _add_segment_options(parser):
     parser.add_argument("--device", default="auto", help="torch device for prediction")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help="one network pass instead of averaging four mirror images (4x faster, less accurate)")
+    parser.add_argument("--tile-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                        help="prediction tile shape on the model's grid (default: the fewest voxels within a memory "
+                             "budget); smaller tiles use less memory")
+    parser.add_argument("--context", type=int, default=None,
+                        help="voxels of context per tile end (default: the receptive radius, exact tiling)")
 
 
 def build_parser():

@@ -44,7 +44,7 @@ def cell_extent(diameter, voxel_size, train_diameter):
 
 
 def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto", device="auto",
-            augment=True, progress=False):
+            augment=True, tile_size=None, context=None, progress=False):
     """Segment the cells of a 3D membrane stack.
 
     The stack is rescaled, per axis, so that its cells match the size the
@@ -76,6 +76,14 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
         Average the predictions of the stack and its in-plane mirror images
         (see :func:`cp3d.predict`): four network passes, a more accurate
         segmentation. ``False`` predicts once, four times faster.
+    tile_size : int or tuple of 3 ints, optional
+        Tile shape (z, y, x) on the grid the network sees, that is after the
+        rescaling to the model's cell size; default chosen within a memory
+        budget (see :func:`cp3d.predict`). Smaller tiles bound the memory of
+        large stacks at the cost of recomputed context.
+    context : int or tuple of 3 ints, optional
+        Voxels of context around each tile (see :func:`cp3d.predict`); the
+        default, the network's receptive radius, makes tiling invisible.
     progress : bool
         Show a progress bar over the prediction tiles.
 
@@ -114,7 +122,8 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     # Predicting at this voxel size makes each cell train_diameter model voxels across.
     model_voxel = tuple(m * config.train_diameter / e for m, e in zip(config.voxel_size, extent))
     start = time.perf_counter()
-    prediction = predict(image, model, voxel_size=model_voxel, device=device, augment=augment, progress=progress)
+    prediction = predict(image, model, voxel_size=model_voxel, tile_size=tile_size, context=context, device=device,
+                         augment=augment, progress=progress)
     predicted = time.perf_counter()
     # Back on the original grid the model's tanh scale grows with the cells.
     scale = tuple(config.tanh_scale * e / config.train_diameter for e in extent)

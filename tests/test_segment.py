@@ -73,6 +73,18 @@ def test_segment_rescales_cells_to_the_training_size(tiny_model, monkeypatch):
     assert seen["voxel_size"] == pytest.approx((1.0, 0.5, 0.5))
 
 
+def test_segment_tiles_as_asked(tiny_model):
+    image, _ = cp3d.data.synthetic_stack((24, 96, 96), 8, seed=3)
+    whole = segment(image, tiny_model, augment=False)
+    tiled = segment(image, tiny_model, augment=False, tile_size=(24, 64, 64))
+    assert np.abs(tiled.flows - whole.flows).max() < 1e-5
+    np.testing.assert_array_equal(tiled.labels, whole.labels)
+    # a tile too small for the receptive field only fails if the size reaches predict
+    with pytest.raises(ValueError, match="too small"):
+        segment(image, tiny_model, augment=False, tile_size=(24, 16, 16))
+    segment(image, tiny_model, augment=False, tile_size=(24, 16, 16), context=0)
+
+
 def test_all_zero_image_gives_empty_labels(tiny_model):
     result = segment(np.zeros((16, 32, 32), np.float32), tiny_model)
     assert result.labels.shape == (16, 32, 32) and result.labels.dtype == np.uint32
@@ -118,6 +130,12 @@ def test_cli_demo_with_a_model_folder(tmp_path, tiny_model_dir, capsys):
     assert {"scores", "seconds", "cells"} <= set(report)
     assert set(report["seconds"]) == {"synthesize", "predict", "reconstruct", "evaluate"}
     assert all((tmp_path / name).exists() for name in ("image.tif", "truth.tif", "labels.tif", "flows.tif"))
+    # --tile-size reaches predict: a tile narrower than the network's context is refused with a message
+    assert cli.main(["demo", "--out", str(tmp_path), "--shape", "16", "64", "64", "--diameter", "8",
+                     "--model", str(tiny_model_dir), "--tile-size", "16", "16", "16"]) == 2
+    assert "too small" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(tmp_path), "--shape", "16", "64", "64", "--diameter", "8",
+                     "--model", str(tiny_model_dir), "--tile-size", "16", "16", "16", "--context", "0"]) == 0
 
 
 def test_tiling_is_invisible_with_the_bundled_model():
