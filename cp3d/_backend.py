@@ -8,9 +8,11 @@ for it.
 
 import sys
 
+import numba
 import numpy as np
 
 BACKENDS = ("auto", "numpy", "numba", "cuda")
+_numba_pool_started = False
 
 
 def is_cupy_array(x):
@@ -51,6 +53,11 @@ def resolve_backend(backend, *arrays):
     TypeError
         When NumPy and CuPy arrays are mixed, or the backend does not live on
         the arrays' device (we never copy between host and device silently).
+
+    Notes
+    -----
+    Picking ``"numba"`` starts Numba's thread pool (once per process, see
+    :func:`start_numba_pool`), so that no kernel starts it behind torch's back.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -59,7 +66,7 @@ def resolve_backend(backend, *arrays):
         raise TypeError("inputs mix NumPy and CuPy arrays; move them to one device first")
     on_gpu = kinds == {True}
     if backend == "auto":
-        return "cuda" if on_gpu else "numba"
+        backend = "cuda" if on_gpu else "numba"
     if on_gpu and backend != "cuda":
         raise TypeError(
             f"backend={backend!r} runs on the CPU but got CuPy arrays; "
@@ -70,7 +77,28 @@ def resolve_backend(backend, *arrays):
             "backend='cuda' needs CuPy arrays but got NumPy arrays; "
             "pass cupy.asarray(x) to run on the GPU"
         )
+    if backend == "numba":
+        start_numba_pool()
     return backend
+
+
+def start_numba_pool():
+    """Start Numba's thread pool, leaving torch's thread count as it was.
+
+    Starting Numba's OpenMP pool sets the calling thread's OpenMP thread
+    count to all of Numba's threads, and torch reads that count as its own:
+    a user's ``torch.set_num_threads(1)`` would silently be undone by the
+    first CPU kernel. Later calls do nothing.
+    """
+    global _numba_pool_started
+    if _numba_pool_started:
+        return
+    torch = sys.modules.get("torch")
+    threads = None if torch is None else torch.get_num_threads()
+    numba.get_num_threads()  # launches the pool
+    if torch is not None:
+        torch.set_num_threads(threads)
+    _numba_pool_started = True
 
 
 def check_volume(x, name, ndim=3):

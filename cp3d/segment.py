@@ -101,8 +101,6 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     >>> result.labels.max() > 0  # doctest: +SKIP
     True
     """
-    import torch
-
     from .model import UNet3D, load_model, predict
 
     image = check_volume(image, "image")
@@ -132,11 +130,8 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
         import cupy
 
         flows, foreground = cupy.asarray(flows), cupy.asarray(foreground)
-    threads = torch.get_num_threads()
     labels = reconstruct(flows, foreground, diameter=extent, targets=config.targets, tanh_scale=scale,
                          backend=backend)
-    # Numba's OpenMP pool, when it starts, sets the calling thread's OpenMP thread count, which torch reads as its own
-    torch.set_num_threads(threads)
     if backend == "cuda":
         labels = cupy.asnumpy(labels)
     seconds = {"predict": predicted - start, "reconstruct": time.perf_counter() - predicted}

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -121,3 +124,19 @@ def test_cuda_identical_to_numpy(membrane_cells):
     out = cp3d.reconstruct(cupy.asarray(flows), cupy.asarray(truth > 0), diameter=8)
     assert isinstance(out, cupy.ndarray)
     np.testing.assert_array_equal(out.get(), ref)
+
+
+def test_first_cpu_kernel_keeps_the_torch_thread_count():
+    """A user's torch.set_num_threads must survive the start of Numba's thread pool."""
+    # a fresh interpreter: Numba's pool starts, and sets OpenMP's thread count, once per process
+    code = (
+        "import numba, torch, cp3d\n"
+        "wanted = 1 if numba.config.NUMBA_NUM_THREADS > 1 else 2\n"
+        "torch.set_num_threads(wanted)\n"
+        "assert torch.get_num_threads() == wanted\n"
+        "_, truth = cp3d.data.synthetic_stack((16, 32, 32), 8, seed=1)\n"
+        "cp3d.reconstruct(cp3d.tanh_flows(truth, scale=4.0), truth > 0)\n"
+        "assert torch.get_num_threads() == wanted, (torch.get_num_threads(), wanted)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

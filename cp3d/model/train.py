@@ -27,12 +27,14 @@ import time
 import warnings
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .._backend import start_numba_pool
 from .predict import normalize_percentile, predict
 from .unet import UNet3D, UNetConfig, save_model
 
@@ -345,11 +347,9 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if num_threads is not None:
+        start_numba_pool()  # its start would reset the count set for torch below
+        numba.set_num_threads(min(int(num_threads), numba.config.NUMBA_NUM_THREADS))
         torch.set_num_threads(int(num_threads))
-        if "numba" in sys.modules:
-            import numba
-
-            numba.set_num_threads(min(int(num_threads), numba.config.NUMBA_NUM_THREADS))
     if not (isinstance(steps, int) and steps >= 1 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError("steps and batch_size must be positive ints")
     dev = _resolve_device(device)
