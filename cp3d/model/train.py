@@ -24,7 +24,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numba
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .._backend import start_numba_pool
 from .predict import normalize_percentile, predict
-from .unet import UNet3D, UNetConfig, save_model
+from .unet import UNet3D, UNetConfig, load_model, save_model
 
 __all__ = ["train", "validate", "augment_geometry", "flow_targets"]
 
@@ -471,20 +470,9 @@ def train(
     }
     _write_card(out_dir, card)
     if validate_stacks:
-        try:
-            import cp3d.metrics  # noqa: F401
-            from cp3d import reconstruct  # noqa: F401
-        except (ImportError, AttributeError) as e:
-            warnings.warn(
-                f"validation skipped, cp3d.reconstruct/cp3d.metrics not importable ({e}); run "
-                f"`python -m cp3d.model.train {out_dir} --validate-only` later"
-            )
-        else:
-            from .unet import load_model
-
-            # score the saved (float16) weights, i.e. what users will load
-            card["validation"] = validate(load_model(out_dir, device=dev), n_stacks=validate_stacks, progress=progress)
-            _write_card(out_dir, card)
+        # score the saved (float16) weights, i.e. what users will load
+        card["validation"] = validate(load_model(out_dir, device=dev), n_stacks=validate_stacks, progress=progress)
+        _write_card(out_dir, card)
     return model
 
 
@@ -589,8 +577,6 @@ def main(argv=None, prog="cp3d train"):
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
     if a.validate_only:
-        from .unet import load_model
-
         model = load_model(a.out_dir)
         scores = validate(model, n_stacks=a.validate_stacks or 4, progress=not a.no_progress)
         card_path = Path(a.out_dir, "model_card.json")
