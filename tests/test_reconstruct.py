@@ -126,16 +126,22 @@ def test_cuda_identical_to_numpy(membrane_cells):
     np.testing.assert_array_equal(out.get(), ref)
 
 
-def test_first_cpu_kernel_keeps_the_torch_thread_count():
+@pytest.mark.parametrize("call", [
+    "cp3d.reconstruct(cp3d.tanh_flows(truth, scale=4.0), truth > 0)",
+    "cp3d.segment(image, UNet3D(base_features=4, depth=2).eval(), augment=False)",
+], ids=["reconstruct", "segment"])
+def test_first_cpu_kernel_keeps_the_torch_thread_count(call):
     """A user's torch.set_num_threads must survive the start of Numba's thread pool."""
     # a fresh interpreter: Numba's pool starts, and sets OpenMP's thread count, once per process
     code = (
         "import numba, torch, cp3d\n"
+        "from cp3d.model import UNet3D\n"
         "wanted = 1 if numba.config.NUMBA_NUM_THREADS > 1 else 2\n"
         "torch.set_num_threads(wanted)\n"
         "assert torch.get_num_threads() == wanted\n"
-        "_, truth = cp3d.data.synthetic_stack((16, 32, 32), 8, seed=1)\n"
-        "cp3d.reconstruct(cp3d.tanh_flows(truth, scale=4.0), truth > 0)\n"
+        "torch.manual_seed(0)\n"
+        "image, truth = cp3d.data.synthetic_stack((16, 32, 32), 8, seed=1)\n"
+        f"{call}\n"
         "assert torch.get_num_threads() == wanted, (torch.get_num_threads(), wanted)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -39,23 +37,6 @@ def test_segment_returns_maps_on_the_original_grid(tiny_model):
     assert result.labels.shape == image.shape and result.labels.dtype == np.uint32
     assert result.flows.shape == (3, *image.shape) and result.foreground.shape == image.shape
     assert set(result.seconds) == {"predict", "reconstruct"}
-
-
-def test_segment_keeps_the_torch_thread_count():
-    """Numba's first parallel kernel must not change how many threads torch uses afterwards."""
-    # a fresh interpreter: Numba's thread pool starts, and sets OpenMP's count, once per process
-    code = (
-        "import numba, torch, cp3d\n"
-        "from cp3d.model import UNet3D\n"
-        "wanted = 1 if numba.config.NUMBA_NUM_THREADS > 1 else 2\n"
-        "torch.set_num_threads(wanted)\n"
-        "torch.manual_seed(0)\n"
-        "image, _ = cp3d.data.synthetic_stack((16, 32, 32), 8, seed=1)\n"
-        "cp3d.segment(image, UNet3D(base_features=4, depth=2).eval(), augment=False)\n"
-        "assert torch.get_num_threads() == wanted, (torch.get_num_threads(), wanted)\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_segment_rescales_cells_to_the_training_size(tiny_model, monkeypatch):
