@@ -240,7 +240,6 @@ def test_predict_all_zero_image():
     np.testing.assert_array_equal(normalize_percentile(np.full((4, 4, 4), 7.0)), 0)
 
 
-
 @pytest.mark.parametrize("axis", [1, 2])
 def test_augmented_prediction_follows_a_mirrored_stack(axis):
     """Averaging over the in-plane mirrors makes any network mirror-equivariant; one pass is not."""
@@ -257,6 +256,7 @@ def test_augmented_prediction_follows_a_mirrored_stack(axis):
 def test_augment_must_be_a_bool():
     with pytest.raises(TypeError, match="augment"):
         predict(np.zeros((8, 8, 8), np.float32), tiny_net(), augment="yes")
+
 
 @pytest.mark.parametrize(
     "shape, match",
