@@ -282,6 +282,49 @@ def test_predict_rejects_nan_and_training_mode():
         predict(np.zeros((8, 8, 8)), tiny_net().train())
 
 
+@pytest.mark.parametrize("norm", ["batch", "instance", "none"])
+def test_inference_copy_computes_the_same_maps(norm):
+    net = tiny_net(norm=norm)
+    if norm == "batch":  # non-trivial frozen statistics, so folding them has something to do
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.data.uniform_(0.5, 1.5)
+    fast = net.for_inference(torch.device("cpu"))
+    x = torch.rand(1, 1, 16, 24, 20)
+    with torch.inference_mode():
+        expected = net(x)
+        got = fast(x.contiguous(memory_format=net.memory_format("cpu")))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.modules())  # folded away
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules()) == (norm == "batch")  # net untouched
+
+
+def test_inference_copy_needs_eval_mode():
+    with pytest.raises(ValueError, match="training mode"):
+        tiny_net().train().for_inference(torch.device("cpu"))
+
+
+def test_auto_device_prefers_a_gpu(monkeypatch):
+    from cp3d.model.predict import _resolve_device
+
+    assert _resolve_device("auto", tiny_net()) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # a model loaded on the CPU (as segment and load_model do) still predicts on the GPU when there is one
+    assert _resolve_device("auto", tiny_net()).type == "cuda"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_unavailable_or_unknown_device_is_a_clear_error():
+    from cp3d.model.predict import _resolve_device
+
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        predict(np.zeros((8, 8, 8)), tiny_net(), device="cuda")
+    with pytest.raises(ValueError, match="device must be"):
+        _resolve_device("gpu please")
+
+
 # --------------------------------------------------------------------------- training pieces
 
 

@@ -187,6 +187,7 @@ def _blended_tiles(x, model, dev, plans, batch_size, pad_mode, bar):
             batch = grid[i : i + batch_size]
             sl = [tuple(slice(s, s + t) for (s, _), t in zip(tile, tshape)) for tile in batch]
             inp = torch.from_numpy(np.stack([xp[s] for s in sl])[:, None]).to(dev)
+            inp = inp.contiguous(memory_format=model.memory_format(dev))
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 raw = model(inp)
             flows, fg = model.activate(raw.float())
@@ -203,13 +204,20 @@ def _blended_tiles(x, model, dev, plans, batch_size, pad_mode, bar):
     return out
 
 
-def _resolve_device(device, model):
-    if isinstance(model, torch.nn.Module) and device == "auto":
-        p = next(model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+def _resolve_device(device, model=None):
+    """The torch device prediction runs on; "auto": a given model's GPU, else CUDA when available, else the CPU."""
     if device == "auto":
+        p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        if p is not None and p.device.type != "cpu":
+            return p.device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or a torch device, got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA GPU")
+    return dev
 
 
 def _zoom_to_shape(arr, shape, order):
@@ -274,8 +282,9 @@ def predict(
     batch_size : int, optional
         Tiles per network call.
     device : {"auto"} or str or torch.device, optional
-        ``"auto"``: the device of a given model, else CUDA when available,
-        else the CPU. A given model is moved to an explicit `device`.
+        ``"auto"``: the GPU a given model is on, else CUDA when available,
+        else the CPU. The network runs as a copy on that device
+        (:meth:`UNet3D.for_inference`); a given model is not moved.
     pad_mode : {"reflect", "constant"}, optional
         How each axis is extended at its end to a multiple of ``2**depth``.
     augment : bool, optional
@@ -324,11 +333,8 @@ def predict(
         model = "tanh"
     dev = _resolve_device(device, model)
     if not isinstance(model, UNet3D):
-        model = load_model(model, device=dev)
-    else:
-        model = model.to(dev)
-    if model.training:
-        raise ValueError("model is in training mode; call model.eval() first")
+        model = load_model(model)
+    net = model.for_inference(dev)
     cfg = model.config
     m = cfg.multiple
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -371,7 +377,7 @@ def predict(
     acc = None
     with tqdm(total=n_batches, desc="predict", unit="batch", disable=not progress) as bar:
         for axes in mirrors:
-            out = _blended_tiles(np.flip(x, axes), model, dev, plans, batch_size, pad_mode, bar)
+            out = _blended_tiles(np.flip(x, axes), net, dev, plans, batch_size, pad_mode, bar)
             out = np.flip(out, [a + 1 for a in axes])
             out[list(axes)] *= -1  # mirroring axis a reverses the flow along a
             if acc is None:

@@ -34,7 +34,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .._backend import start_numba_pool
-from .predict import normalize_percentile, predict
+from .predict import _resolve_device, normalize_percentile, predict
 from .unet import UNet3D, UNetConfig, load_model, save_model
 
 __all__ = ["train", "validate", "augment_geometry", "flow_targets"]
@@ -223,12 +223,6 @@ def compute_loss(raw, fg, flows, *, flow_weight=5.0, background_weight=0.1):
 
 
 # --------------------------------------------------------------------------- training
-
-
-def _resolve_device(device):
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _lr_lambda(steps, warmup):

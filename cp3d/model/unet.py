@@ -20,6 +20,7 @@ whole-stack prediction exactly, up to float rounding.
 that guarantee; ``norm="none"`` uses no normalisation layer.
 """
 
+import copy
 import dataclasses
 import json
 import logging
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 __all__ = ["UNetConfig", "UNet3D", "save_model", "load_model", "available_models", "WEIGHTS_DIR"]
 
@@ -325,6 +327,42 @@ class UNet3D(nn.Module):
     @property
     def n_parameters(self):
         return sum(p.numel() for p in self.parameters())
+
+    def for_inference(self, device):
+        """A copy of this eval-mode network, made faster for prediction on `device`.
+
+        Each frozen batch norm is folded into the convolution before it, and
+        on the CPU the copy works channels-last (``torch.channels_last_3d``,
+        which oneDNN convolves about twice as fast at 64 x 256 x 256, see
+        ``bench/bench_predict.py``). The outputs equal this network's up to
+        float rounding; the network itself is left unchanged.
+
+        Parameters
+        ----------
+        device : torch.device
+            Where the copy lives; feed it inputs in :meth:`memory_format`.
+
+        Returns
+        -------
+        UNet3D
+        """
+        if self.training:
+            raise ValueError("model is in training mode; call model.eval() first")
+        net = copy.deepcopy(self).to(device)
+        if self.config.norm == "batch":
+            for block in [*net.down, net.bottom, *net.up_blocks]:
+                for conv in (0, 3):  # _Block: conv, norm, activation, conv, norm, activation
+                    block[conv] = fuse_conv_bn_eval(block[conv], block[conv + 1])
+                    block[conv + 1] = nn.Identity()
+        return net.to(memory_format=net.memory_format(device))
+
+    @staticmethod
+    def memory_format(device):
+        """Tensor layout :meth:`for_inference` networks work in on `device`.
+
+        Channels-last on the CPU only: it was measured there, not yet on a GPU.
+        """
+        return torch.channels_last_3d if torch.device(device).type == "cpu" else torch.contiguous_format
 
 
 def save_model(model, path, *, half=True):
