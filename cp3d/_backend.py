@@ -30,6 +30,15 @@ def get_array_module(x):
     return np
 
 
+def import_cupy():
+    """Import CuPy, or raise an ``ImportError`` that says how to install it."""
+    try:
+        import cupy
+    except ImportError as e:
+        raise ImportError(f"backend='cuda' needs CuPy, which is not installed ({e}); pip install 'cp3d[gpu]'") from e
+    return cupy
+
+
 def resolve_backend(backend, *arrays):
     """Pick the backend for `arrays` and check that it can take them.
 

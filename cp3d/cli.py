@@ -43,6 +43,9 @@ def _segment(args):
     from . import io
     from .segment import segment
 
+    for path in (args.output, args.save_flows):
+        if path:
+            io.check_output_folder(path)  # before the minutes of prediction, not after
     stack = io.read_image(args.input)
     voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
     result = segment(stack.data, args.model, diameter=args.diameter, voxel_size=voxel_size, backend=args.backend,
@@ -104,7 +107,8 @@ def build_parser():
     p.add_argument("--diameter", type=float, default=None, help="typical cell diameter in voxels along x")
     p.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="default: read from the TIFF, else isotropic")
-    p.add_argument("--save-flows", default=None, metavar="TIFF", help="also write the 4 predicted maps")
+    p.add_argument("--save-flows", default=None, metavar="TIFF", help="also write the predicted maps, as one (4 Z, Y, X) stack: Z slices each of flow z, "
+                        "flow y, flow x and foreground probability")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_segment_options(p)
     p.set_defaults(run=_segment)
@@ -132,12 +136,14 @@ def main(argv=None):
     if argv[:1] == ["train"]:
         from .model.train import main as train_main
 
-        return train_main(argv[1:], prog="cp3d train")
-    args = build_parser().parse_args(argv)
+        command, run = "train", lambda: train_main(argv[1:], prog="cp3d train")
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.run(args)
     try:
-        args.run(args)
-    except (ValueError, TypeError, OSError) as error:
-        print(f"cp3d {args.command}: error: {error}", file=sys.stderr)
+        run()
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        print(f"cp3d {command}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -179,12 +179,28 @@ def _image_dtype(data):
 
 
 def _write(path, data, voxel_size):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    kwargs = _imagej_kwargs(data.shape, voxel_size)
+    atomic_write(path, lambda fh: tifffile.imwrite(fh, data, **kwargs))
+
+
+def check_output_folder(path):
+    """Return the folder `path` will be written into; ``FileNotFoundError`` if it does not exist."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder does not exist: {folder!r}")
-    kwargs = _imagej_kwargs(data.shape, voxel_size)
-    _atomic_write(path, folder, lambda fh: tifffile.imwrite(fh, data, **kwargs))
+    return folder
+
+
+def atomic_write(path, write):
+    """Write a file whole or not at all: ``write(binary_file)`` fills a temporary file beside `path`, which
+    then replaces `path`.
+
+    A crash or an error inside `write` leaves `path` as it was and no
+    temporary file behind. Raises ``FileNotFoundError`` when the folder of
+    `path` does not exist.
+    """
+    path = os.fspath(path)
+    _atomic_write(path, check_output_folder(path), write)
 
 
 def _imagej_kwargs(shape, voxel_size):

@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._backend import as_triple, check_volume
+from ._backend import as_triple, import_cupy, resolve_backend
 from .reconstruct import reconstruct
 
 
@@ -102,21 +102,21 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     True
     """
     from .model import UNet3D, load_model, predict
+    from .model.predict import _resolve_device, _validate_image
 
-    image = check_volume(image, "image")
-    if image.dtype.kind not in "uif":
-        raise TypeError(f"image must be a real-valued array, got dtype {image.dtype}")
-    if not isinstance(image, np.ndarray):
-        raise TypeError("image must be a NumPy array; prediction moves tiles to the device itself")
+    image = _validate_image(image)
+    if resolve_backend(backend) == "cuda":
+        cupy = import_cupy()
+    _resolve_device(device)  # a bad device fails here, not after loading the model
     if not isinstance(model, UNet3D):
         model = load_model("tanh" if model is None else model)
     config = model.config
+    extent = cell_extent(diameter, voxel_size, config.train_diameter)
     if float(image.min()) == float(image.max()):
         # A constant stack (e.g. all zero) holds no cells; the network would only see noise-free padding.
         zeros = np.zeros(image.shape, np.float32)
         return Segmentation(np.zeros(image.shape, np.uint32), np.zeros((3, *image.shape), np.float32), zeros,
                             {"predict": 0.0, "reconstruct": 0.0})
-    extent = cell_extent(diameter, voxel_size, config.train_diameter)
     # Predicting at this voxel size makes each cell train_diameter model voxels across.
     model_voxel = tuple(m * config.train_diameter / e for m, e in zip(config.voxel_size, extent))
     start = time.perf_counter()
@@ -127,8 +127,6 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     scale = tuple(config.tanh_scale * e / config.train_diameter for e in extent)
     flows, foreground = prediction.flows, prediction.foreground
     if backend == "cuda":
-        import cupy
-
         flows, foreground = cupy.asarray(flows), cupy.asarray(foreground)
     labels = reconstruct(flows, foreground, diameter=extent, targets=config.targets, tanh_scale=scale,
                          backend=backend)

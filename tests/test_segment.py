@@ -1,3 +1,4 @@
+import importlib
 import json
 
 import numpy as np
@@ -8,6 +9,8 @@ import cp3d
 from cp3d import cli
 from cp3d.model import UNet3D, save_model
 from cp3d.segment import Segmentation, cell_extent, segment
+
+SEGMENT_MODULE = importlib.import_module("cp3d.segment")  # the package's `cp3d.segment` is the function
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +78,48 @@ def test_all_zero_image_gives_empty_labels(tiny_model):
 def test_segment_bad_input(tiny_model):
     with pytest.raises(ValueError, match="3D"):
         segment(np.zeros((32, 32), np.float32), tiny_model)
-    with pytest.raises(ValueError, match="3D"):
+    with pytest.raises(ValueError, match="RGB"):
         segment(np.zeros((8, 32, 32, 3), np.float32), tiny_model)
+    with pytest.raises(ValueError, match="2D RGB"):
+        segment(np.zeros((64, 64, 3), np.uint8), tiny_model)
     with pytest.raises(TypeError, match="real-valued"):
         segment(np.zeros((8, 16, 16), np.complex64), tiny_model)
     with pytest.raises(ValueError, match="model"):
         segment(np.zeros((8, 16, 16), np.float32), "no-such-model")
+    with pytest.raises(ValueError, match="NaN"):
+        segment(np.full((8, 16, 16), np.nan, np.float32), tiny_model)
+
+
+@pytest.mark.parametrize("option, match", [
+    ({"backend": "gpu"}, "backend must be one of"),
+    ({"diameter": -1}, "diameter"),
+    ({"voxel_size": (1, 2)}, "voxel_size"),
+    ({"device": "gpu please"}, "device"),
+])
+def test_segment_checks_options_before_any_work(tiny_model, option, match, monkeypatch):
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("predict ran before the options were checked")
+
+    monkeypatch.setattr(cp3d.model, "predict", no_prediction)
+    # the all-zero stack returns early, so options must be checked before that too
+    for image in (np.zeros((8, 16, 16), np.float32), np.random.default_rng(0).random((8, 16, 16))):
+        with pytest.raises(ValueError, match=match):
+            segment(image, tiny_model, **option)
+
+
+def test_cuda_backend_without_cupy_says_how_to_install(tiny_model, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_cupy(name, *args, **kwargs):
+        if name == "cupy":
+            raise ModuleNotFoundError("No module named 'cupy'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cupy)
+    with pytest.raises(ImportError, match=r"cp3d\[gpu\]"):
+        segment(np.random.default_rng(0).random((8, 16, 16)), tiny_model, backend="cuda")
 
 
 def test_cli_synth_segment_evaluate(tmp_path, tiny_model_dir, capsys):
@@ -131,3 +170,57 @@ def test_tiling_is_invisible_with_the_bundled_model():
     b = cp3d.reconstruct(tiled.flows, tiled.foreground)
     scores = cp3d.metrics.evaluate(a, b)
     assert a.max() > 100 and scores["ap50"] == 1.0 and scores["ap90"] >= 0.99, scores
+
+
+def test_cli_segment_reads_the_voxel_size_from_the_tiff(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def spy(image, model=None, **kwargs):
+        seen.update(kwargs)
+        return Segmentation(np.zeros(image.shape, np.uint32), np.zeros((3, *image.shape), np.float32),
+                            np.zeros(image.shape, np.float32), {"predict": 0.0, "reconstruct": 0.0})
+
+    monkeypatch.setattr(SEGMENT_MODULE, "segment", spy)
+    cp3d.io.write_image(tmp_path / "in.tif", np.ones((4, 8, 8), np.float32), voxel_size=(2.0, 0.5, 0.5))
+    assert cli.main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--quiet"]) == 0
+    assert seen["voxel_size"] == pytest.approx((2.0, 0.5, 0.5))
+    assert cp3d.io.read_image(tmp_path / "out.tif").voxel_size == pytest.approx((2.0, 0.5, 0.5))
+    assert cli.main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--quiet",
+                     "--voxel-size", "1", "1", "1"]) == 0
+    assert seen["voxel_size"] == (1.0, 1.0, 1.0)
+
+
+def test_cli_checks_outputs_before_segmenting(tmp_path, monkeypatch, capsys):
+    def no_segmentation(*args, **kwargs):
+        raise AssertionError("segmented before the outputs were checked")
+
+    monkeypatch.setattr(SEGMENT_MODULE, "segment", no_segmentation)
+    image = tmp_path / "in.tif"
+    cp3d.io.write_image(image, np.ones((4, 8, 8), np.float32))
+    assert cli.main(["segment", str(image), "-o", str(tmp_path / "nodir" / "out.tif")]) == 2
+    assert "output folder does not exist" in capsys.readouterr().err
+    assert cli.main(["segment", str(image), "-o", str(tmp_path / "out.tif"),
+                     "--save-flows", str(tmp_path / "nodir" / "maps.tif")]) == 2
+    assert "nodir" in capsys.readouterr().err
+    assert not (tmp_path / "out.tif").exists()  # no half set of outputs
+
+
+def test_cli_bad_model_rgb_stack_and_training_errors_are_messages(tmp_path, capsys):
+    image = tmp_path / "in.tif"
+    cp3d.io.write_image(image, np.random.default_rng(0).random((4, 8, 8)).astype(np.float32))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "weights.pt").write_bytes(b"not a torch file")
+    assert cli.main(["segment", str(image), "-o", str(tmp_path / "o.tif"), "--model", str(broken)]) == 2
+    assert "weights" in capsys.readouterr().err
+    assert cli.main(["segment", str(image), "-o", str(tmp_path / "o.tif"), "--model", str(broken / "weights.pt")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((4, 16, 16, 3), np.uint8), photometric="rgb")
+    assert cli.main(["segment", str(tmp_path / "rgb.tif"), "-o", str(tmp_path / "o.tif")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cp3d segment: error:") and "rgb.tif" in err
+    assert cli.main(["train", str(tmp_path / "run"), "--resume", str(tmp_path / "nothing")]) == 2
+    assert "cp3d train: error: no checkpoint" in capsys.readouterr().err

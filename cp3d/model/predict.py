@@ -44,19 +44,24 @@ class Prediction(NamedTuple):
 
 def _validate_image(image):
     if is_cupy_array(image):
-        raise TypeError("predict takes a NumPy array; pass cupy.asnumpy(image)")
+        raise TypeError("image must be a NumPy array (prediction moves tiles to the device itself); "
+                        "pass cupy.asnumpy(image)")
     image = np.asarray(image)
     if image.ndim == 4 and image.shape[-1] in (3, 4):
         raise ValueError(
-            f"image has shape {image.shape}: an RGB(A) stack? predict needs one channel (Z, Y, X); "
+            f"image has shape {image.shape}: an RGB(A) stack? cp3d needs one channel (Z, Y, X); "
             "pick the membrane channel, e.g. image[..., 0]"
         )
     if image.ndim == 4:
         raise ValueError(
-            f"image has shape {image.shape}: a multi-channel or time series? predict needs a single "
+            f"image has shape {image.shape}: a multi-channel or time series? cp3d needs a single "
             "3D stack (Z, Y, X)"
         )
     check_volume(image, "image")
+    if image.ndim == 3 and image.shape[-1] in (3, 4) and min(image.shape[:2]) >= 16:
+        raise ValueError(
+            f"image has shape {image.shape}: a 2D RGB(A) image? cp3d segments 3D stacks (Z, Y, X) of one channel"
+        )
     if image.dtype.kind not in "biuf":
         raise TypeError(f"image must be real-valued, got dtype {image.dtype}")
     image = image.astype(np.float32, copy=False)

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import platform
 import sys
 import time
@@ -34,6 +33,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .._backend import start_numba_pool
+from ..io import atomic_write
 from .predict import _resolve_device, normalize_percentile, predict
 from .unet import UNet3D, UNetConfig, load_model, save_model
 
@@ -398,9 +398,7 @@ def train(
             "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
             "pool": {"ids": list(pool.ids), "next_id": pool.next_id},
         }
-        tmp = out_dir / (CHECKPOINT_NAME + ".tmp")
-        torch.save(ck, tmp)
-        os.replace(tmp, out_dir / CHECKPOINT_NAME)
+        atomic_write(out_dir / CHECKPOINT_NAME, lambda fh: torch.save(ck, fh))
 
     log_path = out_dir / "train_log.jsonl"
     model.train()
@@ -478,7 +476,8 @@ def _write_card(out_dir, card):
             return list(o) if isinstance(o, tuple) else str(o)
         return repr(o)
 
-    Path(out_dir, "model_card.json").write_text(json.dumps(card, indent=2, default=default) + "\n")
+    text = json.dumps(card, indent=2, default=default) + "\n"
+    atomic_write(Path(out_dir, "model_card.json"), lambda fh: fh.write(text.encode()))
 
 
 # --------------------------------------------------------------------------- validation

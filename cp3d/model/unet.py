@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..io import atomic_write
+
 __all__ = ["UNetConfig", "UNet3D", "save_model", "load_model", "available_models", "WEIGHTS_DIR"]
 
 log = logging.getLogger(__name__)
@@ -197,7 +199,8 @@ class UNetConfig:
         return cls(**d)
 
     def to_json(self, path):
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        atomic_write(path, lambda fh: fh.write(text.encode()))
 
     @classmethod
     def from_json(cls, path):
@@ -378,9 +381,7 @@ def save_model(model, path, *, half=True):
         k: (v.detach().to("cpu", torch.float16 if half else torch.float32) if v.is_floating_point() else v.detach().cpu())
         for k, v in model.state_dict().items()
     }
-    tmp = path / (WEIGHTS_NAME + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path / WEIGHTS_NAME)
+    atomic_write(path / WEIGHTS_NAME, lambda fh: torch.save(state, fh))
     model.config.to_json(path / CONFIG_NAME)
     return path
 
@@ -405,6 +406,8 @@ def _resolve_model_dir(name_or_path):
             f"available: {available_models() or 'none'}; or pass a directory holding "
             f"{CONFIG_NAME} and {WEIGHTS_NAME}"
         )
+    if p.is_file():
+        raise ValueError(f"{p} is a file: pass the model directory that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     raise ValueError(f"model directory {p} does not exist")
 
 
