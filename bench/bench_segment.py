@@ -25,13 +25,19 @@ the training range. The watershed's parameters are tuned by a grid search on
 ONE separate training-like stack (seed 1234, diameter 11, noise 0.1), never on
 the test stacks; the grid and its scores are written with the results.
 
+A second held-out set (seeds from 11,000, the same diameters) has every
+noise level above the training range (0.25, 0.3): the models and the
+watershed with default settings, to show how far the models carry beyond the
+noise they were trained on.
+
 A last measurement times the stages (predict, reconstruct) of the tanh model,
 with and without test-time augmentation, on one 64 x 256 x 256 stack with ``torch.set_num_threads(2)`` and Numba's
 default thread count.
 
 Usage::
 
-    python bench/bench_segment.py --tanh-model /work/train_runs/tanh --heat-model /work/train_runs/heat
+    python bench/bench_segment.py            # the bundled tanh and heat models
+    python bench/bench_segment.py --tanh-model RUN_DIR --heat-model RUN_DIR2   # models from cp3d train
     python bench/bench_segment.py --quick    # smoke test on small stacks, a few minutes
 
 Results go to ``bench/results/segment.json`` and ``segment.md``
@@ -66,6 +72,8 @@ RESULTS = HERE / "results"
 TEST_SEED = 10_000  # test stack i has seed TEST_SEED + i; training seeds stay far below
 TEST_DIAMETERS = (8.0, 14.0)
 TEST_NOISE = (0.05, 0.12, 0.22)
+UNSEEN = {"seed": 11_000, "noise": (0.25, 0.3)}  # a second held-out set, all noise above the training range
+UNSEEN_SETTINGS = {"tanh": ("default",), "watershed": ("default",), "heat": ("default",)}
 TUNE = {"seed": 1234, "diameter": 11.0, "noise": 0.1}  # the one training-like stack the watershed is tuned on
 TIMING = {"shape": (64, 256, 256), "diameter": 10.0, "noise": 0.12, "seed": 20_000, "repeat": 2}
 TIMING_QUICK = {"shape": (32, 128, 128), "diameter": 10.0, "noise": 0.12, "seed": 20_000, "repeat": 1}
@@ -113,12 +121,11 @@ def true_diameter(labels):
     return float(np.median((6.0 * volumes / np.pi) ** (1.0 / 3.0)))
 
 
-def test_stacks(n, shape):
-    """Specifications of the `n` held-out stacks: diameters evenly over 8..14, noise cycling."""
+def test_stacks(n, shape, seed=TEST_SEED, noise=TEST_NOISE):
+    """Specifications of `n` held-out stacks: diameters evenly over 8..14, noise cycling through `noise`."""
     diameters = np.linspace(*TEST_DIAMETERS, n) if n > 1 else [float(np.mean(TEST_DIAMETERS))]
     return [
-        {"seed": TEST_SEED + i, "diameter": round(float(d), 3), "noise": TEST_NOISE[i % len(TEST_NOISE)],
-         "shape": list(shape)}
+        {"seed": seed + i, "diameter": round(float(d), 3), "noise": noise[i % len(noise)], "shape": list(shape)}
         for i, d in enumerate(diameters)
     ]
 
@@ -254,10 +261,31 @@ def time_stages(model, spec, augment):
             "torch_threads": torch.get_num_threads(), "numba_threads": numba.get_num_threads()}
 
 
-def summarise(per_stack):
+def score_stacks(specs, settings, models, ws_params, assumed):
+    """Every method in every setting of `settings` on each stack of `specs`, with scores and seconds."""
+    per_stack = []
+    for spec in specs:
+        image, gt = make_stack(spec)
+        d_true = true_diameter(gt)
+        entry = {"spec": spec, "true_diameter": d_true, "n_gt": int(gt.max()), "results": {}}
+        # methods interleaved per stack so that background load hits them alike
+        for method, method_settings in settings.items():
+            entry["results"][method] = {}
+            for setting in method_settings:
+                labels, seconds = run_method(method, setting, image, d_true, models, ws_params, assumed)
+                sc = _scores(gt, labels)
+                entry["results"][method][setting] = {"scores": sc, "seconds": seconds}
+                print(f"seed {spec['seed']} d {d_true:.1f} noise {spec['noise']} {method:9s} {setting:13s} "
+                      f"dice {sc['dice']:.3f} ap50 {sc['ap50']:.3f} ap75 {sc['ap75']:.3f} "
+                      f"n {sc['n_pred']}/{sc['n_gt']} {seconds['total']:.1f}s", flush=True)
+        per_stack.append(entry)
+    return per_stack
+
+
+def summarise(per_stack, settings=SETTINGS):
     summary = {}
-    for method, settings in SETTINGS.items():
-        for setting in settings:
+    for method, method_settings in settings.items():
+        for setting in method_settings:
             rows = [s["results"][method][setting] for s in per_stack]
             summary[f"{method}/{setting}"] = {
                 "method": method, "setting": setting,
@@ -325,6 +353,19 @@ def markdown(report):
                 cells.append(f"{sc['dice']:.2f} / {sc['ap50']:.2f}")
         lines.append(f"| {s['spec']['seed']} | {s['true_diameter']:.1f} | {s['spec']['noise']} | {s['n_gt']} | "
                      + " | ".join(cells) + " |")
+    unseen = report["unseen_noise"]
+    lines += [
+        "",
+        f"A second held-out set, every noise level above the training range: {len(unseen['stacks'])} stacks, "
+        f"seeds {unseen['config']['seed']}.., the same diameters, noise {', '.join(map(str, unseen['config']['noise']))}, "
+        "default settings:",
+        "",
+        "| method | Dice | AP@0.5 | AP@0.75 | arand | n_pred / n_gt |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in unseen["summary"].values():
+        lines.append(f"| {LABELS[row['method']]} | {row['dice']:.3f} | {row['ap50']:.3f} | {row['ap75']:.3f} | "
+                     f"{row['arand']:.3f} | {row['n_pred']:.0f} / {row['n_gt']:.0f} |")
     t = report["timing"][0]
     lines += [
         "",
@@ -401,22 +442,9 @@ def main(argv=None):
     print(f"watershed parameters: {ws_params}", flush=True)
     warm_up(models, ws_params)
 
-    per_stack = []
-    for spec in test_stacks(n_stacks, shape):
-        image, gt = make_stack(spec)
-        d_true = true_diameter(gt)
-        entry = {"spec": spec, "true_diameter": d_true, "n_gt": int(gt.max()), "results": {}}
-        # methods interleaved per stack so that background load hits them alike
-        for method, settings in SETTINGS.items():
-            entry["results"][method] = {}
-            for setting in settings:
-                labels, seconds = run_method(method, setting, image, d_true, models, ws_params, assumed)
-                sc = _scores(gt, labels)
-                entry["results"][method][setting] = {"scores": sc, "seconds": seconds}
-                print(f"seed {spec['seed']} d {d_true:.1f} noise {spec['noise']} {method:9s} {setting:13s} "
-                      f"dice {sc['dice']:.3f} ap50 {sc['ap50']:.3f} ap75 {sc['ap75']:.3f} "
-                      f"n {sc['n_pred']}/{sc['n_gt']} {seconds['total']:.1f}s", flush=True)
-        per_stack.append(entry)
+    per_stack = score_stacks(test_stacks(n_stacks, shape), SETTINGS, models, ws_params, assumed)
+    print(f"second held-out set, noise {UNSEEN['noise']} (above the training range)", flush=True)
+    unseen_stacks = score_stacks(test_stacks(n_stacks, shape, **UNSEEN), UNSEEN_SETTINGS, models, ws_params, assumed)
 
     timing_spec = dict(TIMING_QUICK if a.quick else TIMING)
     timing_spec["shape"] = list(timing_spec["shape"])
@@ -441,6 +469,8 @@ def main(argv=None):
         "settings": {k: list(v) for k, v in SETTINGS.items()},
         "summary": summary,
         "goal": goal,
+        "unseen_noise": {"config": dict(UNSEEN, noise=list(UNSEEN["noise"])),
+                         "summary": summarise(unseen_stacks, UNSEEN_SETTINGS), "stacks": unseen_stacks},
         "timing": timing,
         "watershed_tuning": tuning,
         "stacks": per_stack,

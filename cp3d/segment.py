@@ -63,7 +63,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
         directory; the bundled tanh model by default.
     diameter : float, optional
         Typical cell diameter in voxels along x. ``None`` assumes the
-        model's training size (10 voxels for the bundled models).
+        model's training size (about 10.25 voxels for the bundled models).
     voxel_size : float or (float, float, float), optional
         Voxel size (z, y, x), any unit; only ratios matter. ``None`` means
         isotropic voxels.

@@ -260,11 +260,15 @@ def predict(
         A network, a bundled model name or a model directory; default the
         bundled ``"tanh"`` model.
     voxel_size : float or tuple of 3 floats, optional
-        Voxel size (z, y, x) of `image`. When given and different from the
-        model's training voxel size (``model.config.voxel_size``), the image
-        is resampled (linear) to the training voxel size and the maps are
-        resampled back to the original shape exactly. Flow values are not
-        rescaled.
+        Voxel size (z, y, x) of `image` in the units of the model's training
+        grid, ``model.config.voxel_size`` (``(1, 1, 1)`` for the bundled
+        models, whose cells were ``config.train_diameter`` voxels across):
+        the values are absolute, not ratios, so ``(2, 2, 2)`` doubles every
+        axis. When it differs from the training voxel size, the image is
+        resampled (linear) to it and the maps are resampled back to the
+        original shape exactly. Flow values are not rescaled. To start from a
+        microscope's voxel size (in µm) and a cell diameter, use
+        :func:`cp3d.segment`, which works out this value.
     tile_size : int or tuple of 3 ints, optional
         Tile shape (z, y, x); default ``model.config.tile_size``, and where
         that is ``None`` (or too small for the context) the shape that

@@ -321,7 +321,7 @@ def train(
     flow_weight, background_weight : float
         Loss weights, see :func:`compute_loss`.
     num_threads : int, optional
-        ``torch.set_num_threads`` (and Numba's thread count, when loaded).
+        Threads for torch and for Numba (whose pool is started first, since its start resets torch's count).
     validate_stacks : int
         Held-out stacks scored by :func:`validate` at the end (0 to skip).
     log_every : int
