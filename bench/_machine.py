@@ -3,8 +3,10 @@
 import datetime
 import os
 import platform
+import resource
 import shutil
 import subprocess
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -67,3 +69,21 @@ def machine_info(packages=("numpy", "numba", "scipy", "torch"), **extra):
         "versions": {"python": platform.python_version(), "cp3d": package_version("cp3d"),
                      **{p: package_version(p) for p in packages}},
     }
+
+
+# A process started by exec inherits, as its ru_maxrss, the resident size of
+# the process it replaced: a child forked from a (large) benchmark would
+# start with the benchmark's peak. A small Python launcher in between gives
+# the measured process a fresh, small baseline.
+_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+
+
+def run_fresh_python(args):
+    """Run ``python *args`` in a fresh process whose ``ru_maxrss`` starts from its own size."""
+    return subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, *args], capture_output=True, text=True)
+
+
+def max_rss_bytes():
+    """This process's peak resident size so far, in bytes."""
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit

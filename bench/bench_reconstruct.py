@@ -27,8 +27,6 @@ import argparse
 import json
 import math
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -345,20 +343,12 @@ def memory_child(backend, folder):
     flows = np.load(Path(folder) / "flows.npy")
     foreground = np.load(Path(folder) / "foreground.npy")
     rss_before = _vm_status("VmRSS")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _machine.max_rss_bytes()
     seconds, _ = timed(lambda: cp3d.reconstruct(flows, foreground, backend=backend))
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
-    print(json.dumps({"backend": backend, "rss_before_bytes": rss_before, "maxrss_before_bytes": before * unit,
-                      "maxrss_after_bytes": after * unit, "extra_bytes": (after - before) * unit,
+    after = _machine.max_rss_bytes()
+    print(json.dumps({"backend": backend, "rss_before_bytes": rss_before, "maxrss_before_bytes": before,
+                      "maxrss_after_bytes": after, "extra_bytes": after - before,
                       "flows_nbytes": int(flows.nbytes), "seconds": round(seconds, 3)}))
-
-
-# A process started by exec inherits, as its ru_maxrss, the resident size of
-# the process it replaced: a child forked from this (large) benchmark would
-# start with the benchmark's peak. A small Python launcher in between gives
-# the measured process a fresh, small baseline.
-_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
 
 
 def bench_memory(config, truth, backends):
@@ -374,8 +364,7 @@ def bench_memory(config, truth, backends):
         np.save(Path(folder) / "foreground.npy", truth > 0)
         del flows
         for backend in backends:
-            proc = subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, __file__, "--memory-child",
-                                   backend, folder], capture_output=True, text=True)
+            proc = _machine.run_fresh_python([__file__, "--memory-child", backend, folder])
             if proc.returncode != 0:
                 result["backends"][backend] = {"error": proc.stderr.strip()[-2000:]}
                 continue

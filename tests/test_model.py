@@ -1,5 +1,6 @@
 """Tests of cp3d.model: network, configuration, saving/loading, tiled prediction, training."""
 
+import importlib
 import json
 
 import numpy as np
@@ -383,3 +384,46 @@ def test_training_smoke_and_resume(tmp_path):
     assert train(out, resume=out, **kw).config.tile_size is None
     with pytest.raises(ValueError, match="different configuration"):
         train(out, resume=out, **{**kw, "base_features": 8})
+
+
+def _tiny_training(**changes):
+    return dict(
+        steps=3, batch_size=1, patch_size=(16, 16, 16), lr=1e-3, seed=0, device="cpu", checkpoint_every=1,
+        progress=False, diameters=(6, 8), n_stacks=1, refresh_every=2, validate_stacks=0, log_every=1, **TINY,
+    ) | changes
+
+
+def test_training_is_reproducible_and_resumes_exactly(tmp_path, monkeypatch):
+    a = train(tmp_path / "a", **_tiny_training()).state_dict()
+    b = train(tmp_path / "b", **_tiny_training()).state_dict()
+    training = importlib.import_module("cp3d.model.train")  # the package's `train` is the function
+    calls, real_loss = [], training.compute_loss
+
+    def interrupted_after_two_steps(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "compute_loss", interrupted_after_two_steps)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "c", **_tiny_training())
+    monkeypatch.setattr(training, "compute_loss", real_loss)
+    c = train(tmp_path / "c", resume=tmp_path / "c", **_tiny_training()).state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+        torch.testing.assert_close(c[key], a[key], rtol=0, atol=0)
+
+
+def test_fine_tuning_starts_from_the_given_model(tmp_path):
+    start = train(tmp_path / "start", **_tiny_training(steps=2))
+    tuned = train(tmp_path / "tuned", init=tmp_path / "start", **_tiny_training(steps=1, lr=0.0, seed=1))
+    # with lr 0 the convolutions keep the starting weights (saved as float16)
+    torch.testing.assert_close(tuned.head.weight, start.head.weight.half().float())
+    card = json.loads((tmp_path / "tuned" / "model_card.json").read_text())
+    assert card["steps"] == 3 and [run["steps"] for run in card["lineage"]] == ["0-2", "2-3"]
+    assert card["arguments"]["init"] == str(tmp_path / "start")
+    with pytest.raises(ValueError, match="different configuration"):
+        train(tmp_path / "x", init=tmp_path / "start", **_tiny_training(base_features=8))
+    with pytest.raises(ValueError, match="not both"):
+        train(tmp_path / "x", init=tmp_path / "start", resume=tmp_path / "start", **_tiny_training())

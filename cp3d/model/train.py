@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .._backend import start_numba_pool
 from ..io import atomic_write
 from .predict import _resolve_device, normalize_percentile, predict
-from .unet import UNet3D, UNetConfig, load_model, save_model
+from .unet import UNet3D, UNetConfig, _resolve_model_dir, load_model, save_model
 
 __all__ = ["train", "validate", "augment_geometry", "flow_targets"]
 
@@ -244,6 +244,30 @@ def _find_checkpoint(resume):
     return p
 
 
+def _check_same_network(other, config, source):
+    """Refuse weights from `source` whose network or targets differ from `config`'s.
+
+    Tile and patch sizes are run settings, not part of the network: a run may change them.
+    """
+    def network(c):
+        return dataclasses.replace(c, tile_size=None, patch_size=config.patch_size)
+
+    if network(other) != network(config):
+        raise ValueError(f"{source} was made with a different configuration: {other.to_dict()} vs {config.to_dict()}")
+
+
+def _lineage(init_dir):
+    """The training runs behind the model in `init_dir`, from its model card (empty without one)."""
+    card_path = Path(init_dir, "model_card.json")
+    if not card_path.is_file():
+        return []
+    card = json.loads(card_path.read_text())
+    if not isinstance(card.get("steps"), int):
+        return []
+    return card.get("lineage") or [{"steps": f"0-{card.get('steps')}", "command": card.get("command"),
+                                    "validation": card.get("validation")}]
+
+
 def train(
     out_dir,
     *,
@@ -257,6 +281,7 @@ def train(
     device="auto",
     checkpoint_every=100,
     resume=None,
+    init=None,
     progress=True,
     diameters=(7, 15),
     n_stacks=8,
@@ -300,6 +325,12 @@ def train(
     checkpoint_every : int
         Steps between checkpoints (model, optimiser, scheduler, step, RNG and
         data-pool state).
+    init : str or path-like, optional
+        Fine-tune: start from the weights of a trained model (a bundled
+        name or a model directory) of the same network and targets, with a
+        fresh optimiser and learning-rate schedule over `steps` new steps.
+        The model card then counts the steps since random initialisation
+        and carries the runs before it in ``lineage``.
     resume : path-like, optional
         A checkpoint file, or a directory holding ``checkpoint.pt``.
     progress : bool
@@ -337,6 +368,9 @@ def train(
     arguments = {k: v for k, v in locals().items()}
     arguments["out_dir"] = str(out_dir)
     arguments["resume"] = None if resume is None else str(resume)
+    arguments["init"] = None if init is None else str(init)
+    if init is not None and resume is not None:
+        raise ValueError("pass init (start a new run from trained weights) or resume (continue a run), not both")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if num_threads is not None:
@@ -372,9 +406,7 @@ def train(
             ck = torch.load(ck_path, map_location="cpu", weights_only=False)
         except Exception as e:
             raise ValueError(f"cannot read checkpoint {ck_path}: {e}") from e
-        # tile_size is an inference setting: a run resumes whatever the checkpoint recorded for it
-        if dataclasses.replace(UNetConfig.from_dict(ck["config"]), tile_size=config.tile_size) != config:
-            raise ValueError(f"checkpoint {ck_path} was made with a different configuration")
+        _check_same_network(UNetConfig.from_dict(ck["config"]), config, f"checkpoint {ck_path}")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -385,6 +417,14 @@ def train(
         log.info("resumed from %s at step %d", ck_path, step)
     else:
         pool.fill()
+    steps_before, lineage = 0, []
+    if init is not None:
+        init_dir = _resolve_model_dir(init)
+        start = load_model(init_dir)
+        _check_same_network(start.config, config, f"model {init_dir}")
+        model.load_state_dict(start.state_dict())
+        lineage = _lineage(init_dir)
+        steps_before = int(str(lineage[-1]["steps"]).split("-")[-1]) if lineage else 0
 
     def checkpoint():
         ck = {
@@ -451,7 +491,7 @@ def train(
             "half the stacks with targets recomputed, dim cells, gamma, contrast/offset, Gaussian noise",
             "stacks_generated": pool.next_id,
         },
-        "steps": step,
+        "steps": steps_before + step,
         "final_losses": {"loss": tail[0], "bce": tail[1], "flow_mse": tail[2], "averaged_over_steps": min(50, len(history))},
         "seconds_per_step": elapsed / max(1, step - start_step),
         "n_parameters": model.n_parameters,
@@ -460,10 +500,14 @@ def train(
         "platform": platform.platform(),
         "validation": None,
     }
+    if init is not None:
+        card["lineage"] = lineage + [{"steps": f"{steps_before}-{steps_before + step}", "command": command}]
     _write_card(out_dir, card)
     if validate_stacks:
         # score the saved (float16) weights, i.e. what users will load
         card["validation"] = validate(load_model(out_dir, device=dev), n_stacks=validate_stacks, progress=progress)
+        if init is not None:
+            card["lineage"][-1]["validation"] = {k: card["validation"][k] for k in ("mean_dice", "mean_ap50")}
         _write_card(out_dir, card)
     return model
 
@@ -557,7 +601,8 @@ def main(argv=None, prog="cp3d train"):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--resume", default=None)
+    p.add_argument("--resume", default=None, help="continue the run whose checkpoint is in this folder")
+    p.add_argument("--init", default=None, help="fine-tune: start from this trained model (bundled name or folder)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--diameters", type=_parse_pair, default=(7.0, 15.0), help="min,max")
     p.add_argument("--n-stacks", type=int, default=8)
@@ -580,7 +625,7 @@ def main(argv=None, prog="cp3d train"):
         return
     train(
         a.out_dir, targets=a.targets, steps=a.steps, batch_size=a.batch_size, patch_size=a.patch_size,
-        lr=a.lr, seed=a.seed, device=a.device, checkpoint_every=a.checkpoint_every, resume=a.resume,
+        lr=a.lr, seed=a.seed, device=a.device, checkpoint_every=a.checkpoint_every, resume=a.resume, init=a.init,
         progress=not a.no_progress, diameters=a.diameters, n_stacks=a.n_stacks,
         refresh_every=a.refresh_every, num_threads=a.num_threads, validate_stacks=a.validate_stacks,
         command=" ".join([prog] + argv),
