@@ -7,7 +7,9 @@ Side by side in one run, on the same random input and the bundled tanh model:
    the convolutions and, on the CPU, channels-last (NDHWC) tensors.
 
 Each forward pass is repeated, interleaved between the two, and the best time
-kept; the largest difference between their raw outputs is recorded. Then
+kept; the largest difference between their raw outputs is recorded. The
+peak extra resident memory of one CPU forward pass of each is measured in a
+fresh process (``--memory-shape``, default the 2**23-voxel CPU tile). Then
 :func:`cp3d.predict` (which uses the inference copy) is timed on a synthetic
 membrane stack, with one network pass and with test-time augmentation.
 
@@ -25,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import _machine
@@ -62,14 +65,48 @@ def compare_forward(model, device, shape, repeat):
             "max_abs_difference": difference}
 
 
+def memory_child(kind, shape, threads):
+    """Run in a fresh process: print the peak extra memory of one forward pass of `kind` as JSON."""
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    model = load_model("tanh")
+    net, layout = (model, torch.contiguous_format) if kind == "trained" else (
+        model.for_inference(device), model.memory_format(device))
+    x = torch.zeros(1, 1, *shape).contiguous(memory_format=layout)
+    with torch.inference_mode():
+        net(torch.zeros(1, 1, 8, 8, 8).contiguous(memory_format=layout))  # load the kernels first
+        before = _machine.max_rss_bytes()
+        net(x)
+    print(json.dumps({"kind": kind, "extra_bytes": _machine.max_rss_bytes() - before}))
+
+
+def compare_memory(shape, threads):
+    """Peak extra resident memory of one CPU forward pass of each network, each in a fresh process."""
+    result = {"shape": list(shape), "voxels": int(np.prod(shape))}
+    for kind in ("trained", "inference"):
+        proc = _machine.run_fresh_python([__file__, "--memory-child", kind, "--shape", *map(str, shape),
+                                         "--threads", str(threads)])
+        if proc.returncode != 0:
+            result[kind] = {"error": proc.stderr.strip()[-2000:]}
+            continue
+        extra = json.loads(proc.stdout.strip().splitlines()[-1])["extra_bytes"]
+        result[kind] = {"extra_bytes": extra, "bytes_per_voxel": extra / result["voxels"]}
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(64, 256, 256))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--memory-shape", type=int, nargs=3, default=(128, 256, 256),
+                        help="stack for the peak-memory comparison on the CPU (default: the 2**23-voxel CPU tile)")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        return memory_child(args.memory_child, tuple(args.shape), args.threads)
     torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
     model = load_model("tanh")
@@ -77,6 +114,8 @@ def main(argv=None):
 
     forward = compare_forward(model, device, shape, args.repeat)
     print(json.dumps(forward, indent=1), flush=True)
+    memory = compare_memory(tuple(args.memory_shape), args.threads)
+    print(json.dumps(memory, indent=1), flush=True)
     image, _ = synthetic_stack(shape, 10.0, kind="membrane", seed=20_000, noise=0.12)
     stages = {}
     for augment in (False, True):
@@ -90,6 +129,7 @@ def main(argv=None):
         "command": " ".join(["python bench/bench_predict.py", *argv]),
         "shape": list(shape),
         "forward": forward,
+        "memory": memory,
         "predict_seconds": stages,
     }
     RESULTS.mkdir(exist_ok=True)

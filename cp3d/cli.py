@@ -107,7 +107,8 @@ def build_parser():
     p.add_argument("--diameter", type=float, default=None, help="typical cell diameter in voxels along x")
     p.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="default: read from the TIFF, else isotropic")
-    p.add_argument("--save-flows", default=None, metavar="TIFF", help="also write the predicted maps, as one (4 Z, Y, X) stack: Z slices each of flow z, "
+    p.add_argument("--save-flows", default=None, metavar="TIFF",
+                   help="also write the predicted maps, as one (4 Z, Y, X) stack: Z slices each of flow z, "
                         "flow y, flow x and foreground probability")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_segment_options(p)

@@ -427,3 +427,11 @@ def test_fine_tuning_starts_from_the_given_model(tmp_path):
         train(tmp_path / "x", init=tmp_path / "start", **_tiny_training(base_features=8))
     with pytest.raises(ValueError, match="not both"):
         train(tmp_path / "x", init=tmp_path / "start", resume=tmp_path / "start", **_tiny_training())
+
+
+def test_a_resumed_fine_tuning_run_keeps_its_lineage(tmp_path):
+    train(tmp_path / "start", **_tiny_training(steps=2))
+    train(tmp_path / "tuned", init=tmp_path / "start", **_tiny_training(steps=1))
+    train(tmp_path / "tuned", resume=tmp_path / "tuned", **_tiny_training(steps=2))
+    card = json.loads((tmp_path / "tuned" / "model_card.json").read_text())
+    assert card["steps"] == 4 and [run["steps"] for run in card["lineage"]] == ["0-2", "2-4"]

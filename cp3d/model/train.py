@@ -399,6 +399,7 @@ def train(
     rng = np.random.default_rng([seed, 1])
     pool = _StackPool(config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every)
     step, history = 0, []
+    steps_before, lineage = 0, []  # of the model a fine-tuning run starts from
 
     if resume is not None:
         ck_path = _find_checkpoint(resume)
@@ -411,13 +412,13 @@ def train(
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         step, history = ck["step"], ck["history"]
+        steps_before, lineage = ck.get("steps_before", 0), ck.get("lineage", [])
         rng.bit_generator.state = ck["rng"]["numpy"]
         torch.set_rng_state(ck["rng"]["torch"])
         pool.fill(ck["pool"]["ids"], ck["pool"]["next_id"])
         log.info("resumed from %s at step %d", ck_path, step)
     else:
         pool.fill()
-    steps_before, lineage = 0, []
     if init is not None:
         init_dir = _resolve_model_dir(init)
         start = load_model(init_dir)
@@ -437,6 +438,8 @@ def train(
             "arguments": arguments,
             "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
             "pool": {"ids": list(pool.ids), "next_id": pool.next_id},
+            "steps_before": steps_before,
+            "lineage": lineage,
         }
         atomic_write(out_dir / CHECKPOINT_NAME, lambda fh: torch.save(ck, fh))
 
@@ -500,13 +503,13 @@ def train(
         "platform": platform.platform(),
         "validation": None,
     }
-    if init is not None:
+    if lineage:
         card["lineage"] = lineage + [{"steps": f"{steps_before}-{steps_before + step}", "command": command}]
     _write_card(out_dir, card)
     if validate_stacks:
         # score the saved (float16) weights, i.e. what users will load
         card["validation"] = validate(load_model(out_dir, device=dev), n_stacks=validate_stacks, progress=progress)
-        if init is not None:
+        if lineage:
             card["lineage"][-1]["validation"] = {k: card["validation"][k] for k in ("mean_dice", "mean_ap50")}
         _write_card(out_dir, card)
     return model
