@@ -10,7 +10,7 @@ import torch
 import cp3d
 from cp3d.model import UNet3D, UNetConfig, load_model, normalize_percentile, predict, save_model, train
 from cp3d.model.predict import blend_window, cheapest_tiles
-from cp3d.model.train import augment_geometry, compute_loss
+from cp3d.model.train import _augment_intensity, _dim_cells, _StackPool, augment_geometry, compute_loss
 
 TINY = dict(base_features=4, depth=2)
 
@@ -341,6 +341,33 @@ def test_augmentation_transforms_flow_channels(flips, swap_yx):
     (aug_labels,), aug_flows = augment_geometry([labels], flows, flips=flips, swap_yx=swap_yx)
     expected = cp3d.tanh_flows(aug_labels, scale=5.0)
     np.testing.assert_allclose(aug_flows, expected, atol=1e-5)
+
+
+def test_dim_cells_scales_membranes_within_the_range():
+    labels = _labels()
+    image = np.ones(labels.shape, np.float32)
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(_dim_cells(image, labels, rng, fraction=0.0), image)
+    dimmed = _dim_cells(image, labels, rng, fraction=1.0, low=0.25, high=0.7)
+    assert dimmed.min() >= 0.25 and dimmed[labels > 0].max() <= 0.7
+    assert np.unique(dimmed[labels > 0]).size > 1  # each cell its own factor
+
+
+def test_z_stretched_training_stacks_get_targets_of_their_own_shape():
+    config = UNetConfig(**TINY, patch_size=(16, 16, 16))
+    pool = _StackPool(config, seed=0, diameters=(6, 8), n_stacks=1, stack_shape=(16, 24, 24), noise=(0.05, 0.1),
+                      stretch=(0.5, 0.6), refresh_every=0)
+    stacks = [pool.make(k) for k in range(6)]
+    stretched = [st for st in stacks if st["stretch"] != 1.0]
+    assert stretched and len(stretched) < len(stacks)  # about half the stacks
+    for st in stacks:
+        assert st["flows"].shape == (3, *st["image"].shape) and st["fg"].shape == st["image"].shape
+        assert not st["flows"][:, st["fg"] == 0].any()  # targets recomputed on the resampled labels
+    for st in stretched:
+        # z shrinks by the factor from a length chosen so that the stretched stack still holds a patch
+        assert st["image"].shape[0] == pytest.approx(np.ceil(16 / st["stretch"]) * st["stretch"], abs=1)
+    image = _augment_intensity(np.full((8, 8, 8), 0.5, np.float32), np.random.default_rng(1))
+    assert image.dtype == np.float32 and image.flags.c_contiguous and np.isfinite(image).all()
 
 
 def test_loss_is_small_for_perfect_prediction():
