@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 #: Elements of the widest activation (2 * base_features channels at full resolution) of one batch of tiles
 #: when the tile shape is chosen automatically: 2**23 voxels per tile for the default network on the CPU
-#: (3.8 GB peak in float32), 2**25 on a GPU, where it keeps every tensor below 2**31 elements.
+#: (3.0 GB peak in float32, bench/bench_predict.py), 2**25 on a GPU, where it keeps every tensor below 2**31 elements.
 TILE_ELEMENTS = {"cpu": 2**28, "cuda": 2**30}
 
 #: Axes mirrored for test-time augmentation: none, y, x, both. Mirroring z too (eight passes) gained
@@ -274,7 +274,7 @@ def predict(
         that is ``None`` (or too small for the context) the shape that
         computes the fewest voxels within a memory budget (:data:`TILE_ELEMENTS`:
         for the default network and one tile per batch, ``2**23`` voxels on
-        the CPU, about 4 GB of float32 activations, and ``2**25`` on a GPU):
+        the CPU, about 3 GB of float32 activations, and ``2**25`` on a GPU):
         a stack within the budget is predicted whole. Rounded down to
         multiples of ``2**depth``; an axis that fits in one tile is
         predicted whole.
@@ -300,8 +300,9 @@ def predict(
         Test-time augmentation: average the maps predicted for the stack and
         its in-plane mirror images (:data:`MIRRORS`, flows of a mirrored axis
         negated back). Four network passes instead of one; on the held-out
-        benchmark stacks it raised the bundled model's mean Dice from 0.895
-        to 0.901 (all eight mirrorings: 0.901).
+        benchmark stacks it raised the bundled model's mean Dice from 0.901
+        to 0.905 (measured before fine-tuning: eight mirrorings, z too,
+        gained nothing more).
     progress : bool, optional
         Show a progress bar over the tile batches.
 
