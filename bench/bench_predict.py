@@ -51,8 +51,8 @@ def best_seconds(run, repeat):
 
 def compare_forward(model, device, shape, repeat):
     """Best seconds of one forward pass of each network, and their largest output difference."""
-    trained = load_model("tanh").to(device)
     inference = model.for_inference(device)
+    trained = model.to(device)
     x = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     x_inference = x.contiguous(memory_format=model.memory_format(device))
     seconds = {"trained": float("inf"), "inference": float("inf")}
