@@ -51,7 +51,8 @@ def filter_instances(labels, flows, foreground, *, volume_range=PAPER_VOLUME_RAN
     fraction `min_overlap` of its voxels lie in `foreground`, and the mean
     absolute difference between `flows` and the flows recomputed from the
     instance itself (with the same target formulation) is at most
-    `max_flow_error`.
+    `max_flow_error`. Instances touching the volume's outer faces are exempt
+    from the lower size bound: the border can cut a real cell to any size.
 
     Parameters
     ----------
@@ -121,12 +122,94 @@ def filter_instances(labels, flows, foreground, *, volume_range=PAPER_VOLUME_RAN
 def _filter_instances(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, tanh_scale,
                       inward, backend):
     """filter_instances on validated inputs (called by reconstruct too)."""
-    volume, overlap, flow_error = instance_statistics(
-        labels, flows, foreground, targets=targets, tanh_scale=tanh_scale, inward=inward, backend=backend)
-    keep = ((volume >= volume_range[0]) & (volume <= volume_range[1]) & (overlap >= min_overlap)
-            & (flow_error <= max_flow_error))
-    keep[0] = False
+    if np.isinf(max_flow_error):
+        # No flow-error limit: skip recomputing the flows (heat flows cost a diffusion).
+        volume, overlap = volume_and_overlap(labels, foreground)
+        flow_error = None
+    else:
+        volume, overlap, flow_error = instance_statistics(
+            labels, flows, foreground, targets=targets, tanh_scale=tanh_scale, inward=inward, backend=backend)
+    keep = keep_instances(volume, overlap, flow_error, border_ids(labels), volume_range, min_overlap,
+                          max_flow_error)
     return relabel_by_first_voxel(labels, backend, keep=keep)
+
+
+def keep_instances(volume, overlap, flow_error, on_border, volume_range, min_overlap, max_flow_error):
+    """The filters' verdict from per-instance statistics (entry 0 is background).
+
+    Parameters
+    ----------
+    volume, overlap, flow_error : ndarray, shape (N + 1,)
+        Per-id voxel count, fraction in the foreground and mean absolute flow
+        error, as from :func:`instance_statistics` (possibly summed over the
+        chunks of a larger volume). `flow_error` may be None when
+        `max_flow_error` is infinite.
+    on_border : ndarray of int
+        Ids of the instances that touch the volume's outer faces
+        (:func:`border_ids`).
+    volume_range : (float, float)
+        Smallest and largest volume kept.
+    min_overlap, max_flow_error : float
+        Validated thresholds (see :func:`check_thresholds`).
+
+    Returns
+    -------
+    keep : ndarray of bool, shape (N + 1,)
+        ``keep[0]`` is False.
+
+    Notes
+    -----
+    The lower size bound is waived for instances that touch the volume's
+    border: the border may cut a cell to any size, and such a cut cell is a
+    real instance (a crop of a larger stack, or a cell at the specimen's
+    edge of the field of view). The upper bound and the other filters apply
+    to every instance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cp3d.filters import keep_instances
+    >>> volume = np.array([50, 3, 3, 500])
+    >>> overlap = np.ones(4)
+    >>> keep_instances(volume, overlap, None, np.array([2]), (10, 100), 0.2, np.inf).tolist()
+    [False, False, True, False]
+    """
+    big_enough = volume >= volume_range[0]
+    big_enough[on_border] = True
+    keep = big_enough & (volume <= volume_range[1]) & (overlap >= min_overlap)
+    if flow_error is not None:
+        keep &= flow_error <= max_flow_error
+    keep[0] = False
+    return keep
+
+
+def border_ids(labels):
+    """Ids (without 0) found on the six outer faces of a ``(Z, Y, X)`` label volume.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cp3d.filters import border_ids
+    >>> labels = np.zeros((5, 5, 5), np.uint32)
+    >>> labels[0, 2, 2], labels[2, 2, 2] = 7, 9
+    >>> border_ids(labels).tolist()
+    [7]
+    """
+    xp = get_array_module(labels)
+    faces = [labels[i].ravel() for i in (0, -1)] + [labels[:, i].ravel() for i in (0, -1)] + [
+        labels[:, :, i].ravel() for i in (0, -1)]
+    ids = xp.unique(xp.concatenate(faces))
+    return ids[ids != 0]
+
+
+def volume_and_overlap(labels, foreground):
+    """Per-id voxel count and fraction of voxels in `foreground` (entry 0 is background)."""
+    xp = get_array_module(labels)
+    flat = labels.ravel()
+    n = int(labels.max()) + 1
+    volume = xp.bincount(flat, minlength=n)
+    inside = xp.bincount(flat[foreground.ravel()], minlength=n)
+    return volume, inside / xp.maximum(volume, 1)
 
 
 def instance_statistics(labels, flows, foreground, *, targets="tanh", tanh_scale=5.0, inward=False,
@@ -145,19 +228,15 @@ def instance_statistics(labels, flows, foreground, *, targets="tanh", tanh_scale
     if backend == "numba" and targets == "tanh":
         return _numba_tanh_statistics(labels, flows, foreground, tanh_scale, inward)
     xp = get_array_module(labels)
-    n = int(labels.max()) + 1
-    flat = labels.ravel()
-    volume = xp.bincount(flat, minlength=n)
-    inside = xp.bincount(flat[foreground.ravel()], minlength=n)
+    volume, overlap = volume_and_overlap(labels, foreground)
     if targets == "tanh":
         recomputed = tanh_flows(labels, tanh_scale, backend=backend)
     else:
         recomputed = heat_flows(labels, backend=backend)
     sign = -1.0 if inward else 1.0
     abs_error = xp.abs(flows - np.float32(sign) * recomputed).sum(axis=0)
-    error = xp.bincount(flat, weights=abs_error.ravel(), minlength=n)
-    denom = xp.maximum(volume, 1)
-    return volume, inside / denom, error / (3 * denom)
+    error = xp.bincount(labels.ravel(), weights=abs_error.ravel(), minlength=volume.size)
+    return volume, overlap, error / (3 * xp.maximum(volume, 1))
 
 
 def _numba_tanh_statistics(labels, flows, foreground, tanh_scale, inward):

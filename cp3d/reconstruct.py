@@ -8,6 +8,7 @@ paper's defaults or are derived from one typical cell ``diameter``.
 
 import dataclasses
 import math
+import warnings
 
 import numba
 import numpy as np
@@ -45,7 +46,7 @@ class ReconstructionParameters:
     tanh_scale: float = 5.0
 
 
-def reconstruction_parameters(diameter=None, targets="tanh"):
+def reconstruction_parameters(diameter=None, targets="tanh", tanh_scale=None):
     """Reconstruction parameters for cells of a typical `diameter` in voxels.
 
     Parameters
@@ -62,6 +63,11 @@ def reconstruction_parameters(diameter=None, targets="tanh"):
         a centre, so a voxel ends oscillating within ``step / 2`` of it: heat
         flows use a step of ``d / 10`` (1 at the paper's size, the released
         Cellpose3D code's value) and correspondingly more iterations.
+    tanh_scale : float or (float, float, float), optional
+        The ``scale`` the tanh flows were made with, when it is not ``d / 2``
+        (the released Cellpose3D code trains with a fixed scale of 5 whatever
+        the cell size). The step follows the scale, so flows of any scale
+        converge the same way.
 
     Returns
     -------
@@ -83,30 +89,54 @@ def reconstruction_parameters(diameter=None, targets="tanh"):
     triple the scale and closing radius become per-axis, the step follows
     the shortest axis and the size range the geometric mean diameter.
 
+    The step is tied to the flows' scale, not to the diameter: near a centre
+    a tanh flow is about ``distance / scale``, so a step of ``0.8 scale``
+    contracts the distance to the centre by the same factor 0.2 per
+    iteration for flows of any scale. With an explicit `tanh_scale` smaller
+    than ``d / 2`` the step is smaller and `n_iter` grows to cover the same
+    8 diameters. A larger step than the scale overshoots: voxels jump across
+    the centre and a cell breaks into fragments.
+
     Examples
     --------
     >>> from cp3d import reconstruction_parameters
     >>> reconstruction_parameters(7).closing_radius
     2.0
+    >>> reconstruction_parameters(41, tanh_scale=5).step  # scale-5 flows of large cells
+    4.0
     """
     check_targets(targets)
     if diameter is None:
         defaults = ReconstructionParameters()
-        return defaults if targets == "tanh" else dataclasses.replace(defaults, step=1.0)
+        if targets == "heat":
+            return dataclasses.replace(defaults, step=1.0)
+        if tanh_scale is None:
+            return defaults
+        return dataclasses.replace(defaults, step=_STEP_PER_SCALE * min(as_triple(tanh_scale, "tanh_scale")),
+                                   tanh_scale=_scalar_if_isotropic(as_triple(tanh_scale, "tanh_scale")))
     d = np.asarray(as_triple(diameter, "diameter"))
-    anisotropic = np.ndim(diameter) > 0 and np.ptp(d) > 0
-    # Along each axis the flows saturate over half that axis's diameter; the
-    # step follows the shortest axis so that no axis overshoots.
-    step = (0.4 if targets == "tanh" else 0.1) * d.min()
+    scale = d / 2 if tanh_scale is None else np.asarray(as_triple(tanh_scale, "tanh_scale"))
+    # Along each axis the flows saturate over that axis's scale; the step
+    # follows the shortest one so that no axis overshoots.
+    step = _STEP_PER_SCALE * scale.min() if targets == "tanh" else 0.1 * d.min()
     radius = np.maximum(1, np.round(0.3 * d))
     mean_d = float(np.prod(d) ** (1 / 3))
     return ReconstructionParameters(
         step=float(step),
         n_iter=int(math.ceil(8 * d.max() / step)) + 30,
-        closing_radius=tuple(radius.tolist()) if anisotropic else float(radius[0]),
+        closing_radius=_scalar_if_isotropic(radius),
         volume_range=(sphere_volume(mean_d / 2), sphere_volume(10 * mean_d)),
-        tanh_scale=tuple((d / 2).tolist()) if anisotropic else float(d[0] / 2),
+        tanh_scale=_scalar_if_isotropic(scale),
     )
+
+
+# The paper's step over its tanh scale (4 / 5): see reconstruction_parameters' Notes.
+_STEP_PER_SCALE = 0.8
+
+
+def _scalar_if_isotropic(triple):
+    values = [float(v) for v in np.ravel(triple)]
+    return values[0] if max(values) == min(values) else tuple(values)
 
 
 def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=None, diameter_range=None,
@@ -173,14 +203,14 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     backend = resolve_backend(backend, flows, foreground)
     flows = check_flows(flows)
     foreground = check_foreground(foreground, flows.shape[1:])
-    params = reconstruction_parameters(diameter, targets)
+    params = reconstruction_parameters(diameter, targets, tanh_scale)
     step, n_iter = _check_step(params.step if step is None else step, params.n_iter if n_iter is None else n_iter)
     radius = params.closing_radius if closing_radius is None else closing_radius
     ball_offsets(radius)  # fail here, not after following
     if diameter_range is not None and not 0 <= diameter_range[0] <= diameter_range[1]:
         raise ValueError(f"diameter_range must be (min, max) with 0 <= min <= max, got {diameter_range!r}")
     volume_range = params.volume_range if diameter_range is None else tuple(map(sphere_volume, diameter_range))
-    scale = as_triple(params.tanh_scale if tanh_scale is None else tanh_scale, "tanh_scale")
+    scale = as_triple(params.tanh_scale, "tanh_scale")
     min_overlap, max_flow_error = check_thresholds(min_overlap, max_flow_error)
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be a non-negative number, got {sigma!r}")
@@ -191,6 +221,7 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     starts = xp.flatnonzero(foreground)
     if starts.size == 0:
         return xp.zeros(foreground.shape, np.uint32)
+    _warn_on_flow_convention(flows, foreground, inward)
     # Only foreground voxels are tracked, and each large buffer is released as
     # soon as the next stage has what it needs (see the README's memory table).
     end = _follow(flows, starts, np.float32(-step if inward else step), n_iter, backend)
@@ -202,8 +233,54 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     del gathered
     labels = _labels_at_end(foreground, groups, end_index, backend)
     del groups, end_index
-    return _filter_instances(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, scale,
-                             inward, backend)
+    found = int(labels.max())
+    labels = _filter_instances(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, scale,
+                               inward, backend)
+    if found and not int(labels.max()):
+        warnings.warn(f"reconstruct found {found} groups but the filters dropped them all (volume range "
+                      f"{volume_range[0]:.0f}-{volume_range[1]:.0f} voxels, max_flow_error {max_flow_error}, "
+                      f"targets={targets!r}, inward={inward}); check that the flows' convention matches these "
+                      "settings, or relax the filters (diameter_range, max_flow_error=None)", stacklevel=2)
+    return labels
+
+
+# Flows of either formulation are at most 1 in magnitude; Cellpose's networks
+# predict 5 times the unit flows, so anything well above 1 is a convention slip.
+_MAX_FLOW = 1.5
+# Voxels sampled for the sign check: enough for a clear mean, cheap on any volume.
+_SIGN_SAMPLE_SLICES = 8
+
+
+def _warn_on_flow_convention(flows, foreground, inward):
+    """Warn when the flows look scaled or signed otherwise than the call says.
+
+    Flows pointing away from the centres grow along their own axis inside a
+    cell (a positive divergence); the sign check samples a few z-slices, so
+    it costs little on any volume.
+    """
+    xp = get_array_module(flows)
+    largest = float(xp.abs(flows).max())
+    if largest > _MAX_FLOW:
+        warnings.warn(f"flows reach {largest:.3g} in magnitude, where tanh and heat flows are at most 1: "
+                      "Cellpose's dP is 5 times the unit flows (divide by 5, or use cp3d.cellpose.compute_masks)",
+                      stacklevel=3)
+    nz = flows.shape[1]
+    if nz < 3:
+        return
+    divergence = 0.0
+    for z in np.unique(np.linspace(1, nz - 2, min(_SIGN_SAMPLE_SLICES, nz - 2)).astype(int)):
+        inside = foreground[z]
+        change = (flows[0, z + 1] - flows[0, z - 1], flows[1, z, 2:] - flows[1, z, :-2],
+                  flows[2, z, :, 2:] - flows[2, z, :, :-2])
+        within = (inside, inside[1:-1], inside[:, 1:-1])
+        for delta, mask in zip(change, within):
+            # A jump of more than the largest flow crosses a boundary between two
+            # cells (where the flows flip); inside a cell, flows change smoothly.
+            divergence += float(delta[mask & (xp.abs(delta) <= max(largest, 1.0))].sum())
+    if divergence != 0 and (divergence < 0) != bool(inward):
+        direction = "towards" if divergence < 0 else "away from"
+        warnings.warn(f"the flows point {direction} the cell centres on average but inward={inward}: "
+                      f"pass inward={not inward} (Cellpose's flows point inwards, cp3d's outwards)", stacklevel=3)
 
 
 def _nearest_voxel_index(positions, shape, backend, out):

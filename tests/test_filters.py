@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import cp3d
-from cp3d.filters import filter_instances, instance_statistics
+from cp3d.filters import border_ids, filter_instances, instance_statistics
 
 
 def two_cells():
@@ -78,3 +78,25 @@ def test_max_flow_error_none_keeps_any_error():
     assert filter_instances(labels, wrong, labels > 0).max() == 0
     kept = filter_instances(labels, wrong, labels > 0, max_flow_error=None)
     assert kept.max() == 2 and set(np.unique(kept[labels == 5])) == {1} and set(np.unique(kept[labels == 2])) == {2}
+
+
+def test_lower_size_bound_waived_at_the_stack_border():
+    labels = np.zeros((12, 12, 24), np.uint32)
+    labels[4:7, 4:7, 4:7] = 1     # 27 voxels inside the volume
+    labels[0:3, 4:7, 14:17] = 2   # 27 voxels touching the top face
+    labels[3:11, 3:11, 9:20] = 3  # a large cell inside, touching neither
+    flows = cp3d.tanh_flows(labels)
+    for backend in ("numpy", "numba"):
+        kept = filter_instances(labels, flows, labels > 0, volume_range=(50, 1000), backend=backend)
+        assert set(np.unique(kept[labels == 1])) == {0}
+        assert kept[labels == 2].min() > 0 and kept[labels == 3].min() > 0
+        # the upper bound still applies at the border
+        assert set(np.unique(filter_instances(labels, flows, labels > 0, volume_range=(0, 20))[labels == 2])) == {0}
+
+
+def test_border_ids():
+    labels = np.zeros((4, 5, 6), np.uint32)
+    labels[1:3, 1:4, 1:5] = 3
+    labels[3, 2, 2] = 8
+    labels[1, 1, 5] = 9
+    assert border_ids(labels).tolist() == [8, 9]

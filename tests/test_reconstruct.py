@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import pytest
 import cp3d
 from cp3d.data import synthetic_stack
 from cp3d.metrics import evaluate
+from cp3d.filters import border_ids
 from cp3d.reconstruct import reconstruction_parameters
 
 CASES = {
@@ -40,6 +42,55 @@ def test_oracle_accuracy_with_paper_defaults(targets):
     _, truth = synthetic_stack((40, 80, 80), 10, seed=6)
     flows = cp3d.tanh_flows(truth) if targets == "tanh" else cp3d.heat_flows(truth)
     assert evaluate(truth, cp3d.reconstruct(flows, truth > 0, targets=targets))["ap50"] >= 0.97
+
+
+@pytest.mark.parametrize("kind, diameter, shape", [
+    ("nuclei", 30, (64, 128, 128)),
+    ("nuclei", 45, (90, 144, 144)),
+    ("membrane", 60, (96, 192, 192)),
+])
+def test_fixed_scale_flows_of_large_cells(kind, diameter, shape):
+    """The released Cellpose3D code trains tanh flows of scale 5 whatever the cell size."""
+    _, truth = synthetic_stack(shape, diameter, kind=kind, seed=2)
+    labels = cp3d.reconstruct(cp3d.tanh_flows(truth, 5.0), truth > 0, diameter=diameter, tanh_scale=5)
+    scores = evaluate(truth, labels)
+    assert scores["ap50"] >= 0.97 and scores["dice"] >= 0.98, scores
+
+
+def test_step_follows_the_tanh_scale():
+    assert reconstruction_parameters(41, tanh_scale=5).step == 4.0
+    assert reconstruction_parameters(41).step == pytest.approx(0.8 * 20.5)
+    assert reconstruction_parameters(None, tanh_scale=10).step == 8.0
+    # a smaller step needs more iterations to cover the same distance
+    assert reconstruction_parameters(41, tanh_scale=5).n_iter > reconstruction_parameters(41).n_iter
+
+
+@pytest.mark.parametrize("diameter", [12, 16])
+def test_cells_cut_by_the_stack_border_are_kept(diameter):
+    """A crop of a tissue: most cells touch the border, many are cut to slivers."""
+    _, tissue = synthetic_stack((64, 128, 128), diameter, seed=4)
+    crop = tissue[20:50, 30:90, 30:90]
+    truth = np.unique(crop, return_inverse=True)[1].reshape(crop.shape).astype(np.uint32)
+    assert len(border_ids(truth)) > 0.8 * truth.max()
+    flows = cp3d.tanh_flows(truth, diameter / 2)
+    labels = cp3d.reconstruct(flows, truth > 0, diameter=diameter)
+    assert evaluate(truth, labels)["ap50"] >= 0.85
+
+
+def test_convention_slips_are_warned_not_silent(membrane_cells):
+    """Cellpose's dP (inward, 5 times the unit flows) given as cp3d flows."""
+    truth = membrane_cells[1]
+    dP = -5 * cp3d.heat_flows(truth)
+    with pytest.warns(UserWarning) as record:
+        labels = cp3d.reconstruct(dP, truth > 0)
+    messages = " ".join(str(w.message) for w in record)
+    assert "5 times" in messages and "inward=True" in messages
+    if labels.max() == 0:
+        assert "dropped them all" in messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cp3d.reconstruct(dP / 5, truth > 0, inward=True, targets="heat", diameter=8)
+        cp3d.reconstruct(cp3d.tanh_flows(truth, 4.0), truth > 0, diameter=8)
 
 
 def test_paper_defaults_merge_small_cells_that_the_diameter_knob_keeps():
