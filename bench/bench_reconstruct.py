@@ -10,7 +10,9 @@ with oracle flows, so that every reconstruction has a known right answer:
    (round-robin) so that background load hits them alike.
 2. ``backends``: the Numba backend against the NumPy reference.
 3. ``cellpose``: Cellpose 4.x's ``dynamics.compute_masks(do_3D=True)`` on its
-   own oracle flows of the same labels, side by side with ``cp3d``.
+   own oracle flows of the same labels, side by side with ``cp3d.reconstruct``
+   on cp3d's flows and with ``cp3d.cellpose.compute_masks`` on the very same
+   Cellpose flows (the drop-in).
 4. ``memory``: peak extra resident memory of ``reconstruct`` in a fresh
    process, over the size of the flows.
 
@@ -37,6 +39,7 @@ import numpy as np
 
 import _machine
 import cp3d
+from cp3d.cellpose import compute_masks
 from cp3d.data import synthetic_stack
 from cp3d.metrics import evaluate
 
@@ -285,22 +288,27 @@ def bench_cellpose(config, truth, shape):
     try:
         flow_seconds, (dP, cellprob) = timed(lambda: peer.oracle_outputs(truth))
         log(f"  cellpose oracle flows made in {flow_seconds:.1f} s (not timed in the comparison)")
-        cp3d_times, cellpose_times = [], []
+        cp3d_times, cellpose_times, dropin_times = [], [], []
         for r in range(config["peer_repeat"]):
             # cp3d is cheap: once before and once after each Cellpose run.
             seconds, labels = timed(lambda: cp3d.reconstruct(flows, foreground, backend="numba"))
             cp3d_times.append(seconds)
+            seconds, dropin = timed(lambda: compute_masks(dP, cellprob, do_3D=True))
+            dropin_times.append(seconds)
             seconds, masks = timed(lambda: peer.compute_masks(dP, cellprob))
             cellpose_times.append(seconds)
             cp3d_times.append(timed(lambda: cp3d.reconstruct(flows, foreground, backend="numba"))[0])
-            log(f"  round {r + 1}: cp3d {cp3d_times[-2]:.2f} / {cp3d_times[-1]:.2f} s, cellpose {seconds:.2f} s")
+            dropin_times.append(timed(lambda: compute_masks(dP, cellprob, do_3D=True))[0])
+            log(f"  round {r + 1}: cp3d {cp3d_times[-2]:.2f} / {cp3d_times[-1]:.2f} s, drop-in "
+                f"{dropin_times[-2]:.2f} / {dropin_times[-1]:.2f} s, cellpose {seconds:.2f} s")
     except Exception as error:
         result["skipped"] = f"cellpose failed: {type(error).__name__}: {error}"
         log(f"  SKIPPED: {result['skipped']}")
         return result
-    cp3d_seconds, cellpose_seconds = min(cp3d_times), min(cellpose_times)
-    cp3d_scores, cellpose_scores = scores(truth, labels), scores(truth, masks)
+    cp3d_seconds, cellpose_seconds, dropin_seconds = min(cp3d_times), min(cellpose_times), min(dropin_times)
+    cp3d_scores, cellpose_scores, dropin_scores = scores(truth, labels), scores(truth, masks), scores(truth, dropin)
     speedup = cellpose_seconds / cp3d_seconds
+    dropin_speedup = cellpose_seconds / dropin_seconds
     result.update({
         "cp3d": {"call": "cp3d.reconstruct(tanh_flows(labels), labels > 0, diameter=None, backend='numba')",
                  "parameters": "paper defaults (step 4, 100 iterations, closing radius 3)",
@@ -311,7 +319,13 @@ def bench_cellpose(config, truth, shape):
                      "cellprob_flows_seconds": round(flow_seconds, 2),
                      "seconds": round(cellpose_seconds, 4), "seconds_all": [round(s, 4) for s in cellpose_times],
                      **cellpose_scores},
-        "timing": "best of each; every round runs cp3d, Cellpose, cp3d",
+        "dropin": {"call": "cp3d.cellpose.compute_masks(dP, cellprob, do_3D=True) on Cellpose's own dP and cellprob",
+                   "seconds": round(dropin_seconds, 4), "seconds_all": [round(s, 4) for s in dropin_times],
+                   "dtype": str(dropin.dtype), **dropin_scores},
+        "speedup_dropin_over_cellpose": round(dropin_speedup, 2),
+        "dropin_meets_goal": bool(dropin_speedup >= GOAL_CELLPOSE_SPEEDUP
+                                  and dropin_scores["ap50"] >= cellpose_scores["ap50"]),
+        "timing": "best of each; every round runs cp3d, the drop-in, Cellpose, cp3d, the drop-in",
         "speedup_cp3d_over_cellpose": round(speedup, 2),
         "goal": f"cp3d >= {GOAL_CELLPOSE_SPEEDUP}x faster at equal or better AP@0.5",
         "meets_goal": bool(speedup >= GOAL_CELLPOSE_SPEEDUP and cp3d_scores["ap50"] >= cellpose_scores["ap50"]),
