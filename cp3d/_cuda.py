@@ -32,6 +32,16 @@ def _sources_hash():
     return digest.hexdigest()[:16]
 
 
+# Threads per block of the grid-stride kernels, and the most blocks launched.
+THREADS = 256
+_MAX_BLOCKS = 1 << 20
+
+
+def launch_shape(n):
+    """(blocks, threads) for a grid-stride kernel over `n` items."""
+    return (max(1, min((n + THREADS - 1) // THREADS, _MAX_BLOCKS)),), (THREADS,)
+
+
 def get_kernel(filename, kernel_name, defines=()):
     """Return the compiled kernel `kernel_name` from ``kernels/<filename>``.
 

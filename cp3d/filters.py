@@ -221,12 +221,14 @@ def instance_statistics(labels, flows, foreground, *, targets="tanh", tanh_scale
     ``flow_error`` (mean over voxels and components of
     ``|flows - recomputed|``).
 
-    The Numba backend with tanh targets computes the recomputed flows voxel by
-    voxel inside one pass instead of materialising them, so it needs no
-    memory beyond a few numbers per instance.
+    The Numba and CUDA backends with tanh targets compute the recomputed
+    flows voxel by voxel inside one pass instead of materialising them, so
+    they need no memory beyond a few numbers per instance.
     """
     if backend == "numba" and targets == "tanh":
         return _numba_tanh_statistics(labels, flows, foreground, tanh_scale, inward)
+    if backend == "cuda" and targets == "tanh":
+        return _cuda_tanh_statistics(labels, flows, foreground, tanh_scale, inward)
     xp = get_array_module(labels)
     volume, overlap = volume_and_overlap(labels, foreground)
     if targets == "tanh":
@@ -269,3 +271,24 @@ def _tanh_statistics_kernel(compact, flows, foreground, centroid, scale, sign, n
                     partial[s, lab, 1] += foreground[z, y, x]
                     partial[s, lab, 2] += e0 + e1 + e2
     return partial
+
+
+def _cuda_tanh_statistics(labels, flows, foreground, tanh_scale, inward):
+    """Two kernels, no flow-sized temporary: centroid sums (targets.cu), then one statistics pass (filters.cu)."""
+    import cupy
+
+    from ._cuda import get_kernel, launch_shape
+
+    n_labels = int(labels.max())
+    ny, nx, n_vox = np.int64(labels.shape[1]), np.int64(labels.shape[2]), np.int64(labels.size)
+    sums = cupy.zeros(4 * (n_labels + 1), cupy.float64)
+    stats = cupy.zeros(3 * (n_labels + 1), cupy.float64)
+    blocks, threads = launch_shape(labels.size)
+    get_kernel("targets.cu", "cp3d_tanh_accumulate")(blocks, threads, (labels, ny, nx, n_vox, sums))
+    inv = [np.float32(1.0 / s) for s in as_triple(tanh_scale, "tanh_scale")]
+    get_kernel("filters.cu", "cp3d_tanh_statistics")(
+        blocks, threads, (labels, flows, foreground.view(cupy.uint8), sums, ny, nx, n_vox, *inv,
+                          np.float32(-1 if inward else 1), stats))
+    volume, inside, error = stats.reshape(-1, 3).T
+    denom = cupy.maximum(volume, 1)
+    return volume.astype(cupy.int64), inside / denom, error / (3 * denom)

@@ -36,7 +36,9 @@ def close_and_label(mask, radius=3, *, backend="auto"):
     around each, keeps the painted voxels whose ball fits in the painting,
     and labels with a two-pass union-find, so its cost grows with the number
     of marked voxels and not with the number of cells. The CUDA backend
-    uses ``cupyx.scipy.ndimage`` and synchronises the device.
+    uses ``cupyx.scipy.ndimage``, whose labelling counts in int32: volumes
+    of 2**31 voxels and more are labelled in z-slabs and merged across the
+    slab faces (:func:`label_in_slabs`).
 
     Examples
     --------
@@ -196,8 +198,78 @@ def _cuda_close_and_label(mask, offsets):
     pad = [(int(e), int(e)) for e in extent]
     closed = ndimage.binary_closing(cupy.pad(mask, pad), structure=cupy.asarray(footprint))
     closed = closed[tuple(slice(int(e), int(e) + n) for e, n in zip(extent, mask.shape))]
-    labels, _ = ndimage.label(closed)
-    return relabel_by_first_voxel(labels.astype(cupy.uint32), backend="cuda")
+    labels = label_in_slabs(cupy.ascontiguousarray(closed), ndimage.label, _CUPYX_LABEL_VOXELS)
+    return relabel_by_first_voxel(labels, backend="cuda")
+
+
+# cupyx.scipy.ndimage.label indexes and counts in int32: on a larger volume it
+# returns wrong labels without an error, so it is given z-slabs below this size.
+_CUPYX_LABEL_VOXELS = 2**31 - 1
+
+
+def label_in_slabs(mask, label, max_voxels):
+    """6-connected components of `mask`, labelled in z-slabs and merged across their faces.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (Z, Y, X)
+        NumPy or CuPy, C-contiguous.
+    label : callable
+        ``scipy.ndimage.label`` or ``cupyx.scipy.ndimage.label`` (6-connected
+        by default), applied to one slab at a time.
+    max_voxels : int
+        Largest slab the labeller takes; the slabs are whole z-planes.
+
+    Returns
+    -------
+    labels : ndarray, shape (Z, Y, X), uint32
+        The same partition as labelling the whole volume at once, with ids
+        not necessarily consecutive nor in C order (see
+        :func:`relabel_by_first_voxel`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy import ndimage
+    >>> from cp3d.group import label_in_slabs, relabel_by_first_voxel
+    >>> mask = np.zeros((4, 3, 3), bool)
+    >>> mask[:, 1, 1] = True  # one column crossing every slab of one plane
+    >>> int(relabel_by_first_voxel(label_in_slabs(mask, ndimage.label, 9)).max())
+    1
+    """
+    xp = get_array_module(mask)
+    plane = int(np.prod(mask.shape[1:]))
+    if plane > max_voxels:
+        raise ValueError(f"one z-plane has {plane} voxels, more than the labeller takes ({max_voxels})")
+    depth = max(1, max_voxels // plane)
+    if depth >= mask.shape[0]:
+        return label(mask)[0].astype(np.uint32)
+    labels = xp.empty(mask.shape, np.uint32)
+    total = 0
+    for start in range(0, mask.shape[0], depth):
+        part, count = label(mask[start:start + depth])
+        if total + int(count) > np.iinfo(np.uint32).max:
+            raise ValueError("more than 2**32 - 1 components")
+        labels[start:start + depth] = xp.where(part > 0, part.astype(np.uint32) + np.uint32(total), 0)
+        total += int(count)
+    # Components that continue across a slab face are one: a graph of the
+    # face pairs and its connected components give one id per component.
+    pairs = []
+    for start in range(depth, mask.shape[0], depth):
+        below, above = labels[start - 1].ravel(), labels[start].ravel()
+        both = (below > 0) & (above > 0)
+        pairs.append(xp.stack([below[both], above[both]]))
+    pairs = xp.concatenate(pairs, axis=1)
+    if pairs.size == 0:
+        return labels
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    pairs = np.asarray(pairs.get() if xp is not np else pairs, np.int64)
+    graph = coo_matrix((np.ones(pairs.shape[1], np.int8), (pairs[0], pairs[1])), shape=(total + 1, total + 1))
+    component = connected_components(graph, directed=False)[1].astype(np.uint32) + np.uint32(1)
+    component[0] = 0
+    return xp.asarray(component)[labels]
 
 
 def relabel_by_first_voxel(labels, backend="auto", keep=None):

@@ -30,8 +30,6 @@ _OFFSETS = tuple((dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx i
 # Neighbour slots of the central differences: (+1, -1) along z, y and x.
 _GRAD_SLOTS = ((22, 4), (16, 10), (14, 12))
 
-_CUDA_THREADS = 256
-
 
 # ---------------------------------------------------------------------------
 # Shared helpers
@@ -225,14 +223,13 @@ def _cuda_tanh_flows(compact, n_labels, scale):
     """Two kernels from kernels/targets.cu: atomic per-label sums, then flows."""
     import cupy
 
-    from ._cuda import get_kernel
+    from ._cuda import get_kernel, launch_shape
 
     nz, ny, nx = compact.shape
     n_vox = compact.size
     sums = cupy.zeros(4 * (n_labels + 1), dtype=cupy.float64)
     flows = cupy.empty((3, nz, ny, nx), dtype=cupy.float32)
-    blocks = (min((n_vox + _CUDA_THREADS - 1) // _CUDA_THREADS, 1 << 20),)
-    threads = (_CUDA_THREADS,)
+    blocks, threads = launch_shape(n_vox)
     ny_, nx_, n_vox_ = np.int64(ny), np.int64(nx), np.int64(n_vox)
     get_kernel("targets.cu", "cp3d_tanh_accumulate")(blocks, threads, (compact, ny_, nx_, n_vox_, sums))
     inv = [np.float32(1.0 / s) for s in scale]

@@ -100,3 +100,44 @@ def test_border_ids():
     labels[3, 2, 2] = 8
     labels[1, 1, 5] = 9
     assert border_ids(labels).tolist() == [8, 9]
+
+
+@pytest.mark.parametrize("scale, inward", [(5.0, False), ((2.0, 3.0, 4.0), True)])
+def test_host_statistics_kernel_matches_numpy(scale, inward, membrane_cells, host_library):
+    """The per-voxel body of the fused CUDA statistics pass (kernels/filters.cuh), built for the host."""
+    import ctypes
+
+    stats_fn = host_library.cp3d_host_tanh_statistics
+    i64, f32 = ctypes.c_int64, ctypes.c_float
+    stats_fn.argtypes = [ctypes.c_void_p] * 3 + [i64] * 4 + [f32] * 4 + [ctypes.c_void_p]
+    stats_fn.restype = None
+    labels = membrane_cells[1]
+    rng = np.random.default_rng(1)
+    flows = (cp3d.tanh_flows(labels, scale) * (-1 if inward else 1)
+             + rng.normal(0, 0.2, (3, *labels.shape))).astype(np.float32)
+    fg = rng.random(labels.shape) < 0.9
+    n = int(labels.max())
+    out = np.full(3 * (n + 1), np.nan)
+    scales = scale if isinstance(scale, tuple) else (scale,) * 3
+    stats_fn(labels.ctypes.data, flows.ctypes.data, fg.astype(np.uint8).ctypes.data, *labels.shape, n, *scales,
+             np.float32(-1 if inward else 1), out.ctypes.data)
+    volume, inside, error = out.reshape(-1, 3)[1:].T  # entry 0, the background, is not summed
+    ref_volume, ref_overlap, ref_error = (a[1:] for a in instance_statistics(
+        labels, flows, fg, tanh_scale=scale, inward=inward, backend="numpy"))
+    np.testing.assert_array_equal(volume, ref_volume)
+    np.testing.assert_allclose(inside / np.maximum(volume, 1), ref_overlap, rtol=1e-12)
+    np.testing.assert_allclose(error / (3 * np.maximum(volume, 1)), ref_error, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_statistics_match_numpy(membrane_cells):
+    import cupy
+
+    labels = membrane_cells[1]
+    flows = cp3d.tanh_flows(labels, 4.0) + np.float32(0.1)
+    ref = instance_statistics(labels, flows, labels > 0, tanh_scale=4.0, backend="numpy")
+    out = instance_statistics(cupy.asarray(labels), cupy.asarray(flows), cupy.asarray(labels > 0), tanh_scale=4.0,
+                              backend="cuda")
+    np.testing.assert_array_equal(out[0].get()[1:], ref[0][1:])
+    for got, want in zip(out[1:], ref[1:]):
+        np.testing.assert_allclose(got.get()[1:], want[1:], rtol=1e-5, atol=1e-6)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cp3d.group import ball_offsets, close_and_label, relabel_by_first_voxel
+from cp3d.group import ball_offsets, close_and_label, label_in_slabs, relabel_by_first_voxel
 
 
 def test_ball_matches_the_sphere_inequality():
@@ -66,3 +66,16 @@ def test_bad_input():
         close_and_label(np.ones((4, 4), bool))
     with pytest.raises(ValueError, match="radius"):
         close_and_label(np.ones((4, 4, 4), bool), radius=-1)
+
+
+@pytest.mark.parametrize("max_voxels", [12 * 14, 3 * 12 * 14, 10**9])
+def test_labelling_in_slabs_equals_whole_volume(max_voxels):
+    """The path that keeps cupyx's int32 labelling below 2**31 voxels, run with SciPy on small slabs."""
+    rng = np.random.default_rng(3)
+    mask = ndimage.binary_opening(rng.random((17, 12, 14)) < 0.55)
+    whole = ndimage.label(mask)[0]
+    assert whole.max() > 5
+    slabs = relabel_by_first_voxel(label_in_slabs(mask, ndimage.label, max_voxels), backend="numpy")
+    np.testing.assert_array_equal(slabs, whole)
+    with pytest.raises(ValueError, match="z-plane"):
+        label_in_slabs(mask, ndimage.label, 100)
