@@ -288,8 +288,10 @@ def heat_flows(labels, *, n_iter=None, backend="auto"):
     normalised direction much and the gradient of ``T`` is simpler.
 
     The NumPy and Numba backends give the same sums in the same order and
-    agree to 1e-4. The CUDA backend runs the NumPy code with CuPy arrays; it
-    synchronises the device while it sets up the sources and neighbours.
+    agree to 1e-4. The CUDA backend builds the sources and neighbour table
+    with the NumPy code on CuPy arrays (which synchronises the device), then
+    diffuses with two kernel launches per step (``kernels/heat.cu``), summing
+    in the same order as NumPy.
     Memory: a table of 27 neighbour indices per foreground voxel (int32).
 
     Examples
@@ -317,7 +319,9 @@ def heat_flows(labels, *, n_iter=None, backend="auto"):
     logger.debug("heat_flows: %d voxels, %d instances, %d steps", fg.size, sources.size, n_iter)
     if backend == "numba":
         fg_flows = _numba_heat_flows(_numba_neighbour_table(labels, fg), sources, n_iter)
-    else:  # "numpy" and "cuda": the same array code, on NumPy or CuPy arrays
+    elif backend == "cuda":
+        fg_flows = _cuda_heat_flows(_neighbour_table(labels, fg), sources, n_iter)
+    else:
         fg_flows = _numpy_heat_flows(_neighbour_table(labels, fg), sources, n_iter)
     flows.reshape(3, -1)[:, fg] = fg_flows
     return flows
@@ -452,6 +456,28 @@ def _numpy_heat_flows(nbr, sources, n_iter):
     down = xp.stack([temp[nbr[lo]] - temp[nbr[hi]] for hi, lo in _GRAD_SLOTS])
     norm = xp.sqrt(down[0] * down[0] + down[1] * down[1] + down[2] * down[2])
     return xp.where(norm > 0, down / xp.where(norm > 0, norm, 1.0), 0.0).astype(np.float32)
+
+
+def _cuda_heat_flows(nbr, sources, n_iter):
+    import cupy
+
+    from ._cuda import get_kernel, launch_shape
+
+    n = nbr.shape[1]
+    defines = () if nbr.dtype == np.int32 else ("CP3D_NBR_T=long long",)
+    add, step, flows = (get_kernel("heat.cu", name, defines)
+                        for name in ("cp3d_heat_add_sources", "cp3d_heat_step", "cp3d_heat_flows"))
+    sources = sources.astype(cupy.int64)
+    temp, new = cupy.zeros(n + 1, cupy.float64), cupy.zeros(n + 1, cupy.float64)
+    grid, source_grid = launch_shape(n), launch_shape(sources.size)
+    n_ = np.int64(n)
+    for _ in range(n_iter):
+        add(*source_grid, (sources, np.int64(sources.size), temp))
+        step(*grid, (nbr, n_, temp, new))
+        temp, new = new, temp
+    out = cupy.empty((3, n), cupy.float32)
+    flows(*grid, (nbr, n_, temp, out))
+    return out
 
 
 def _numba_heat_flows(nbr, sources, n_iter):

@@ -278,3 +278,21 @@ def test_cuda_matches_numpy(func, tol):
     np.testing.assert_allclose(cupy.asnumpy(out), ref, atol=tol)
     with pytest.raises(TypeError):
         func(cupy.asarray(labels), backend="numba")
+
+
+@pytest.mark.parametrize("n_iter", [1, 7])
+def test_host_heat_kernels_match_numpy(n_iter, host_library):
+    """The per-voxel bodies of kernels/heat.cu, built for the host, against the NumPy diffusion."""
+    from cp3d.targets import _heat_sources, _neighbour_table, _numpy_heat_flows
+
+    host_heat = host_library.cp3d_host_heat_flows
+    host_heat.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                          ctypes.c_void_p]
+    host_heat.restype = None
+    labels = voronoi_labels(seed=5)
+    fg, sources, _ = _heat_sources(labels.astype(np.uint32))
+    nbr = np.ascontiguousarray(_neighbour_table(labels.astype(np.uint32), fg), np.int32)
+    sources = np.ascontiguousarray(sources, np.int64)
+    out = np.full((3, fg.size), np.nan, np.float32)
+    host_heat(nbr.ctypes.data, fg.size, sources.ctypes.data, sources.size, n_iter, out.ctypes.data)
+    np.testing.assert_array_equal(out, _numpy_heat_flows(nbr, sources, n_iter))
