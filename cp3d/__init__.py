@@ -9,6 +9,7 @@ from . import data, io, metrics
 from .filters import filter_instances
 from .follow import follow_flows
 from .group import close_and_label
+from .measure import CellTable, cell_table
 from .reconstruct import reconstruct, reconstruction_parameters
 from .segment import Segmentation, segment
 from .targets import heat_flows, tanh_flows
@@ -18,7 +19,8 @@ __version__ = "0.1.0"
 _MODEL_API = ("UNet3D", "load_model", "predict", "train")
 
 __all__ = ["data", "io", "metrics", "tanh_flows", "heat_flows", "follow_flows", "close_and_label",
-           "filter_instances", "reconstruct", "reconstruction_parameters", "segment", "Segmentation",
+           "filter_instances", "reconstruct", "reconstruction_parameters", "segment", "Segmentation", "cell_table",
+           "CellTable",
            *_MODEL_API]
 
 
