@@ -1,4 +1,4 @@
-"""Command line: ``cp3d demo | segment | synth | evaluate | train``.
+"""Command line: ``cp3d demo | segment | synth | evaluate | train``, ``cp3d --version``.
 
 A thin layer: it parses arguments, reads and writes files and calls the
 public functions.
@@ -15,6 +15,7 @@ import numpy as np
 
 def _demo(args):
     from . import data, io, metrics
+    from .preview import save_preview
     from .segment import segment
 
     out = Path(args.out)
@@ -33,6 +34,7 @@ def _demo(args):
     io.write_labels(out / "labels.tif", result.labels)
     io.write_image(out / "flows.tif", np.concatenate([result.flows, result.foreground[None]]).reshape(
         -1, *image.shape[1:]))
+    save_preview(out / "preview.png", image, result.labels)
     report = {"shape": list(image.shape), "cells": int(truth.max()), "found": int(result.labels.max()),
               "scores": {k: round(float(v), 4) for k, v in scores.items()},
               "seconds": {k: round(v, 3) for k, v in seconds.items()}, "written_to": str(out)}
@@ -41,20 +43,31 @@ def _demo(args):
 
 def _segment(args):
     from . import io
-    from .segment import segment
+    from .measure import cell_table
+    from .model import load_model
+    from .preview import save_preview
+    from .segment import model_tanh_scale, segment
 
-    for path in (args.output, args.save_flows):
+    for path in (args.output, args.save_flows, args.table, args.preview):
         if path:
             io.check_output_folder(path)  # before the minutes of prediction, not after
     stack = io.read_image(args.input)
     voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
-    result = segment(stack.data, args.model, diameter=args.diameter, voxel_size=voxel_size, backend=args.backend,
+    model = load_model("tanh" if args.model is None else args.model)
+    result = segment(stack.data, model, diameter=args.diameter, voxel_size=voxel_size, backend=args.backend,
                      device=args.device, augment=args.augment, tile_size=args.tile_size, context=args.context,
                      progress=not args.quiet)
     io.write_labels(args.output, result.labels, voxel_size=voxel_size)
     if args.save_flows:
         maps = np.concatenate([result.flows, result.foreground[None]])
         io.write_image(args.save_flows, maps.reshape(-1, *maps.shape[2:]), voxel_size=voxel_size)
+    if args.table:
+        # the flow statistics with the convention the reconstruction's filter used
+        cell_table(result.labels, stack.data, result.flows, result.foreground, voxel_size,
+                   targets=model.config.targets,
+                   tanh_scale=model_tanh_scale(model.config, args.diameter, voxel_size)).to_csv(args.table)
+    if args.preview:
+        save_preview(args.preview, stack.data, result.labels, voxel_size)
     print(json.dumps({"cells": int(result.labels.max()), "output": str(args.output),
                       "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}))
 
@@ -89,11 +102,14 @@ def _add_segment_options(parser):
 
 
 def build_parser():
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="cp3d", description="3D cell instance segmentation (Cellpose3D).")
+    parser.add_argument("--version", action="version", version=f"cp3d {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="synthesize a stack, segment it with the bundled model, score it")
-    p.add_argument("--out", default="cp3d_demo", help="folder for the TIFFs (default: ./cp3d_demo)")
+    p.add_argument("--out", default="cp3d_demo", help="folder for the TIFFs and preview.png (default: ./cp3d_demo)")
     p.add_argument("--shape", type=int, nargs=3, default=(64, 128, 128), metavar=("Z", "Y", "X"))
     p.add_argument("--diameter", type=float, default=10.0)
     p.add_argument("--noise", type=float, default=0.1)
@@ -110,6 +126,11 @@ def build_parser():
     p.add_argument("--save-flows", default=None, metavar="TIFF",
                    help="also write the predicted maps, as one (4 Z, Y, X) stack: Z slices each of flow z, "
                         "flow y, flow x and foreground probability")
+    p.add_argument("--table", default=None, metavar="CSV",
+                   help="also write one row per cell: id, size, centroid, bounding box, mean intensity, flow error "
+                        "(see cp3d.cell_table)")
+    p.add_argument("--preview", default=None, metavar="PNG",
+                   help="also write the label outlines over the image, XY and XZ mid-sections")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_segment_options(p)
     p.set_defaults(run=_segment)

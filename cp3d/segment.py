@@ -43,6 +43,15 @@ def cell_extent(diameter, voxel_size, train_diameter):
     return tuple(d * vs[2] / v for v in vs)
 
 
+def model_tanh_scale(config, diameter=None, voxel_size=None):
+    """Tanh scale (z, y, x) of a model's flows on the image grid, where its scale grows with the cells.
+
+    `config` is the model's ``UNetConfig``; `diameter` and `voxel_size` as for :func:`segment`.
+    """
+    extent = cell_extent(diameter, voxel_size, config.train_diameter)
+    return tuple(config.tanh_scale * e / config.train_diameter for e in extent)
+
+
 def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto", device="auto",
             augment=True, tile_size=None, context=None, progress=False):
     """Segment the cells of a 3D membrane stack.
@@ -123,8 +132,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     prediction = predict(image, model, voxel_size=model_voxel, tile_size=tile_size, context=context, device=device,
                          augment=augment, progress=progress)
     predicted = time.perf_counter()
-    # Back on the original grid the model's tanh scale grows with the cells.
-    scale = tuple(config.tanh_scale * e / config.train_diameter for e in extent)
+    scale = model_tanh_scale(config, diameter, voxel_size)
     flows, foreground = prediction.flows, prediction.foreground
     if backend == "cuda":
         flows, foreground = cupy.asarray(flows), cupy.asarray(foreground)

@@ -224,3 +224,43 @@ def test_cli_bad_model_rgb_stack_and_training_errors_are_messages(tmp_path, caps
     assert err.startswith("cp3d segment: error:") and "rgb.tif" in err
     assert cli.main(["train", str(tmp_path / "run"), "--resume", str(tmp_path / "nothing")]) == 2
     assert "cp3d train: error: no checkpoint" in capsys.readouterr().err
+
+
+def test_cli_segment_writes_a_table_and_a_preview(tmp_path, tiny_model_dir, capsys):
+    image, _ = cp3d.data.synthetic_stack((16, 32, 32), 8, seed=2)
+    cp3d.io.write_image(tmp_path / "in.tif", image, voxel_size=(2.0, 0.5, 0.5))
+    assert cli.main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--quiet",
+                     "--model", str(tiny_model_dir), "--no-augment", "--table", str(tmp_path / "cells.csv"),
+                     "--preview", str(tmp_path / "preview.png")]) == 0
+    labels = cp3d.io.read_image(tmp_path / "out.tif").data
+    lines = (tmp_path / "cells.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert len(lines) == 1 + len(np.unique(labels[labels > 0]))
+    assert {"label", "physical_volume", "mean_intensity", "flow_error", "foreground_overlap"} <= set(header)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "preview.png").format == "PNG"
+
+
+def test_cli_checks_table_and_preview_folders_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(SEGMENT_MODULE, "segment", lambda *a, **k: pytest.fail("segmented before the check"))
+    cp3d.io.write_image(tmp_path / "in.tif", np.ones((4, 8, 8), np.float32))
+    for option in ("--table", "--preview"):
+        assert cli.main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"),
+                         option, str(tmp_path / "nodir" / "x")]) == 2
+        assert "output folder does not exist" in capsys.readouterr().err
+
+
+def test_cli_demo_writes_a_preview(tmp_path, tiny_model_dir, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), "--shape", "16", "32", "32", "--diameter", "8",
+                     "--model", str(tiny_model_dir), "--no-augment"]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "preview.png").size[0] > 32
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cp3d {cp3d.__version__}"
