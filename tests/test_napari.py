@@ -1,0 +1,163 @@
+"""The napari plugin in a real viewer (napari's make_napari_viewer, pytest-qt; on Linux under Xvfb).
+
+The manifest is registered from its file through npe2, so these tests do not
+depend on the installed entry point.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+npe2 = pytest.importorskip("npe2")
+
+if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    # Qt without a display aborts the whole test process; offscreen Qt crashes vispy.
+    message = "no display for Qt: run the tests under Xvfb (xvfb-run -a python -m pytest ...)"
+    if os.environ.get("CP3D_REQUIRE_DISPLAY") == "1":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+import torch  # noqa: E402
+
+import cp3d  # noqa: E402
+from cp3d.model import UNet3D, save_model  # noqa: E402
+from cp3d.napari import _widgets  # noqa: E402
+from cp3d.napari._widgets import split_maps  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = Path(cp3d.__file__).parent / "napari" / "napari.yaml"
+WAIT_MS = 180_000
+
+
+@pytest.fixture
+def plugin(npe2pm):
+    """cp3d's manifest registered in a plugin manager that discovers nothing else."""
+    with npe2pm.tmp_plugin(manifest=str(MANIFEST)):
+        yield npe2pm
+
+
+@pytest.fixture
+def shown(monkeypatch):
+    """The results the widgets' workers have handed to the viewer, in order."""
+    results = []
+    show = _widgets._show_labels
+
+    def spy(viewer, name, labels, source):
+        show(viewer, name, labels, source)
+        results.append(name)
+
+    monkeypatch.setattr(_widgets, "_show_labels", spy)
+    return results
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_model(UNet3D(base_features=4, depth=2).eval(), tmp_path_factory.mktemp("model"))
+
+
+def test_manifest_validates_and_is_packaged():
+    manifest = npe2.PluginManifest.from_file(MANIFEST)
+    manifest.validate_imports()  # every command's python_name imports
+    assert manifest.name == "cp3d"
+    assert {w.display_name for w in manifest.contributions.widgets} == {"Segment", "Reconstruct from flows"}
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["entry-points"]["napari.manifest"] == {"cp3d": "cp3d.napari:napari.yaml"}
+    assert "cp3d.napari" in project["tool"]["setuptools"]["packages"]
+    assert "napari.yaml" in project["tool"]["setuptools"]["package-data"]["cp3d.napari"]
+
+
+def test_sample_and_tiff_round_trip_keep_the_voxel_size(make_napari_viewer, plugin, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open_sample("cp3d", "membrane")
+    image, truth = viewer.layers["membrane"], viewer.layers["membrane truth"]
+    assert isinstance(truth, napari.layers.Labels) and truth.data.max() > 100
+    assert image.data.shape == truth.data.shape and image.data.ndim == 3
+    truth.scale = (2.0, 0.5, 0.5)
+    napari.save_layers(str(tmp_path / "truth.tif"), [truth], plugin="cp3d")
+    napari.save_layers(str(tmp_path / "image.tif"), [image], plugin="cp3d")
+    assert cp3d.io.read_image(tmp_path / "truth.tif").voxel_size == pytest.approx((2.0, 0.5, 0.5))
+    assert cp3d.io.read_image(tmp_path / "image.tif").voxel_size is None  # unit scale: not calibrated
+
+    [labels] = viewer.open(tmp_path / "truth.tif", plugin="cp3d")
+    assert isinstance(labels, napari.layers.Labels)
+    np.testing.assert_array_equal(labels.data, truth.data)
+    assert tuple(labels.scale) == pytest.approx((2.0, 0.5, 0.5))
+    [opened] = viewer.open(tmp_path / "image.tif", plugin="cp3d")
+    assert isinstance(opened, napari.layers.Image)
+
+
+def test_segment_widget_gives_the_library_result(make_napari_viewer, plugin, qtbot, tiny_model_dir, shown):
+    viewer = make_napari_viewer()
+    image, _ = cp3d.data.synthetic_stack((16, 32, 32), 8, seed=3)
+    layer = viewer.add_image(image, name="stack", scale=(2.0, 1.0, 1.0))
+    _, widget = viewer.window.add_plugin_dock_widget("cp3d", "Segment")
+    widget.image.value = layer
+    assert widget.model_folder.native.isHidden()  # shown only for model="folder"
+    widget.model.value = "folder"
+    assert not widget.model_folder.native.isHidden()
+    widget.model_folder.value = tiny_model_dir
+    widget.diameter.value = 8
+    widget.augment.value = False
+    widget()
+    qtbot.waitUntil(lambda: len(shown) == 1, timeout=WAIT_MS)  # the viewer stays live: the worker has its thread
+    result = viewer.layers["stack labels"]
+    expected = cp3d.segment(image, str(tiny_model_dir), diameter=8, voxel_size=(2.0, 1.0, 1.0), augment=False)
+    np.testing.assert_array_equal(result.data, expected.labels)
+    assert tuple(result.scale) == (2.0, 1.0, 1.0)
+
+    # a second run replaces the layer instead of adding one
+    widget()
+    qtbot.waitUntil(lambda: len(shown) == 2, timeout=WAIT_MS)
+    assert [layer.name for layer in viewer.layers] == ["stack", "stack labels"]
+
+
+def test_segment_widget_asks_for_a_model_folder(make_napari_viewer, plugin):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.zeros((4, 8, 8), np.float32))
+    _, widget = viewer.window.add_plugin_dock_widget("cp3d", "Segment")
+    widget.image.value = layer
+    widget.model.value = "folder"
+    with pytest.raises(ValueError, match="model folder"):
+        widget()
+
+
+def test_reconstruct_widget_reads_save_flows_stacks(make_napari_viewer, plugin, qtbot, shown):
+    _, truth = cp3d.data.synthetic_stack((16, 48, 48), 8, seed=5)
+    flows = cp3d.tanh_flows(truth, 4.0)
+    expected = cp3d.reconstruct(flows, truth > 0, diameter=8)
+    viewer = make_napari_viewer()
+    maps = np.concatenate([flows, (truth > 0)[None].astype(np.float32)]).reshape(-1, *truth.shape[1:])
+    layer = viewer.add_image(maps, name="maps")  # as cp3d segment --save-flows writes them
+    _, widget = viewer.window.add_plugin_dock_widget("cp3d", "Reconstruct from flows")
+    widget.flows.value = layer
+    widget.diameter.value = 8
+    widget()
+    qtbot.waitUntil(lambda: shown == ["maps labels"], timeout=WAIT_MS)
+    np.testing.assert_array_equal(viewer.layers["maps labels"].data, expected)
+    assert expected.max() > 20
+
+
+def test_split_maps_takes_three_layers_or_one_stack(make_napari_viewer):
+    viewer = make_napari_viewer()
+    flows = np.random.default_rng(0).uniform(-1, 1, (3, 4, 6, 8)).astype(np.float32)
+    fg = np.zeros((4, 6, 8), np.float32)
+    z, y, x = (viewer.add_image(f) for f in flows)
+    mask = viewer.add_labels(fg.astype(np.uint8))
+    maps, foreground = split_maps(z, y, x, mask)
+    np.testing.assert_array_equal(maps, flows)
+    four = viewer.add_image(np.concatenate([flows, fg[None]]))
+    maps, foreground = split_maps(four)
+    np.testing.assert_array_equal(maps, flows)
+    with pytest.raises(ValueError, match="foreground"):
+        split_maps(z, y, x)
+    with pytest.raises(ValueError, match="both"):
+        split_maps(z, y)
+    with pytest.raises(ValueError, match="expected"):
+        split_maps(viewer.add_image(np.zeros((5, 6, 8))))
