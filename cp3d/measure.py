@@ -15,7 +15,7 @@ import numpy as np
 
 from ._backend import (as_triple, check_flows, check_foreground, check_labels, check_volume, is_cupy_array,
                        resolve_backend)
-from .filters import check_targets, instance_statistics
+from .filters import check_targets, instance_statistics, volume_and_overlap
 
 __all__ = ["CellTable", "cell_table"]
 
@@ -56,7 +56,7 @@ class CellTable(dict):
         from .io import atomic_write
 
         names = list(self)
-        fmt = ["%d" if self[name].dtype.kind in "iu" else "%.9g" for name in names]
+        fmt = ["%d" if self[name].dtype.kind in "iub" else "%.9g" for name in names]
         # An object array keeps each column's own type, so integers print as integers.
         rows = np.empty((self.n_cells, len(names)), dtype=object)
         for j, name in enumerate(names):
@@ -79,11 +79,11 @@ def cell_table(labels, image=None, flows=None, foreground=None, voxel_size=None,
     image : numpy.ndarray, shape (Z, Y, X), optional
         Intensities for the ``mean_intensity`` column.
     flows : numpy.ndarray, shape (3, Z, Y, X), optional
-        The flows the labels were reconstructed from; with `foreground`, adds
-        the ``flow_error`` and ``foreground_overlap`` columns. Give both or
-        neither.
+        The flows the labels were reconstructed from, for the ``flow_error``
+        column; needs `foreground`.
     foreground : numpy.ndarray, shape (Z, Y, X), optional
-        Bool mask or probability map (thresholded at 0.5).
+        Bool mask or probability map (thresholded at 0.5), for the
+        ``foreground_overlap`` column.
     voxel_size : float or (float, float, float), optional
         Voxel size (z, y, x) in any length unit; adds the ``physical_*``
         columns in that unit.
@@ -109,6 +109,9 @@ def cell_table(labels, image=None, flows=None, foreground=None, voxel_size=None,
         ``bbox_z0``, ``bbox_y0``, ``bbox_x0``, ``bbox_z1``, ``bbox_y1``, ``bbox_x1``
             Bounding box, end exclusive: ``labels[z0:z1, y0:y1, x0:x1]``
             holds the whole cell.
+        ``touches_border``
+            Whether the cell reaches an outer face of the volume (such cells
+            are exempt from the filters' lower size bound).
         ``equivalent_diameter``
             Diameter of the sphere of equal volume, ``(6 V / pi) ** (1/3)``,
             in voxels (Cellpose's ``diameter``).
@@ -117,19 +120,21 @@ def cell_table(labels, image=None, flows=None, foreground=None, voxel_size=None,
             times the product of the voxel size).
         ``mean_intensity``
             With `image`: mean of the image over the cell's voxels.
-        ``flow_error``, ``foreground_overlap``
-            With `flows` and `foreground`: mean absolute difference between
-            the flows and those recomputed from the cell, and the fraction
-            of its voxels in the foreground (the statistics
-            :func:`cp3d.filter_instances` thresholds).
+        ``foreground_overlap``
+            With `foreground`: the fraction of the cell's voxels in it.
+        ``flow_error``
+            With `flows` (and `foreground`): mean absolute difference between
+            the flows and those recomputed from the cell. These two are the
+            statistics :func:`cp3d.filter_instances` thresholds, computed by
+            the same functions.
 
     Raises
     ------
     TypeError
         For CuPy arrays (pass ``cupy.asnumpy(...)``) or non-integer labels.
     ValueError
-        For shapes that do not match, `flows` without `foreground` (or the
-        reverse), or a bad voxel size.
+        For shapes that do not match, `flows` without `foreground`, or a bad
+        voxel size.
 
     Notes
     -----
@@ -163,13 +168,14 @@ def cell_table(labels, image=None, flows=None, foreground=None, voxel_size=None,
         if image.dtype.kind == "b" or image.dtype == np.float16:
             image = image.astype(np.float32)  # bool and float16 have no Numba arithmetic
         image = np.ascontiguousarray(image)
-    if (flows is None) != (foreground is None):
-        raise ValueError("give flows and foreground together (the flow error needs both), or neither")
+    if flows is not None and foreground is None:
+        raise ValueError("flows need a foreground: the flow error is computed with it, as in filter_instances")
+    if foreground is not None:
+        foreground = check_foreground(foreground, labels.shape)
     if flows is not None:
         flows = check_flows(flows)
         if flows.shape[1:] != labels.shape:
             raise ValueError(f"flows shape {flows.shape} does not match labels shape {labels.shape}")
-        foreground = check_foreground(foreground, labels.shape)
         check_targets(targets)
     if voxel_size is not None:
         voxel_size = as_triple(voxel_size, "voxel_size")
@@ -189,6 +195,7 @@ def cell_table(labels, image=None, flows=None, foreground=None, voxel_size=None,
     for end, bound in (("0", lo), ("1", hi + 1)):
         for axis, name in enumerate("zyx"):
             table[f"bbox_{name}{end}"] = bound[:, axis].astype(np.int64)
+    table["touches_border"] = (lo == 0).any(axis=1) | (hi + 1 == np.array(labels.shape)).any(axis=1)
     table["equivalent_diameter"] = np.cbrt(6 * count / math.pi)
     if voxel_size is not None:
         volume = count * math.prod(voxel_size)
@@ -201,8 +208,10 @@ def cell_table(labels, image=None, flows=None, foreground=None, voxel_size=None,
     if flows is not None:
         _, overlap, flow_error = instance_statistics(index, flows, foreground, targets=targets,
                                                      tanh_scale=tanh_scale, inward=inward, backend="numba")
-        table["flow_error"] = np.asarray(flow_error[1:], np.float64)
         table["foreground_overlap"] = np.asarray(overlap[1:], np.float64)
+        table["flow_error"] = np.asarray(flow_error[1:], np.float64)
+    elif foreground is not None:
+        table["foreground_overlap"] = np.asarray(volume_and_overlap(index, foreground)[1][1:], np.float64)
     return table
 
 

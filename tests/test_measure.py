@@ -29,6 +29,7 @@ def test_known_geometry():
     assert [table[f"bbox_{a}0"].tolist() for a in "zyx"] == [[1, 5], [2, 7], [3, 0]]
     assert [table[f"bbox_{a}1"].tolist() for a in "zyx"] == [[3, 10], [6, 8], [11, 2]]
     np.testing.assert_allclose(table["equivalent_diameter"], np.cbrt(6 * np.array([64, 10]) / math.pi))
+    assert table["touches_border"].tolist() == [False, True]  # the second box reaches z = 9 and x = 0
     assert "physical_volume" not in table and "mean_intensity" not in table and "flow_error" not in table
 
 
@@ -73,6 +74,18 @@ def test_flow_columns_are_the_filters_statistics(membrane_cells):
     np.testing.assert_allclose(table["flow_error"], error[1:], rtol=1e-5)
     np.testing.assert_allclose(table["foreground_overlap"], overlap[1:])
     assert 0.5 < table["foreground_overlap"].mean() < 0.9  # the mask drops about 30 % of each cell
+    alone = cell_table(labels, foreground=foreground)  # the overlap needs no flows
+    np.testing.assert_array_equal(alone["foreground_overlap"], table["foreground_overlap"])
+    assert "flow_error" not in alone
+
+
+def test_touches_border_matches_the_filters_border_ids(membrane_cells):
+    from cp3d.filters import border_ids
+
+    _, labels = membrane_cells
+    table = cell_table(labels)
+    assert table["label"][table["touches_border"]].tolist() == border_ids(labels).tolist()
+    assert 0 < table["touches_border"].sum() < table.n_cells
 
 
 def test_sparse_and_large_ids_give_the_same_rows():
@@ -100,6 +113,7 @@ def test_to_csv_round_trip(tmp_path):
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == list(table)
     assert [r["label"] for r in rows] == ["3", "7"] and rows[0]["bbox_x1"] == "11"
+    assert [r["touches_border"] for r in rows] == ["0", "1"]
     np.testing.assert_allclose([float(r["mean_intensity"]) for r in rows], [3 / 7, 1.0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.csv"]  # no temporary file left
 
@@ -121,7 +135,7 @@ def test_bad_input():
         cell_table(labels.astype(np.float32))
     with pytest.raises(ValueError, match="image shape"):
         cell_table(labels, image=np.zeros((2, 2, 2)))
-    with pytest.raises(ValueError, match="together"):
+    with pytest.raises(ValueError, match="need a foreground"):
         cell_table(labels, flows=np.zeros((3, *labels.shape), np.float32))
     with pytest.raises(ValueError, match="flows shape"):
         cell_table(labels, flows=np.zeros((3, 2, 2, 2), np.float32), foreground=labels > 0)
