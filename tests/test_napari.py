@@ -161,3 +161,15 @@ def test_split_maps_takes_three_layers_or_one_stack(make_napari_viewer):
         split_maps(z, y)
     with pytest.raises(ValueError, match="expected"):
         split_maps(viewer.add_image(np.zeros((5, 6, 8))))
+
+
+def test_a_failing_run_is_reported_in_the_viewer(make_napari_viewer, plugin, qtbot, monkeypatch):
+    errors = []
+    monkeypatch.setattr(_widgets, "show_error", errors.append)
+    viewer = make_napari_viewer()
+    maps = np.full((4, 4, 8, 8), np.nan, np.float32)
+    _, widget = viewer.window.add_plugin_dock_widget("cp3d", "Reconstruct from flows")
+    widget.flows.value = viewer.add_image(maps, name="bad")
+    widget()
+    qtbot.waitUntil(lambda: len(errors) == 1, timeout=WAIT_MS)
+    assert "NaN" in errors[0] and "bad labels" not in viewer.layers

@@ -151,11 +151,11 @@ def _volume(layer, name):
 
 def _start(viewer, run, name, source, description):
     """Run `run` in a napari thread worker and show its labels as layer `name`, aligned with `source`."""
-    worker = thread_worker(run, progress={"total": 0, "desc": description})()
-    worker.returned.connect(lambda labels: _show_labels(viewer, name, labels, source))
-    worker.errored.connect(lambda error: show_error(f"{description}: {error}"))
-    worker.start()
-    return worker
+    # With an "errored" handler the worker reports errors in the viewer instead of re-raising them in the Qt loop;
+    # a worker given connections starts at once.
+    return thread_worker(run, progress={"total": 0, "desc": description}, connect={
+        "returned": lambda labels: _show_labels(viewer, name, labels, source),
+        "errored": lambda error: show_error(f"{description}: {error}")})()
 
 
 def _show_labels(viewer, name, labels, source):
