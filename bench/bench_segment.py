@@ -305,17 +305,20 @@ LABELS = {"tanh": "cp3d tanh model", "watershed": "seeded watershed (skimage)", 
 SETTING_LABELS = {"default": "default", "true_diameter": "true d", "single_pass": "default, one pass"}
 
 
+def _machine_line(m):
+    return (f"{m['date_utc']}, {m['platform']}, {m['cpu_count']} CPUs, torch {m['versions']['torch']} "
+            f"({m['torch_threads']} threads), numba {m['versions']['numba']} ({m['numba_threads']} threads), "
+            f"scikit-image {m['versions']['scikit-image']}, cp3d {m['versions']['cp3d']} "
+            f"(commit {(m['git_commit'] or '?')[:10]}). Load average at start {m['load_average']}.")
+
+
 def markdown(report):
-    m = report["machine"]
     lines = [
         "# End-to-end segmentation on held-out synthetic membrane stacks",
         "",
         f"`{report['command']}`",
         "",
-        f"{m['date_utc']}, {m['platform']}, {m['cpu_count']} CPUs, torch {m['versions']['torch']} "
-        f"({m['torch_threads']} threads), numba {m['versions']['numba']} ({m['numba_threads']} threads), "
-        f"scikit-image {m['versions']['scikit-image']}, cp3d {m['versions']['cp3d']} "
-        f"(commit {(m['git_commit'] or '?')[:10]}). Load average at start {m['load_average']}.",
+        _machine_line(report["machine"]),
         "",
         f"{len(report['stacks'])} stacks of {report['config']['shape']} voxels, seeds {TEST_SEED}.., "
         f"diameters {TEST_DIAMETERS[0]:g}..{TEST_DIAMETERS[1]:g}, noise {', '.join(map(str, TEST_NOISE))} "
@@ -394,6 +397,83 @@ def markdown(report):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------
+# diameter="auto" beside the true diameter (--auto)
+# ---------------------------------------------------------------------------
+
+AUTO = {"diameters": (6.0, 10.0, 20.0, 40.0), "stacks": 3, "seed": 12_000, "noise": (0.05, 0.12, 0.2)}
+AUTO_SETTINGS = ("true_diameter", "auto", "default")
+AUTO_GOAL = 0.03  # largest Dice loss of "auto" against the true diameter, per diameter
+
+
+def auto_shape(diameter):
+    """Stack shape for cells `diameter` voxels across: a few dozen cells at least, small enough to run in seconds."""
+    return [max(32, int(2.4 * diameter)), max(64, int(4.8 * diameter)), max(64, int(4.8 * diameter))]
+
+
+def auto_diameter_bench(model, n_stacks, diameters):
+    """``segment(diameter="auto")`` against the true and the training diameter, one network pass each."""
+    rows = []
+    for d in diameters:
+        for i in range(n_stacks):
+            spec = {"seed": AUTO["seed"] + 100 * int(d) + i, "diameter": d, "shape": auto_shape(d),
+                    "noise": AUTO["noise"][i % len(AUTO["noise"])]}
+            image, gt = make_stack(spec)
+            d_true = true_diameter(gt)
+            row = {"spec": spec, "true_diameter": d_true, "n_gt": int(gt.max()), "results": {}}
+            for setting in AUTO_SETTINGS:
+                diameter = {"true_diameter": d_true, "auto": "auto", "default": None}[setting]
+                t0 = time.perf_counter()
+                result = segment(image, model, diameter=diameter, augment=False)
+                seconds = time.perf_counter() - t0
+                row["results"][setting] = {"scores": _scores(gt, result.labels), "diameter": result.diameter,
+                                           "seconds": seconds, "stages": dict(result.seconds)}
+                sc = row["results"][setting]["scores"]
+                print(f"d {d:g} seed {spec['seed']} (true {d_true:.1f}) {setting:13s} d used {result.diameter:5.1f} "
+                      f"dice {sc['dice']:.3f} ap50 {sc['ap50']:.3f} {seconds:.1f}s", flush=True)
+            rows.append(row)
+    summary = []
+    for d in diameters:
+        group = [r for r in rows if r["spec"]["diameter"] == d]
+        entry = {"diameter": d, "true_diameter": float(np.mean([r["true_diameter"] for r in group])),
+                 "settings": {}}
+        for setting in AUTO_SETTINGS:
+            res = [r["results"][setting] for r in group]
+            entry["settings"][setting] = {k: float(np.mean([x["scores"][k] for x in res])) for k in ("dice", "ap50")}
+            entry["settings"][setting].update(diameter=float(np.mean([x["diameter"] for x in res])),
+                                              seconds=float(np.mean([x["seconds"] for x in res])))
+        entry["dice_loss_auto"] = entry["settings"]["true_diameter"]["dice"] - entry["settings"]["auto"]["dice"]
+        entry["goal_met"] = bool(entry["dice_loss_auto"] <= AUTO_GOAL)
+        summary.append(entry)
+    return summary, rows
+
+
+def auto_markdown(report):
+    lines = [
+        "# `segment(diameter=\"auto\")` beside the true diameter",
+        "",
+        f"`{report['command']}`",
+        "",
+        _machine_line(report["machine"]),
+        "",
+        f"Synthetic membrane stacks (`cp3d.data.synthetic_stack`), {report['config']['stacks']} per diameter, "
+        f"noise cycling through {', '.join(map(str, AUTO['noise']))}, shapes from `auto_shape` (2.4 d x 4.8 d x 4.8 d, "
+        "at least 32 x 64 x 64); bundled tanh model, one network pass everywhere (`augment=False`). *true d*: the "
+        "stack's median equivalent-sphere diameter; *auto*: `diameter=\"auto\"`; *training d*: `diameter=None`. "
+        "Means over stacks; seconds per stack, the auto column including its estimating passes.",
+        "",
+        "| cells (d) | true d | Dice true d | Dice auto | auto d | Dice training d | AP@0.5 true / auto | "
+        "s true / auto | auto within 0.03 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in report["summary"]:
+        t, a, n = (e["settings"][k] for k in AUTO_SETTINGS)
+        lines.append(f"| {e['diameter']:g} | {e['true_diameter']:.1f} | {t['dice']:.3f} | {a['dice']:.3f} | "
+                     f"{a['diameter']:.1f} | {n['dice']:.3f} | {t['ap50']:.3f} / {a['ap50']:.3f} | "
+                     f"{t['seconds']:.1f} / {a['seconds']:.1f} | {'yes' if e['goal_met'] else '**no**'} |")
+    return "\n".join(lines + [""])
+
+
 def model_info(model, source):
     c = model.config
     card = Path(source, "model_card.json") if Path(source).is_dir() else None
@@ -418,7 +498,11 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default bench/results/segment.json, "
                                                "segment_quick.json with --quick); the .md goes beside it")
     p.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
+    p.add_argument("--auto", action="store_true", help="only diameter='auto' beside the true diameter "
+                                                       "(bench/results/segment_auto.json)")
     a = p.parse_args(argv)
+    if a.auto:
+        return run_auto(a, argv)
     n_stacks = a.stacks if a.stacks is not None else (2 if a.quick else 6)
     shape = tuple(a.shape) if a.shape is not None else ((32, 64, 64) if a.quick else (64, 128, 128))
     out = Path(a.out) if a.out else RESULTS / ("segment_quick.json" if a.quick else "segment.json")
@@ -481,6 +565,35 @@ def main(argv=None):
     md.write_text(markdown(report))
     print(md.read_text())
     print(f"wrote {out} and {md}")
+
+
+def _write_report(report, out, markdown_of):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    md = out.with_suffix(".md")
+    md.write_text(markdown_of(report))
+    print(md.read_text())
+    print(f"wrote {out} and {md}")
+
+
+def run_auto(a, argv):
+    torch.set_num_threads(a.threads)
+    model = load_model(a.tanh_model)
+    segment(synthetic_stack((24, 48, 48), 8.0, seed=99)[0], model, augment=False)  # compile the kernels
+    t_start = time.perf_counter()
+    n_stacks = a.stacks if a.stacks is not None else (1 if a.quick else AUTO["stacks"])
+    diameters = AUTO["diameters"][:2] if a.quick else AUTO["diameters"]
+    machine = machine_info()
+    summary, rows = auto_diameter_bench(model, n_stacks, diameters)
+    report = {
+        "command": " ".join(["python", "bench/bench_segment.py"] + [shlex.quote(x) for x in argv]),
+        "machine": machine, "wall_seconds": time.perf_counter() - t_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "config": dict(AUTO, stacks=n_stacks, diameters=list(diameters), goal_dice_loss=AUTO_GOAL),
+        "model": model_info(model, a.tanh_model), "summary": summary, "stacks": rows, "notes": list(a.note),
+    }
+    _write_report(report, Path(a.out) if a.out else RESULTS / ("segment_auto_quick.json" if a.quick
+                                                               else "segment_auto.json"), auto_markdown)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
 
-from ._backend import check_labels, is_cupy_array
+from ._backend import as_triple, check_labels, is_cupy_array
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "median_diameter"]
 
 
 class _Contingency(NamedTuple):
@@ -264,3 +264,47 @@ def _adapted_rand(c_fg, a, b_fg):
     recall = both / in_gt if in_gt else 1.0
     f = 2.0 * precision * recall / (precision + recall) if precision + recall else 0.0
     return float(1.0 - f)
+
+
+def median_diameter(labels, voxel_size=None):
+    """Median equivalent-sphere diameter of the instances of `labels`, in voxels along x.
+
+    Each instance of ``V`` voxels is measured as the sphere of equal volume,
+    ``(6 V / pi) ** (1/3)`` (Cellpose's ``diameter``). With anisotropic
+    voxels the volume is taken in physical units and the diameter given in
+    voxels along x, the convention of :func:`cp3d.segment`'s ``diameter``.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray, shape (Z, Y, X)
+        Label volume of a non-negative integer dtype; 0 is background.
+    voxel_size : float or (float, float, float), optional
+        Voxel size (z, y, x), any unit; ``None`` means isotropic voxels.
+
+    Returns
+    -------
+    float or None
+        The median diameter, or ``None`` when `labels` holds no instance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cp3d.metrics import median_diameter
+    >>> labels = np.zeros((10, 10, 10), np.uint8)
+    >>> labels[:2, :2, :2] = 1  # 8 voxels: a sphere of diameter 2.48
+    >>> round(median_diameter(labels), 2)
+    2.48
+    >>> round(median_diameter(labels, voxel_size=(2, 1, 1)), 2)  # twice the volume
+    3.13
+    """
+    if is_cupy_array(labels):
+        raise TypeError("labels must be a NumPy array; pass cupy.asnumpy(labels)")
+    labels = check_labels(labels, "labels")
+    vs = as_triple(1.0 if voxel_size is None else voxel_size, "voxel_size")
+    volumes = np.bincount(labels.ravel())[1:]
+    volumes = volumes[volumes > 0]
+    if volumes.size == 0:
+        return None
+    # volume in units of an x-voxel cubed, so the diameter comes out in voxels along x
+    volumes = volumes * (vs[0] * vs[1] / vs[2] ** 2)
+    return float(np.median((6.0 * volumes / np.pi) ** (1.0 / 3.0)))

@@ -1,12 +1,17 @@
 """End-to-end segmentation: predict the maps, then reconstruct instances."""
 
+import logging
+import numbers
 import time
 from typing import NamedTuple
 
 import numpy as np
 
 from ._backend import as_triple, import_cupy, resolve_backend
+from .metrics import median_diameter
 from .reconstruct import reconstruct
+
+log = logging.getLogger(__name__)
 
 
 class Segmentation(NamedTuple):
@@ -21,21 +26,33 @@ class Segmentation(NamedTuple):
     foreground : ndarray, shape (Z, Y, X), float32
         Predicted foreground probability.
     seconds : dict
-        Wall-clock seconds of the ``"predict"`` and ``"reconstruct"`` stages.
+        Wall-clock seconds of the ``"predict"`` and ``"reconstruct"`` stages,
+        and with ``diameter="auto"`` of the ``"estimate"`` passes before them.
+    diameter : float
+        The typical cell diameter, in voxels along x, the segmentation was
+        made for: the one given, the estimate of ``diameter="auto"``, or the
+        model's training size.
     """
 
     labels: np.ndarray
     flows: np.ndarray
     foreground: np.ndarray
     seconds: dict
+    diameter: float
 
 
 def cell_extent(diameter, voxel_size, train_diameter):
     """Typical cell extent in voxels along (z, y, x).
 
     `diameter` is measured in voxels along x (Cellpose's convention); the other
-    axes follow from the voxel size. ``None`` assumes the training size.
+    axes follow from the voxel size. ``None`` assumes the training size. A
+    ``(z, y, x)`` triple is the extent itself, and leaves no room for a voxel size.
     """
+    if diameter is not None and np.ndim(diameter) == 1:
+        if voxel_size is not None:
+            raise ValueError("pass a (z, y, x) diameter or a voxel_size, not both: the triple already gives the "
+                             "cell extent along each axis")
+        return as_triple(diameter, "diameter")
     d = float(train_diameter if diameter is None else diameter)
     if not np.isfinite(d) or d <= 0:
         raise ValueError(f"diameter must be positive and finite, got {diameter!r}")
@@ -50,6 +67,16 @@ def model_tanh_scale(config, diameter=None, voxel_size=None):
     """
     extent = cell_extent(diameter, voxel_size, config.train_diameter)
     return tuple(config.tanh_scale * e / config.train_diameter for e in extent)
+
+
+def _check_diameter(diameter):
+    """Refuse anything but None, "auto", a positive number or a (z, y, x) triple of them."""
+    if diameter is None or (isinstance(diameter, str) and diameter == "auto"):
+        return
+    if isinstance(diameter, str) or isinstance(diameter, (bool, np.bool_)):
+        raise ValueError(f"diameter must be a number, a (z, y, x) triple, 'auto' or None, got {diameter!r}")
+    if not isinstance(diameter, numbers.Real):
+        as_triple(diameter, "diameter")
 
 
 def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto", device="auto",
@@ -70,9 +97,13 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     model : UNet3D or str or path-like, optional
         A network, a bundled model name (``"tanh"``, ``"heat"``) or a model
         directory; the bundled tanh model by default.
-    diameter : float, optional
-        Typical cell diameter in voxels along x. ``None`` assumes the
+    diameter : float or (float, float, float) or "auto", optional
+        Typical cell diameter in voxels along x (Cellpose's convention), the
+        other axes following from `voxel_size`. ``None`` assumes the
         model's training size (about 10.25 voxels for the bundled models).
+        A ``(z, y, x)`` triple gives the cell extent in voxels along each
+        axis, as :func:`cp3d.reconstruct` takes it (then `voxel_size` must
+        be ``None``). ``"auto"`` estimates it from the image: see Notes.
     voxel_size : float or (float, float, float), optional
         Voxel size (z, y, x), any unit; only ratios matter. ``None`` means
         isotropic voxels.
@@ -99,8 +130,21 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     Returns
     -------
     Segmentation
-        ``labels``, ``flows``, ``foreground`` and per-stage ``seconds``. A
-        constant (e.g. all-zero) stack gives empty labels and zero maps.
+        ``labels``, ``flows``, ``foreground``, per-stage ``seconds`` and the
+        ``diameter`` used. A constant (e.g. all-zero) stack gives empty
+        labels and zero maps.
+
+    Notes
+    -----
+    ``diameter="auto"`` segments the stack once at the model's training size
+    and takes the median equivalent-sphere diameter of the instances found
+    (:func:`cp3d.metrics.median_diameter`); it segments again at that
+    estimate and measures once more, which corrects most of the first
+    pass's bias on cells far from the training size; the result is then
+    segmented at this second estimate (the second pass is reused when it
+    was made at the same size, within 5 %, and settings). The estimating passes
+    predict without test-time augmentation. When the first pass finds no
+    cell, the training size is kept (with a warning).
 
     Examples
     --------
@@ -109,36 +153,83 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     >>> result = cp3d.segment(image)  # doctest: +SKIP
     >>> result.labels.max() > 0  # doctest: +SKIP
     True
+    >>> cp3d.segment(image, diameter="auto").diameter  # doctest: +SKIP
+    10.1
     """
-    from .model import UNet3D, load_model, predict
+    from .model import UNet3D, load_model
     from .model.predict import _resolve_device, _validate_image
 
     image = _validate_image(image)
     if resolve_backend(backend) == "cuda":
-        cupy = import_cupy()
+        import_cupy()
     _resolve_device(device)  # a bad device fails here, not after loading the model
+    _check_diameter(diameter)
     if not isinstance(model, UNet3D):
         model = load_model("tanh" if model is None else model)
     config = model.config
-    extent = cell_extent(diameter, voxel_size, config.train_diameter)
+    auto = isinstance(diameter, str)
+    extent = cell_extent(None if auto else diameter, voxel_size, config.train_diameter)
+    used = extent[2]  # the diameter in voxels along x
     if float(image.min()) == float(image.max()):
         # A constant stack (e.g. all zero) holds no cells; the network would only see noise-free padding.
         zeros = np.zeros(image.shape, np.float32)
         return Segmentation(np.zeros(image.shape, np.uint32), np.zeros((3, *image.shape), np.float32), zeros,
-                            {"predict": 0.0, "reconstruct": 0.0})
+                            {"predict": 0.0, "reconstruct": 0.0}, used)
+    options = dict(backend=backend, device=device, tile_size=tile_size, context=context, progress=progress)
+    if not auto:
+        return _segment_at(image, model, extent, augment, used, **options)
+    return _segment_auto(image, model, voxel_size, augment, **options)
+
+
+_REUSE_TOLERANCE = 0.05  # relative diameter change below which the last estimating pass is the result
+
+
+def _segment_auto(image, model, voxel_size, augment, **options):
+    """``diameter="auto"``: measure the cells of a pass at the training size, refine once, segment."""
+    start = time.perf_counter()
+    first_d = model.config.train_diameter
+    first = _segment_at(image, model, cell_extent(first_d, voxel_size, first_d), False, first_d, **options)
+    second_d = median_diameter(first.labels, voxel_size)
+    if second_d is None:
+        import warnings
+
+        warnings.warn("diameter='auto' found no cell at the training size; segmenting at the training size",
+                      stacklevel=3)
+        result = first if not augment else None
+        estimate = first_d
+    else:
+        second = _segment_at(image, model, cell_extent(second_d, voxel_size, first_d), False, second_d, **options)
+        estimate = median_diameter(second.labels, voxel_size) or second_d
+        result = second if not augment and abs(estimate / second_d - 1) < _REUSE_TOLERANCE else None
+    log.info("diameter='auto': %.2f voxels (first pass at %.2f measured %s)", estimate, first_d,
+             "no cell" if second_d is None else f"{second_d:.2f}")
+    estimated = time.perf_counter() - start
+    if result is None:
+        result = _segment_at(image, model, cell_extent(estimate, voxel_size, first_d), augment, estimate, **options)
+    else:
+        estimated -= sum(result.seconds.values())  # the reused pass's stages are counted as such
+    return result._replace(seconds=dict(result.seconds, estimate=estimated), diameter=float(estimate))
+
+
+def _segment_at(image, model, extent, augment, diameter, *, backend, device, tile_size, context, progress):
+    """Predict and reconstruct `image` for cells of `extent` voxels along (z, y, x)."""
+    from .model import predict
+
+    config = model.config
     # Predicting at this voxel size makes each cell train_diameter model voxels across.
     model_voxel = tuple(m * config.train_diameter / e for m, e in zip(config.voxel_size, extent))
     start = time.perf_counter()
     prediction = predict(image, model, voxel_size=model_voxel, tile_size=tile_size, context=context, device=device,
                          augment=augment, progress=progress)
     predicted = time.perf_counter()
-    scale = model_tanh_scale(config, diameter, voxel_size)
+    scale = model_tanh_scale(config, extent)  # the extent is a (z, y, x) diameter
     flows, foreground = prediction.flows, prediction.foreground
     if backend == "cuda":
+        cupy = import_cupy()
         flows, foreground = cupy.asarray(flows), cupy.asarray(foreground)
     labels = reconstruct(flows, foreground, diameter=extent, targets=config.targets, tanh_scale=scale,
                          backend=backend)
     if backend == "cuda":
         labels = cupy.asnumpy(labels)
     seconds = {"predict": predicted - start, "reconstruct": time.perf_counter() - predicted}
-    return Segmentation(labels, prediction.flows, prediction.foreground, seconds)
+    return Segmentation(labels, prediction.flows, prediction.foreground, seconds, float(diameter))

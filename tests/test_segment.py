@@ -178,7 +178,7 @@ def test_cli_segment_reads_the_voxel_size_from_the_tiff(tmp_path, monkeypatch, c
     def spy(image, model=None, **kwargs):
         seen.update(kwargs)
         return Segmentation(np.zeros(image.shape, np.uint32), np.zeros((3, *image.shape), np.float32),
-                            np.zeros(image.shape, np.float32), {"predict": 0.0, "reconstruct": 0.0})
+                            np.zeros(image.shape, np.float32), {"predict": 0.0, "reconstruct": 0.0}, 10.0)
 
     monkeypatch.setattr(SEGMENT_MODULE, "segment", spy)
     cp3d.io.write_image(tmp_path / "in.tif", np.ones((4, 8, 8), np.float32), voxel_size=(2.0, 0.5, 0.5))
