@@ -138,13 +138,16 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     -----
     ``diameter="auto"`` segments the stack once at the model's training size
     and takes the median equivalent-sphere diameter of the instances found
-    (:func:`cp3d.metrics.median_diameter`); it segments again at that
-    estimate and measures once more, which corrects most of the first
-    pass's bias on cells far from the training size; the result is then
-    segmented at this second estimate (the second pass is reused when it
-    was made at the same size, within 5 %, and settings). The estimating passes
-    predict without test-time augmentation. When the first pass finds no
-    cell, the training size is kept (with a warning).
+    (:func:`cp3d.metrics.median_diameter`), then segments again at that
+    estimate and measures once more. Cells far above the training size come
+    out of a pass in fragments, so their estimate is low, though above the
+    size the pass assumed: passes go on, each at the last estimate, while
+    the estimate grows by more than 10 % (eight passes at most; cells 4x
+    the training size need about five). The stack is then segmented at the
+    last estimate (the last pass is reused when it was made at that size,
+    within 5 %, and without augmentation). The estimating passes predict
+    without test-time augmentation. When the first pass finds no cell, the
+    training size is kept (with a warning).
 
     Examples
     --------
@@ -182,30 +185,39 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
 
 
 _REUSE_TOLERANCE = 0.05  # relative diameter change below which the last estimating pass is the result
+_AUTO_GROWTH = 1.1  # after the refinement, passes continue while the estimate grows by more than this factor
+_AUTO_PASSES = 8  # estimating passes at most
 
 
 def _segment_auto(image, model, voxel_size, augment, **options):
-    """``diameter="auto"``: measure the cells of a pass at the training size, refine once, segment."""
+    """``diameter="auto"``: measure the cells of a pass at the training size, refine, segment at the estimate."""
     start = time.perf_counter()
-    first_d = model.config.train_diameter
-    first = _segment_at(image, model, cell_extent(first_d, voxel_size, first_d), False, first_d, **options)
-    second_d = median_diameter(first.labels, voxel_size)
-    if second_d is None:
+
+    def measured_at(d):
+        result = _segment_at(image, model, cell_extent(d, voxel_size, d), False, d, **options)
+        return result, median_diameter(result.labels, voxel_size)
+
+    assumed = model.config.train_diameter
+    result, estimate = measured_at(assumed)
+    history = [assumed]
+    if estimate is None:
         import warnings
 
         warnings.warn("diameter='auto' found no cell at the training size; segmenting at the training size",
                       stacklevel=3)
-        result = first if not augment else None
-        estimate = first_d
+        estimate = assumed
     else:
-        second = _segment_at(image, model, cell_extent(second_d, voxel_size, first_d), False, second_d, **options)
-        estimate = median_diameter(second.labels, voxel_size) or second_d
-        result = second if not augment and abs(estimate / second_d - 1) < _REUSE_TOLERANCE else None
-    log.info("diameter='auto': %.2f voxels (first pass at %.2f measured %s)", estimate, first_d,
-             "no cell" if second_d is None else f"{second_d:.2f}")
+        # Cells far above the training size come out in fragments, so each estimate is low but above the
+        # size it was made at: the estimates climb towards the true size, and passes go on while they do.
+        while len(history) < 2 or (estimate > _AUTO_GROWTH * assumed and len(history) < _AUTO_PASSES):
+            assumed = estimate
+            history.append(assumed)
+            result, estimate = measured_at(assumed)
+            estimate = assumed if estimate is None else estimate
+    log.info("diameter='auto': %.2f voxels (passes at %s)", estimate, ", ".join(f"{d:.2f}" for d in history))
     estimated = time.perf_counter() - start
-    if result is None:
-        result = _segment_at(image, model, cell_extent(estimate, voxel_size, first_d), augment, estimate, **options)
+    if augment or abs(estimate / assumed - 1) >= _REUSE_TOLERANCE:
+        result = _segment_at(image, model, cell_extent(estimate, voxel_size, estimate), augment, estimate, **options)
     else:
         estimated -= sum(result.seconds.values())  # the reused pass's stages are counted as such
     return result._replace(seconds=dict(result.seconds, estimate=estimated), diameter=float(estimate))

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 import cp3d
@@ -462,3 +463,89 @@ def test_a_resumed_fine_tuning_run_keeps_its_lineage(tmp_path):
     train(tmp_path / "tuned", resume=tmp_path / "tuned", **_tiny_training(steps=2))
     card = json.loads((tmp_path / "tuned" / "model_card.json").read_text())
     assert card["steps"] == 4 and [run["steps"] for run in card["lineage"]] == ["0-2", "2-4"]
+
+
+# --------------------------------------------------------------------------- training on annotated folders
+
+
+def _write_pairs(folder, count, shape=(16, 32, 32), diameter=8, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image, labels = cp3d.data.synthetic_stack(shape, diameter, seed=seed + i, noise=0.1)
+        cp3d.io.write_image(folder / f"stack{i}.tif", image)
+        cp3d.io.write_labels(folder / f"stack{i}_masks.tif", labels)
+    return folder
+
+
+def test_training_on_a_folder_end_to_end_and_resumes(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    data = _write_pairs(tmp_path / "data", 2)
+    image, labels = cp3d.data.synthetic_stack((16, 32, 32), 8, seed=7, noise=0.1)
+    with h5py.File(data / "plantseg.h5", "w") as f:  # the released Cellpose3D / PlantSeg layout
+        f["raw"], f["label"] = image, labels
+        f["raw"].attrs["element_size_um"] = (1.0, 0.5, 0.5)
+    kw = _tiny_training(steps=2, validate_stacks=1) | {"data": data}
+    out = tmp_path / "run"
+    model = train(out, **kw)
+    card = json.loads((out / "model_card.json").read_text())
+    stacks = card["data"]["stacks"]
+    # one stack in five (at least one) is held out: the last by name
+    assert [s["name"] for s in stacks] == ["plantseg.h5", "stack0.tif"]
+    assert card["data"]["validation_stacks"] == ["stack1.tif"]
+    # cells measured from the masks are resampled to the training size; the HDF5 file's voxel size is used
+    assert stacks[1]["diameter"] == pytest.approx(8, rel=0.2)
+    assert stacks[1]["zoom"][2] == pytest.approx(model.config.train_diameter / stacks[1]["diameter"])
+    assert stacks[0]["voxel_size"] == [1.0, 0.5, 0.5] and stacks[0]["zoom"][0] == pytest.approx(2 * stacks[0]["zoom"][2])
+    assert 0 <= card["validation"]["mean_dice"] <= 1 and card["validation"]["stacks"][0]["name"] == "stack1.tif"
+    resumed = train(out, resume=out, **kw | {"steps": 3})
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 3 and resumed.config == model.config
+    (data / "stack0.tif").rename(data / "other.tif")
+    (data / "stack0_masks.tif").rename(data / "other_masks.tif")
+    with pytest.raises(ValueError, match="same training stacks"):
+        train(out, resume=out, **kw | {"steps": 4})
+
+
+def test_training_on_a_folder_with_a_validation_folder_and_given_size(tmp_path):
+    data = _write_pairs(tmp_path / "data", 1)
+    valid = _write_pairs(tmp_path / "valid", 1, seed=5)
+    kw = _tiny_training(steps=1, validate_stacks=1) | {"data": data, "validate_data": valid, "diameter": 5.0,
+                                                      "voxel_size": (2, 1, 1)}
+    model = train(tmp_path / "run", **kw)
+    card = json.loads((tmp_path / "run" / "model_card.json").read_text())
+    (info,) = card["data"]["stacks"]
+    zoom = model.config.train_diameter / 5.0
+    assert info["zoom"] == pytest.approx([2 * zoom, zoom, zoom])
+    assert info["model_grid_shape"] == [round(16 * 2 * zoom), round(32 * zoom), round(32 * zoom)]
+    assert card["validation"]["stacks"][0]["diameter"] == 5.0
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: None, "no annotated stacks"),
+    (lambda d: cp3d.io.write_labels(d / "lonely_masks.tif", np.ones((4, 8, 8), np.uint32)), "has no image"),
+    (lambda d: (cp3d.io.write_image(d / "a.tif", np.zeros((4, 8, 8), np.float32)),
+                cp3d.io.write_labels(d / "a_masks.tif", np.ones((4, 8, 9), np.uint32))), "shape"),
+    (lambda d: (tifffile.imwrite(d / "a.tif", np.zeros((8, 8), np.float32)),
+                tifffile.imwrite(d / "a_masks.tif", np.ones((8, 8), np.uint32))), "not a 3D stack"),
+    (lambda d: (cp3d.io.write_image(d / "a.tif", np.zeros((4, 8, 8), np.float32)),
+                cp3d.io.write_image(d / "a_masks.tif", np.full((4, 8, 8), 1.5, np.float32))), "integer"),
+    (lambda d: (cp3d.io.write_image(d / "a.tif", np.zeros((4, 8, 8), np.float32)),
+                cp3d.io.write_labels(d / "a_masks.tif", np.zeros((4, 8, 8), np.uint32))), "no instance"),
+])
+def test_training_data_errors_name_the_problem(tmp_path, make, match):
+    data = tmp_path / "data"
+    data.mkdir()
+    make(data)
+    with pytest.raises((ValueError, TypeError), match=match):
+        train(tmp_path / "run", **_tiny_training(steps=1) | {"data": data})
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_training_data_hdf5_without_the_datasets(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    data = tmp_path / "data"
+    data.mkdir()
+    with h5py.File(data / "x.h5", "w") as f:
+        f["image"] = np.zeros((4, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="'raw'"):
+        train(tmp_path / "run", **_tiny_training(steps=1) | {"data": data})

@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .._backend import start_numba_pool
+from .._backend import as_triple, start_numba_pool
 from ..io import atomic_write
 from .predict import _resolve_device, normalize_percentile, predict
 from .unet import UNet3D, UNetConfig, _resolve_model_dir, load_model, save_model
 
-__all__ = ["train", "validate", "augment_geometry", "flow_targets"]
+__all__ = ["train", "validate", "validate_annotated", "augment_geometry", "flow_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -168,28 +168,70 @@ class _StackPool:
         }
 
     def sample(self, rng, batch_size, patch):
-        images, fgs, flows = [], [], []
-        for _ in range(batch_size):
-            st = self.stacks[rng.integers(len(self.stacks))]
-            shape = st["image"].shape
-            starts = [int(rng.integers(0, max(1, s - p) + 1)) for s, p in zip(shape, patch)]
-            sl = tuple(slice(a, a + p) for a, p in zip(starts, patch))
-            img, fg, fl = st["image"][sl], st["fg"][sl], st["flows"][(slice(None),) + sl]
-            if img.shape != tuple(patch):  # stack smaller than the patch: zero-pad (background)
-                pad = [(0, p - s) for p, s in zip(patch, img.shape)]
-                img, fg = np.pad(img, pad), np.pad(fg, pad)
-                fl = np.pad(fl, [(0, 0)] + pad)
-            flips = tuple(bool(b) for b in rng.random(3) < 0.5)
-            (img, fg), fl = augment_geometry([img, fg], fl, flips=flips, swap_yx=bool(rng.random() < 0.5))
-            img = _augment_intensity(img, rng)
-            images.append(img)
-            fgs.append(fg)
-            flows.append(fl)
-        return (
-            torch.from_numpy(np.stack(images)[:, None]),
-            torch.from_numpy(np.stack(fgs)),
-            torch.from_numpy(np.stack(flows)),
-        )
+        return _sample_patches(self.stacks, rng, batch_size, patch)
+
+
+class _FolderPool:
+    """Annotated stacks read from a folder, on the model's grid, with precomputed targets.
+
+    The pool is fixed: ``ids`` are the stacks' file names, checked against a
+    checkpoint's when training resumes.
+    """
+
+    def __init__(self, config, annotated, diameter, voxel_size):
+        self.config, self.annotated = config, annotated
+        self.diameter, self.voxel_size = diameter, voxel_size
+        self.ids = [a.name for a in annotated]
+        self.stacks, self.info, self.next_id, self.gen_seconds = [], [], len(annotated), 0.0
+
+    def fill(self, ids=None, next_id=None):
+        if ids is not None and list(ids) != self.ids:
+            raise ValueError(f"the checkpoint was trained on {list(ids)}, the data now holds {self.ids}: resume "
+                             "with the same training stacks")
+        from .annotated import to_model_grid
+
+        t0 = time.perf_counter()
+        for stack in self.annotated:
+            image, labels, info = to_model_grid(stack, self.config, diameter=self.diameter,
+                                                voxel_size=self.voxel_size)
+            log.info("%s: cells %.1f voxels across, zoom %s to %s", info["name"], info["diameter"],
+                     tuple(round(z, 3) for z in info["zoom"]), tuple(info["model_grid_shape"]))
+            self.stacks.append({"image": normalize_percentile(image), "fg": (labels > 0).astype(np.float32),
+                                "flows": flow_targets(labels, self.config)})
+            self.info.append(info)
+        self.gen_seconds += time.perf_counter() - t0
+
+    def refresh(self, step):
+        pass  # annotated stacks are all there is; patches and augmentation vary, the stacks do not
+
+    def sample(self, rng, batch_size, patch):
+        return _sample_patches(self.stacks, rng, batch_size, patch)
+
+
+def _sample_patches(stacks, rng, batch_size, patch):
+    """A batch of random, augmented patches from `stacks` (dicts of image, fg and flows)."""
+    images, fgs, flows = [], [], []
+    for _ in range(batch_size):
+        st = stacks[rng.integers(len(stacks))]
+        shape = st["image"].shape
+        starts = [int(rng.integers(0, max(1, s - p) + 1)) for s, p in zip(shape, patch)]
+        sl = tuple(slice(a, a + p) for a, p in zip(starts, patch))
+        img, fg, fl = st["image"][sl], st["fg"][sl], st["flows"][(slice(None),) + sl]
+        if img.shape != tuple(patch):  # stack smaller than the patch: zero-pad (background)
+            pad = [(0, p - s) for p, s in zip(patch, img.shape)]
+            img, fg = np.pad(img, pad), np.pad(fg, pad)
+            fl = np.pad(fl, [(0, 0)] + pad)
+        flips = tuple(bool(b) for b in rng.random(3) < 0.5)
+        (img, fg), fl = augment_geometry([img, fg], fl, flips=flips, swap_yx=bool(rng.random() < 0.5))
+        img = _augment_intensity(img, rng)
+        images.append(img)
+        fgs.append(fg)
+        flows.append(fl)
+    return (
+        torch.from_numpy(np.stack(images)[:, None]),
+        torch.from_numpy(np.stack(fgs)),
+        torch.from_numpy(np.stack(flows)),
+    )
 
 
 def _augment_intensity(img, rng):
@@ -268,6 +310,24 @@ def _lineage(init_dir):
                                     "validation": card.get("validation")}]
 
 
+HOLD_OUT = 5  # without validate_data, one annotated stack in HOLD_OUT is kept for validation
+
+
+def _annotated_sets(data, validate_data, mask_filter, validate_stacks):
+    """Training and validation stacks read from the `data` (and `validate_data`) folders."""
+    if data is None:
+        return [], []
+    from .annotated import find_pairs, read_annotated
+
+    stacks = [read_annotated(*pair) for pair in find_pairs(data, mask_filter)]
+    if validate_data is not None:
+        return stacks, [read_annotated(*pair) for pair in find_pairs(validate_data, mask_filter)]
+    held = max(1, len(stacks) // HOLD_OUT) if validate_stacks and len(stacks) > 1 else 0
+    if validate_stacks and not held:
+        log.warning("one annotated stack only: training on it without validation (pass validate_data)")
+    return stacks[: len(stacks) - held], stacks[len(stacks) - held :]
+
+
 def train(
     out_dir,
     *,
@@ -282,6 +342,11 @@ def train(
     checkpoint_every=100,
     resume=None,
     init=None,
+    data=None,
+    mask_filter="_masks",
+    voxel_size=None,
+    diameter=None,
+    validate_data=None,
     progress=True,
     diameters=(7, 15),
     n_stacks=8,
@@ -299,7 +364,7 @@ def train(
     log_every=10,
     command=None,
 ):
-    """Train a :class:`UNet3D` on synthetic membrane stacks.
+    """Train a :class:`UNet3D` on synthetic membrane stacks or on annotated stacks of your own.
 
     Parameters
     ----------
@@ -333,6 +398,29 @@ def train(
         and carries the runs before it in ``lineage``.
     resume : path-like, optional
         A checkpoint file, or a directory holding ``checkpoint.pt``.
+    data : path-like, optional
+        Train on the annotated stacks of this folder instead of synthetic
+        ones: ``NAME.tif`` beside ``NAME_masks.tif`` (Cellpose's convention)
+        and/or HDF5 files with ``raw`` and ``label`` datasets (see
+        :mod:`cp3d.model.annotated`). Each stack is resampled so its cells are
+        ``train_diameter`` voxels across on the model's voxel grid, and
+        random patches are drawn from them with the same augmentation as
+        synthetic stacks. Without `validate_data`, one stack in five (at
+        least one, none when there is only one stack or `validate_stacks`
+        is 0) is held out for validation: the last ones by name.
+    mask_filter : str
+        Suffix of the mask files' stems in `data` and `validate_data`.
+    voxel_size : float or (float, float, float), optional
+        Voxel size (z, y, x) of the stacks in `data`, overriding what their
+        files record (isotropic when neither says); only ratios matter.
+    diameter : float, optional
+        Typical cell diameter of the stacks in `data`, in voxels along x;
+        default: measured per stack, the median equivalent-sphere diameter
+        of its masks (:func:`cp3d.metrics.median_diameter`).
+    validate_data : path-like, optional
+        Folder of annotated stacks to validate on (same layout as `data`);
+        they are segmented with :func:`cp3d.segment` at their diameter and
+        scored with :func:`cp3d.metrics.evaluate`.
     progress : bool
         Show a tqdm progress bar.
     diameters : (float, float)
@@ -354,7 +442,8 @@ def train(
     num_threads : int, optional
         Threads for torch and for Numba (whose pool is started first, since its start resets torch's count).
     validate_stacks : int
-        Held-out stacks scored by :func:`validate` at the end (0 to skip).
+        Held-out synthetic stacks scored by :func:`validate` at the end (0 to
+        skip; with `data`, 0 skips validation and trains on every stack).
     log_every : int
         Steps between lines of ``train_log.jsonl``.
     command : str, optional
@@ -369,8 +458,17 @@ def train(
     arguments["out_dir"] = str(out_dir)
     arguments["resume"] = None if resume is None else str(resume)
     arguments["init"] = None if init is None else str(init)
+    arguments["data"] = None if data is None else str(data)
+    arguments["validate_data"] = None if validate_data is None else str(validate_data)
     if init is not None and resume is not None:
         raise ValueError("pass init (start a new run from trained weights) or resume (continue a run), not both")
+    if validate_data is not None and data is None:
+        raise ValueError("validate_data needs data: the synthetic runs validate on synthetic stacks")
+    if diameter is not None and not (np.isfinite(diameter) and diameter > 0):
+        raise ValueError(f"diameter must be positive and finite, got {diameter!r}")
+    if voxel_size is not None:
+        voxel_size = as_triple(voxel_size, "voxel_size")
+    train_set, validation_set = _annotated_sets(data, validate_data, mask_filter, validate_stacks)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if num_threads is not None:
@@ -397,7 +495,10 @@ def train(
     warmup = max(1, min(100, steps // 20))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
     rng = np.random.default_rng([seed, 1])
-    pool = _StackPool(config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every)
+    if data is None:
+        pool = _StackPool(config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every)
+    else:
+        pool = _FolderPool(config, train_set, diameter, voxel_size)
     step, history = 0, []
     steps_before, lineage = 0, []  # of the model a fine-tuning run starts from
 
@@ -493,6 +594,12 @@ def train(
             "augmentation": "flips (flow channel negated), y<->x swap (flow channels swapped), z-stretch of "
             "half the stacks with targets recomputed, dim cells, gamma, contrast/offset, Gaussian noise",
             "stacks_generated": pool.next_id,
+        } if data is None else {
+            "folder": str(data), "mask_filter": mask_filter, "stacks": pool.info,
+            "validation_folder": None if validate_data is None else str(validate_data),
+            "validation_stacks": [v.name for v in validation_set],
+            "augmentation": "flips (flow channel negated), y<->x swap (flow channels swapped), gamma, "
+            "contrast/offset, Gaussian noise",
         },
         "steps": steps_before + step,
         "final_losses": {"loss": tail[0], "bce": tail[1], "flow_mse": tail[2], "averaged_over_steps": min(50, len(history))},
@@ -506,9 +613,13 @@ def train(
     if lineage:
         card["lineage"] = lineage + [{"steps": f"{steps_before}-{steps_before + step}", "command": command}]
     _write_card(out_dir, card)
-    if validate_stacks:
+    if validate_stacks and (data is None or validation_set):
         # score the saved (float16) weights, i.e. what users will load
-        card["validation"] = validate(load_model(out_dir, device=dev), n_stacks=validate_stacks, progress=progress)
+        saved = load_model(out_dir, device=dev)
+        if data is None:
+            card["validation"] = validate(saved, n_stacks=validate_stacks, progress=progress)
+        else:
+            card["validation"] = validate_annotated(saved, validation_set, diameter=diameter, voxel_size=voxel_size)
         if lineage:
             card["lineage"][-1]["validation"] = {k: card["validation"][k] for k in ("mean_dice", "mean_ap50")}
         _write_card(out_dir, card)
@@ -584,6 +695,37 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
     }
 
 
+def validate_annotated(model, stacks, *, diameter=None, voxel_size=None):
+    """Score `model` on annotated stacks (:class:`cp3d.model.annotated.AnnotatedStack`).
+
+    Each stack is segmented by :func:`cp3d.segment` (one network pass) at
+    `diameter`, default its masks' median equivalent-sphere diameter, and
+    `voxel_size`, default the one its file records, then scored by
+    :func:`cp3d.metrics.evaluate`.
+
+    Returns
+    -------
+    dict
+        ``mean_dice``, ``mean_ap50`` and a per-stack list.
+    """
+    import cp3d
+    import cp3d.metrics
+
+    per_stack = []
+    for stack in stacks:
+        vs = voxel_size if voxel_size is not None else stack.voxel_size
+        d = cp3d.metrics.median_diameter(stack.labels, vs) if diameter is None else float(diameter)
+        labels = cp3d.segment(stack.image, model, diameter=d, voxel_size=vs, augment=False).labels
+        res = cp3d.metrics.evaluate(stack.labels, labels)
+        per_stack.append({"name": stack.name, "diameter": d, "dice": float(res["dice"]), "ap50": float(res["ap50"]),
+                          "n_true": int(res["n_gt"]), "n_pred": int(res["n_pred"])})
+    return {
+        "mean_dice": float(np.mean([s["dice"] for s in per_stack])),
+        "mean_ap50": float(np.mean([s["ap50"] for s in per_stack])),
+        "stacks": per_stack,
+    }
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -594,7 +736,8 @@ def _parse_pair(s, typ=float):
 
 def main(argv=None, prog="cp3d train"):
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog=prog, description="Train a cp3d UNet3D on synthetic stacks.")
+    p = argparse.ArgumentParser(prog=prog, description="Train a cp3d UNet3D on synthetic stacks, or on annotated "
+                                "stacks of your own (--data).")
     p.add_argument("out_dir")
     p.add_argument("--targets", choices=("tanh", "heat"), default="tanh")
     p.add_argument("--steps", type=int, default=1500)
@@ -606,20 +749,36 @@ def main(argv=None, prog="cp3d train"):
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", default=None, help="continue the run whose checkpoint is in this folder")
     p.add_argument("--init", default=None, help="fine-tune: start from this trained model (bundled name or folder)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="train on the annotated stacks of DIR: NAME.tif beside NAME_masks.tif, and/or HDF5 files "
+                        "with 'raw' and 'label' datasets")
+    p.add_argument("--mask-filter", default="_masks", help="suffix of the mask files' names (default _masks)")
+    p.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="voxel size of the --data stacks (default: read from the files, else isotropic)")
+    p.add_argument("--diameter", type=float, default=None,
+                   help="cell diameter of the --data stacks in voxels along x (default: measured from each "
+                        "stack's masks)")
+    p.add_argument("--validate-data", default=None, metavar="DIR",
+                   help="annotated stacks to validate on (default: hold out one --data stack in five)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--diameters", type=_parse_pair, default=(7.0, 15.0), help="min,max")
     p.add_argument("--n-stacks", type=int, default=8)
     p.add_argument("--refresh-every", type=int, default=20)
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--validate-stacks", type=int, default=4)
-    p.add_argument("--validate-only", action="store_true", help="score the model in OUT_DIR and update its card")
+    p.add_argument("--validate-only", action="store_true",
+                   help="score the model in OUT_DIR (on --validate-data if given) and update its card")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
     if a.validate_only:
         model = load_model(a.out_dir)
-        scores = validate(model, n_stacks=a.validate_stacks or 4, progress=not a.no_progress)
+        if a.validate_data is not None:
+            _, stacks = _annotated_sets(a.data or a.validate_data, a.validate_data, a.mask_filter, 1)
+            scores = validate_annotated(model, stacks, diameter=a.diameter, voxel_size=a.voxel_size)
+        else:
+            scores = validate(model, n_stacks=a.validate_stacks or 4, progress=not a.no_progress)
         card_path = Path(a.out_dir, "model_card.json")
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
         card["validation"] = scores
@@ -629,6 +788,8 @@ def main(argv=None, prog="cp3d train"):
     train(
         a.out_dir, targets=a.targets, steps=a.steps, batch_size=a.batch_size, patch_size=a.patch_size,
         lr=a.lr, seed=a.seed, device=a.device, checkpoint_every=a.checkpoint_every, resume=a.resume, init=a.init,
+        data=a.data, mask_filter=a.mask_filter, voxel_size=a.voxel_size, diameter=a.diameter,
+        validate_data=a.validate_data,
         progress=not a.no_progress, diameters=a.diameters, n_stacks=a.n_stacks,
         refresh_every=a.refresh_every, num_threads=a.num_threads, validate_stacks=a.validate_stacks,
         command=" ".join([prog] + argv),
