@@ -49,6 +49,7 @@ import itertools
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -474,6 +475,162 @@ def auto_markdown(report):
     return "\n".join(lines + [""])
 
 
+# ---------------------------------------------------------------------------
+# Fine-tuning on three annotated stacks of a new kind (--finetune)
+# ---------------------------------------------------------------------------
+
+# Stacks the bundled models never saw: every setting outside the training ranges (bundled models: noise
+# U(0.02, 0.2), PSF sigma (2, 0.8, 0.8), depth attenuation 0.5, 15 % dim cells, isotropic cells z-stretched
+# by 0.75..1.33, 1-voxel walls, flat interiors).
+NEW_KIND = {
+    "diameter": 12.0, "shape": (48, 112, 112), "noise": 0.3, "psf_sigma": (2.5, 1.2, 1.2),
+    "anisotropy": (1.6, 1.0, 1.0), "depth_attenuation": 0.75, "dim_fraction": 0.35,
+    "wall_dilation": 2, "texture": 0.3,
+}
+FINETUNE = {"train_seeds": (30_000, 30_001, 30_002), "validate_seeds": (30_100,), "test_seeds": tuple(range(31_000, 31_004)),
+            "steps": 300}
+
+
+def new_kind_stack(seed, kind=NEW_KIND):
+    """A membrane stack rendered outside the bundled models' training ranges, and its labels.
+
+    `synthetic_stack` draws the cells and the blurred walls without noise; the walls are then thickened by
+    a grey dilation of `wall_dilation` voxels in y and x, the interiors get a smooth random texture
+    (cytoplasm, `texture` x the wall level at most), and Poisson + Gaussian noise at level `noise` is added
+    as `synthetic_stack` adds it.
+    """
+    image, labels = synthetic_stack(kind["shape"], kind["diameter"], kind="membrane", seed=seed, noise=0.0,
+                                    psf_sigma=kind["psf_sigma"], anisotropy=kind["anisotropy"],
+                                    depth_attenuation=kind["depth_attenuation"], dim_fraction=kind["dim_fraction"])
+    rng = np.random.default_rng([seed, 7])
+    w = kind["wall_dilation"]
+    image = ndimage.grey_dilation(image, size=(1, w, w))
+    texture = ndimage.gaussian_filter(rng.random(image.shape).astype(np.float32), 1.5)
+    texture = (texture - texture.min()) / max(float(np.ptp(texture)), 1e-6)
+    image = image + kind["texture"] * float(np.percentile(image, 99)) * texture * (labels > 0)
+    image = image / image.max()
+    photons = 1.0 / kind["noise"] ** 2
+    image = rng.poisson(image * photons).astype(np.float32) / np.float32(photons)
+    image += rng.normal(0.0, 0.5 * kind["noise"], image.shape).astype(np.float32)
+    return np.clip(image, 0, None).astype(np.float32), labels
+
+
+def write_new_kind(folder, seeds):
+    """Write new-kind stacks as Cellpose-style TIFF pairs, NAME.tif and NAME_masks.tif."""
+    from cp3d.io import write_image, write_labels
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        image, labels = new_kind_stack(seed)
+        write_image(folder / f"stack_{seed}.tif", image)
+        write_labels(folder / f"stack_{seed}_masks.tif", labels)
+    return folder
+
+
+def finetune_bench(work, base, steps, threads, test_seeds):
+    """Fine-tune `base` with ``cp3d train --data`` on three new-kind stacks, score both on held-out ones."""
+    train_dir = write_new_kind(work / "train", FINETUNE["train_seeds"])
+    valid_dir = write_new_kind(work / "validate", FINETUNE["validate_seeds"])
+    out = work / "model"
+    command = [sys.executable, "-m", "cp3d.cli", "train", str(out), "--data", str(train_dir), "--validate-data",
+               str(valid_dir), "--init", str(base), "--steps", str(steps), "--num-threads", str(threads),
+               "--no-progress"]
+    print(" ".join(command), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(command, check=True, env=dict(os.environ, PYTHONPATH=str(HERE.parent)))
+    train_seconds = time.perf_counter() - t0
+    card = json.loads((out / "model_card.json").read_text())
+    models = {"bundled": load_model(base), "fine_tuned": load_model(out)}
+    rows = []
+    for seed in test_seeds:
+        image, gt = new_kind_stack(seed)
+        d_true = true_diameter(gt)
+        row = {"seed": seed, "true_diameter": d_true, "n_gt": int(gt.max()), "results": {}}
+        for name, model in models.items():
+            for setting, diameter in (("true_diameter", d_true), ("auto", "auto")):
+                t0 = time.perf_counter()
+                result = segment(image, model, diameter=diameter)
+                sc = _scores(gt, result.labels)
+                row["results"][f"{name}/{setting}"] = {"scores": sc, "diameter": result.diameter,
+                                                       "seconds": time.perf_counter() - t0}
+                print(f"seed {seed} (d {d_true:.1f}) {name:10s} {setting:13s} dice {sc['dice']:.3f} "
+                      f"ap50 {sc['ap50']:.3f} n {sc['n_pred']}/{sc['n_gt']} "
+                      f"{row['results'][f'{name}/{setting}']['seconds']:.1f}s", flush=True)
+        rows.append(row)
+    summary = {key: {k: float(np.mean([r["results"][key]["scores"][k] for r in rows])) for k in SCORE_KEYS}
+               | {"seconds": float(np.mean([r["results"][key]["seconds"] for r in rows])),
+                  "diameter": float(np.mean([r["results"][key]["diameter"] for r in rows]))}
+               for key in rows[0]["results"]}
+    return {"train_command": " ".join(command[1:]), "train_seconds": train_seconds,
+            "model_card": {k: card.get(k) for k in ("steps", "seconds_per_step", "validation", "data", "lineage")},
+            "summary": summary, "stacks": rows}
+
+
+def finetune_markdown(report):
+    f = report["finetune"]
+    k = report["config"]["new_kind"]
+    v = f["model_card"]["validation"]
+    lines = [
+        "# Fine-tuning on three annotated stacks of a new kind",
+        "",
+        f"`{report['command']}`",
+        "",
+        _machine_line(report["machine"]),
+        "",
+        f"New kind (`new_kind_stack` in `bench/bench_segment.py`, every setting outside the bundled models' "
+        f"training ranges): {'x'.join(map(str, k['shape']))} voxels, cells d {k['diameter']:g} elongated "
+        f"{k['anisotropy'][0]:g}x along z, walls thickened by a {k['wall_dilation']}-voxel grey dilation, PSF "
+        f"sigma {tuple(k['psf_sigma'])}, textured interiors ({k['texture']:g} x the wall level), noise {k['noise']}, "
+        f"depth attenuation {k['depth_attenuation']}, {k['dim_fraction']:.0%} dim cells.",
+        "",
+        f"Fine-tuning: `{f['train_command']}` on {len(report['config']['train_seeds'])} training stacks (TIFF pairs "
+        f"in Cellpose's layout), {f['train_seconds']:.0f} s wall ({f['model_card']['seconds_per_step']:.2f} s/step); "
+        f"its validation stack: Dice {v['mean_dice']:.3f}, AP@0.5 {v['mean_ap50']:.3f}.",
+        "",
+        f"Scored on {len(f['stacks'])} held-out stacks of the new kind (seeds {f['stacks'][0]['seed']}..), "
+        "`cp3d.segment` defaults (test-time augmentation) at the true diameter and with `diameter=\"auto\"`; "
+        "means over stacks, seconds per stack:",
+        "",
+        "| model | diameter | Dice | AP@0.5 | AP@0.75 | arand | n_pred / n_gt | d used | s / stack |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, row in f["summary"].items():
+        model, setting = key.split("/")
+        lines.append(f"| {model.replace('_', '-')} | {SETTING_LABELS.get(setting, setting)} | {row['dice']:.3f} | "
+                     f"{row['ap50']:.3f} | {row['ap75']:.3f} | {row['arand']:.3f} | {row['n_pred']:.0f} / "
+                     f"{row['n_gt']:.0f} | {row['diameter']:.1f} | {row['seconds']:.1f} |")
+    lines += ["", "Per stack (Dice / AP@0.5):", "",
+              "| seed | d (true) | n_gt | " + " | ".join(f["summary"]) + " |",
+              "|---|---|---|" + "---|" * len(f["summary"])]
+    for r in f["stacks"]:
+        lines.append(f"| {r['seed']} | {r['true_diameter']:.1f} | {r['n_gt']} | " + " | ".join(
+            f"{x['scores']['dice']:.2f} / {x['scores']['ap50']:.2f}" for x in r["results"].values()) + " |")
+    if report.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines + [""])
+
+
+def run_finetune(a, argv):
+    import tempfile
+
+    torch.set_num_threads(a.threads)
+    machine = machine_info()
+    t_start = time.perf_counter()
+    steps = 4 if a.quick else FINETUNE["steps"]
+    test_seeds = FINETUNE["test_seeds"][: (1 if a.quick else None)]
+    with tempfile.TemporaryDirectory(prefix="cp3d-finetune-") as work:
+        result = finetune_bench(Path(work), a.tanh_model, steps, a.threads, test_seeds)
+    report = {
+        "command": " ".join(["python", "bench/bench_segment.py"] + [shlex.quote(x) for x in argv]),
+        "machine": machine, "wall_seconds": time.perf_counter() - t_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "config": dict(FINETUNE, steps=steps, test_seeds=list(test_seeds), new_kind=NEW_KIND, base_model=a.tanh_model),
+        "finetune": result, "notes": list(a.note),
+    }
+    _write_report(report, Path(a.out) if a.out else RESULTS / ("segment_finetune_quick.json" if a.quick
+                                                               else "segment_finetune.json"), finetune_markdown)
+
+
 def model_info(model, source):
     c = model.config
     card = Path(source, "model_card.json") if Path(source).is_dir() else None
@@ -500,9 +657,13 @@ def main(argv=None):
     p.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
     p.add_argument("--auto", action="store_true", help="only diameter='auto' beside the true diameter "
                                                        "(bench/results/segment_auto.json)")
+    p.add_argument("--finetune", action="store_true", help="only fine-tuning on three stacks of a new kind against "
+                                                           "the bundled model (bench/results/segment_finetune.json)")
     a = p.parse_args(argv)
     if a.auto:
         return run_auto(a, argv)
+    if a.finetune:
+        return run_finetune(a, argv)
     n_stacks = a.stacks if a.stacks is not None else (2 if a.quick else 6)
     shape = tuple(a.shape) if a.shape is not None else ((32, 64, 64) if a.quick else (64, 128, 128))
     out = Path(a.out) if a.out else RESULTS / ("segment_quick.json" if a.quick else "segment.json")

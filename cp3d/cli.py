@@ -62,13 +62,14 @@ def _segment(args):
         maps = np.concatenate([result.flows, result.foreground[None]])
         io.write_image(args.save_flows, maps.reshape(-1, *maps.shape[2:]), voxel_size=voxel_size)
     if args.table:
-        # the flow statistics with the convention the reconstruction's filter used
+        # the flow statistics with the convention the reconstruction's filter used (at the diameter it used)
         cell_table(result.labels, stack.data, result.flows, result.foreground, voxel_size,
                    targets=model.config.targets,
-                   tanh_scale=model_tanh_scale(model.config, args.diameter, voxel_size)).to_csv(args.table)
+                   tanh_scale=model_tanh_scale(model.config, result.diameter, voxel_size)).to_csv(args.table)
     if args.preview:
         save_preview(args.preview, stack.data, result.labels, voxel_size)
-    print(json.dumps({"cells": int(result.labels.max()), "output": str(args.output),
+    print(json.dumps({"cells": int(result.labels.max()), "diameter": round(result.diameter, 2),
+                      "output": str(args.output),
                       "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}))
 
 
@@ -86,6 +87,16 @@ def _evaluate(args):
 
     scores = metrics.evaluate(io.read_image(args.gt).data, io.read_image(args.pred).data)
     print(json.dumps({k: float(v) for k, v in scores.items()}, indent=2))
+
+
+def _diameter(text):
+    """--diameter: a number of voxels or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of voxels or 'auto', got {text!r}") from None
 
 
 def _add_segment_options(parser):
@@ -120,7 +131,9 @@ def build_parser():
     p = sub.add_parser("segment", help="segment a TIFF stack")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True, help="labels TIFF to write (uint32)")
-    p.add_argument("--diameter", type=float, default=None, help="typical cell diameter in voxels along x")
+    p.add_argument("--diameter", type=_diameter, default=None,
+                   help="typical cell diameter in voxels along x, or 'auto' to estimate it from the image "
+                        "(default: the model's training size)")
     p.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="default: read from the TIFF, else isotropic")
     p.add_argument("--save-flows", default=None, metavar="TIFF",

@@ -57,6 +57,77 @@ def test_segment_rescales_cells_to_the_training_size(tiny_model, monkeypatch):
     assert seen["voxel_size"] == pytest.approx((1.0, 0.5, 0.5))
 
 
+def test_segment_takes_a_diameter_triple(tiny_model, monkeypatch):
+    seen = {}
+    real_predict = cp3d.model.predict
+
+    def spy(image, model, **kwargs):
+        seen.update(kwargs)
+        return real_predict(image, model, **kwargs)
+
+    monkeypatch.setattr(cp3d.model, "predict", spy)
+    image = np.random.default_rng(0).random((12, 24, 24)).astype(np.float32)
+    result = segment(image, tiny_model, diameter=(10, 20, 20))
+    # the same cells as diameter=20 with voxels twice as long in z
+    assert seen["voxel_size"] == pytest.approx((1.0, 0.5, 0.5))
+    assert result.diameter == 20.0
+    assert segment(image, tiny_model, diameter=7).diameter == 7.0
+    assert segment(image, tiny_model).diameter == tiny_model.config.train_diameter
+
+
+def _fake_passes(monkeypatch, true_d, model_d):
+    """Make every pass find cells of min(true_d, 1.3 x the size it assumes): fragments of cells too large."""
+    assumed = []
+
+    def fake(image, model, extent, augment, diameter, **options):
+        assumed.append((diameter, augment))
+        found = min(true_d, 1.3 * diameter) if true_d > diameter else true_d
+        labels = np.zeros((40, 40, 40), np.uint32)
+        side = max(1, round(found * (np.pi / 6) ** (1 / 3)))  # a cube of the same volume as a sphere of d `found`
+        labels[:side, :side, :side] = 1
+        return Segmentation(labels, None, None, {"predict": 1.0, "reconstruct": 1.0}, diameter)
+
+    monkeypatch.setattr(SEGMENT_MODULE, "_segment_at", fake)
+    return assumed
+
+
+@pytest.mark.parametrize("true_d", [6, 10, 20, 40])
+def test_auto_diameter_refines_while_the_estimate_grows(tiny_model, monkeypatch, true_d):
+    assumed = _fake_passes(monkeypatch, true_d, tiny_model.config.train_diameter)
+    image = np.random.default_rng(0).random((8, 16, 16)).astype(np.float32)
+    result = segment(image, tiny_model, diameter="auto")
+    estimates = [d for d, _ in assumed]
+    assert estimates[0] == tiny_model.config.train_diameter and len(estimates) >= 2  # refined at least once
+    assert result.diameter == pytest.approx(true_d, rel=0.15)
+    assert assumed[-1] == (result.diameter, True)  # the result itself: at the estimate, with augmentation
+    assert all(not augment for _, augment in assumed[:-1]) and "estimate" in result.seconds
+    assert len(estimates) <= SEGMENT_MODULE._AUTO_PASSES + 1
+    # without augmentation, a last pass made at the estimate is the result: never two passes at one size
+    assumed.clear()
+    segment(image, tiny_model, diameter="auto", augment=False)
+    sizes = [d for d, _ in assumed]
+    assert len(set(sizes)) == len(sizes) and len(sizes) in (len(estimates) - 1, len(estimates))
+
+
+def test_auto_diameter_on_the_bundled_model():
+    image, truth = cp3d.data.synthetic_stack((32, 72, 72), 16, seed=5, noise=0.1)
+    true_d = cp3d.metrics.median_diameter(truth)
+    result = segment(image, diameter="auto", augment=False)
+    assert result.diameter == pytest.approx(true_d, rel=0.2)
+    assert cp3d.metrics.evaluate(truth, result.labels)["dice"] > 0.8
+
+
+def test_auto_diameter_on_an_empty_pass_keeps_the_training_size(tiny_model, monkeypatch):
+    def nothing(image, model, extent, augment, diameter, **options):
+        return Segmentation(np.zeros(image.shape, np.uint32), None, None, {"predict": 0.0, "reconstruct": 0.0},
+                            diameter)
+
+    monkeypatch.setattr(SEGMENT_MODULE, "_segment_at", nothing)
+    with pytest.warns(UserWarning, match="found no cell"):
+        result = segment(np.random.default_rng(0).random((8, 16, 16)), tiny_model, diameter="auto")
+    assert result.diameter == tiny_model.config.train_diameter
+
+
 def test_segment_tiles_as_asked(tiny_model):
     image, _ = cp3d.data.synthetic_stack((24, 96, 96), 8, seed=3)
     whole = segment(image, tiny_model, augment=False)
@@ -93,6 +164,9 @@ def test_segment_bad_input(tiny_model):
 @pytest.mark.parametrize("option, match", [
     ({"backend": "gpu"}, "backend must be one of"),
     ({"diameter": -1}, "diameter"),
+    ({"diameter": "big"}, "diameter"),
+    ({"diameter": (4, 8)}, "diameter"),
+    ({"diameter": (4, 8, 8), "voxel_size": (2, 1, 1)}, "not both"),
     ({"voxel_size": (1, 2)}, "voxel_size"),
     ({"device": "gpu please"}, "device"),
 ])
@@ -188,6 +262,12 @@ def test_cli_segment_reads_the_voxel_size_from_the_tiff(tmp_path, monkeypatch, c
     assert cli.main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--quiet",
                      "--voxel-size", "1", "1", "1"]) == 0
     assert seen["voxel_size"] == (1.0, 1.0, 1.0)
+    assert cli.main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--quiet",
+                     "--diameter", "auto"]) == 0
+    assert seen["diameter"] == "auto" and json.loads(capsys.readouterr().out.splitlines()[-1])["diameter"] == 10.0
+    with pytest.raises(SystemExit):
+        cli.main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--diameter", "huge"])
+    assert "'auto'" in capsys.readouterr().err
 
 
 def test_cli_checks_outputs_before_segmenting(tmp_path, monkeypatch, capsys):
