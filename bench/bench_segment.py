@@ -487,7 +487,8 @@ NEW_KIND = {
     "anisotropy": (1.6, 1.0, 1.0), "depth_attenuation": 0.75, "dim_fraction": 0.35,
     "wall_dilation": 2, "texture": 0.3,
 }
-FINETUNE = {"train_seeds": (30_000, 30_001, 30_002), "validate_seeds": (30_100,), "test_seeds": tuple(range(31_000, 31_004)),
+FINETUNE = {"train_seeds": (30_000, 30_001, 30_002), "validate_seeds": (30_100,),
+            "test_seeds": tuple(range(31_000, 31_004)),
             "steps": 300}
 
 

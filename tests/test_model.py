@@ -495,7 +495,8 @@ def test_training_on_a_folder_end_to_end_and_resumes(tmp_path):
     # cells measured from the masks are resampled to the training size; the HDF5 file's voxel size is used
     assert stacks[1]["diameter"] == pytest.approx(8, rel=0.2)
     assert stacks[1]["zoom"][2] == pytest.approx(model.config.train_diameter / stacks[1]["diameter"])
-    assert stacks[0]["voxel_size"] == [1.0, 0.5, 0.5] and stacks[0]["zoom"][0] == pytest.approx(2 * stacks[0]["zoom"][2])
+    assert stacks[0]["voxel_size"] == [1.0, 0.5, 0.5]
+    assert stacks[0]["zoom"][0] == pytest.approx(2 * stacks[0]["zoom"][2])
     assert 0 <= card["validation"]["mean_dice"] <= 1 and card["validation"]["stacks"][0]["name"] == "stack1.tif"
     resumed = train(out, resume=out, **kw | {"steps": 3})
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -549,3 +550,18 @@ def test_training_data_hdf5_without_the_datasets(tmp_path):
         f["image"] = np.zeros((4, 8, 8), np.float32)
     with pytest.raises(ValueError, match="'raw'"):
         train(tmp_path / "run", **_tiny_training(steps=1) | {"data": data})
+
+
+def test_cli_train_on_a_folder(tmp_path, capsys):
+    from cp3d import cli
+
+    data = _write_pairs(tmp_path / "data", 1)
+    out = tmp_path / "run"
+    assert cli.main(["train", str(out), "--data", str(data), "--steps", "1", "--patch-size", "16,16,16",
+                     "--validate-stacks", "0", "--no-progress", "--voxel-size", "2", "1", "1", "--diameter", "6"]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["data"]["stacks"][0]["diameter"] == 6.0 and card["data"]["stacks"][0]["voxel_size"] == [2.0, 1.0, 1.0]
+    assert card["command"].startswith("cp3d train") and "--data" in card["command"]
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["train", str(tmp_path / "x"), "--data", str(tmp_path / "empty")]) == 2
+    assert "no annotated stacks" in capsys.readouterr().err

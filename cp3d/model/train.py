@@ -1,8 +1,9 @@
-"""Training on synthetic membrane stacks: data pool, augmentation, losses, checkpoints.
+"""Training on synthetic membrane stacks or annotated ones: data pools, augmentation, losses, checkpoints.
 
 Run from the command line (the arguments are those of :func:`train`)::
 
     cp3d train OUT_DIR --targets tanh --steps 1500 --num-threads 1
+    cp3d train OUT_DIR --data DIR --init tanh --steps 300   # fine-tune on NAME.tif + NAME_masks.tif pairs
     cp3d train OUT_DIR --validate-only     # re-score a finished run
 
 Targets are computed on whole synthetic stacks, never on patches: a cell cut
