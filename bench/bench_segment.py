@@ -562,7 +562,7 @@ def finetune_bench(work, base, steps, threads, test_seeds):
                | {"seconds": float(np.mean([r["results"][key]["seconds"] for r in rows])),
                   "diameter": float(np.mean([r["results"][key]["diameter"] for r in rows]))}
                for key in rows[0]["results"]}
-    return {"train_command": " ".join(command[1:]), "train_seconds": train_seconds,
+    return {"train_command": " ".join(["python"] + command[1:]), "train_seconds": train_seconds,
             "model_card": {k: card.get(k) for k in ("steps", "seconds_per_step", "validation", "data", "lineage")},
             "summary": summary, "stacks": rows}
 
