@@ -266,7 +266,7 @@ def _adapted_rand(c_fg, a, b_fg):
     return float(1.0 - f)
 
 
-def median_diameter(labels, voxel_size=None):
+def median_diameter(labels, voxel_size=None, *, exclude=None):
     """Median equivalent-sphere diameter of the instances of `labels`, in voxels along x.
 
     Each instance of ``V`` voxels is measured as the sphere of equal volume,
@@ -280,11 +280,14 @@ def median_diameter(labels, voxel_size=None):
         Label volume of a non-negative integer dtype; 0 is background.
     voxel_size : float or (float, float, float), optional
         Voxel size (z, y, x), any unit; ``None`` means isotropic voxels.
+    exclude : array_like of int, optional
+        Ids left out of the median, e.g. the cells cut by the stack's faces
+        (:func:`cp3d.filters.border_ids`), which would read small.
 
     Returns
     -------
     float or None
-        The median diameter, or ``None`` when `labels` holds no instance.
+        The median diameter, or ``None`` when no instance is left.
 
     Examples
     --------
@@ -296,12 +299,18 @@ def median_diameter(labels, voxel_size=None):
     2.48
     >>> round(median_diameter(labels, voxel_size=(2, 1, 1)), 2)  # twice the volume
     3.13
+    >>> median_diameter(labels, exclude=[1]) is None
+    True
     """
     if is_cupy_array(labels):
         raise TypeError("labels must be a NumPy array; pass cupy.asnumpy(labels)")
     labels = check_labels(labels, "labels")
     vs = as_triple(1.0 if voxel_size is None else voxel_size, "voxel_size")
-    volumes = np.bincount(labels.ravel())[1:]
+    volumes = np.bincount(labels.ravel())
+    if exclude is not None:
+        ids = np.asarray(exclude, dtype=np.int64).ravel()
+        volumes[ids[(ids >= 0) & (ids < volumes.size)]] = 0
+    volumes = volumes[1:]
     volumes = volumes[volumes > 0]
     if volumes.size == 0:
         return None

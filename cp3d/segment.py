@@ -8,6 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._backend import as_triple, import_cupy, resolve_backend
+from .filters import border_ids
 from .metrics import median_diameter
 from .reconstruct import reconstruct
 
@@ -138,7 +139,8 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     -----
     ``diameter="auto"`` segments the stack once at the model's training size
     and takes the median equivalent-sphere diameter of the instances found
-    (:func:`cp3d.metrics.median_diameter`), then segments again at that
+    (:func:`cp3d.metrics.median_diameter`; instances cut by the stack's faces
+    left out when others remain), then segments again at that
     estimate and measures once more. Cells far above the training size come
     out of a pass in fragments, so their estimate is low, though above the
     size the pass assumed: passes go on, each at the last estimate, while
@@ -195,7 +197,9 @@ def _segment_auto(image, model, voxel_size, augment, **options):
 
     def measured_at(d):
         result = _segment_at(image, model, cell_extent(d, voxel_size, d), False, d, **options)
-        return result, median_diameter(result.labels, voxel_size)
+        # Cells cut by the stack's faces read small; they are left out unless there is nothing else.
+        inner = median_diameter(result.labels, voxel_size, exclude=border_ids(result.labels))
+        return result, inner if inner is not None else median_diameter(result.labels, voxel_size)
 
     assumed = model.config.train_diameter
     result, estimate = measured_at(assumed)
