@@ -244,18 +244,65 @@ def instance_statistics(labels, flows, foreground, *, targets="tanh", tanh_scale
 def _numba_tanh_statistics(labels, flows, foreground, tanh_scale, inward):
     n_labels = int(labels.max())
     centroid = numba_centroids(labels, n_labels)
-    scale = np.asarray(as_triple(tanh_scale, "tanh_scale"))
-    n_slabs = max(1, min(labels.shape[0], numba.get_num_threads()))
-    partial = _tanh_statistics_kernel(labels, flows, foreground, centroid, scale, np.float32(-1 if inward else 1),
-                                      n_slabs, n_labels)
-    volume, inside, error = partial.sum(axis=0).T
+    volume, inside, error = tanh_statistic_sums(labels, flows, foreground, centroid, tanh_scale, inward)
     denom = np.maximum(volume, 1)
     return volume, inside / denom, error / (3 * denom)
 
 
+def tanh_statistic_sums(labels, flows, foreground, centroid, tanh_scale, inward, origin=(0, 0, 0)):
+    """Per-id voxel count, foreground count and summed absolute tanh flow error.
+
+    The sums behind :func:`instance_statistics` for tanh targets, for labels
+    ``1..K`` whose centroids are already known: on a whole volume, or on a
+    chunk of a larger one (:mod:`cp3d.dask`) whose first voxel is `origin`,
+    with the centroids of the whole instances.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (Z, Y, X), uint32
+        Ids ``0..K``, 0 for background.
+    flows : ndarray, shape (3, Z, Y, X), float32
+        Predicted flows at the same voxels.
+    foreground : ndarray, shape (Z, Y, X), bool
+        Foreground mask at the same voxels.
+    centroid : ndarray, shape (K + 1, 3), float64
+        Centroid (z, y, x) of each id in the whole volume's coordinates.
+    tanh_scale : float or (float, float, float)
+        The flows' tanh scale.
+    inward : bool
+        Flows pointing towards the centres.
+    origin : sequence of 3 ints
+        Whole-volume coordinates of ``labels[0, 0, 0]``.
+
+    Returns
+    -------
+    volume, inside, error : ndarray, shape (K + 1,), float64
+        Voxels, voxels in `foreground` and the sum over voxels and the
+        three components of ``|flows - tanh target|``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cp3d.filters import tanh_statistic_sums
+    >>> labels = np.zeros((1, 1, 3), np.uint32)
+    >>> labels[0, 0, :2] = 1
+    >>> flows = np.zeros((3, 1, 1, 3), np.float32)
+    >>> centroid = np.array([[0, 0, 0], [0, 0, 0.5]])
+    >>> volume, inside, error = tanh_statistic_sums(labels, flows, labels > 0, centroid, 1.0, False)
+    >>> volume.tolist(), inside.tolist(), round(float(error[1]), 3)  # 2 * tanh(0.5)
+    ([0.0, 2.0], [0.0, 2.0], 0.924)
+    """
+    scale = np.asarray(as_triple(tanh_scale, "tanh_scale"))
+    n_slabs = max(1, min(labels.shape[0], numba.get_num_threads()))
+    partial = _tanh_statistics_kernel(labels, flows, foreground, centroid, scale, np.float32(-1 if inward else 1),
+                                      n_slabs, centroid.shape[0] - 1, np.asarray(origin, np.int64))
+    return tuple(partial.sum(axis=0).T)
+
+
 @numba.njit(parallel=True, cache=True)
-def _tanh_statistics_kernel(compact, flows, foreground, centroid, scale, sign, n_slabs, n_labels):
+def _tanh_statistics_kernel(compact, flows, foreground, centroid, scale, sign, n_slabs, n_labels, origin):
     nz, ny, nx = compact.shape
+    oz, oy, ox = origin[0], origin[1], origin[2]
     partial = np.zeros((n_slabs, n_labels + 1, 3))
     for s in numba.prange(n_slabs):
         for z in range(s * nz // n_slabs, (s + 1) * nz // n_slabs):
@@ -264,9 +311,9 @@ def _tanh_statistics_kernel(compact, flows, foreground, centroid, scale, sign, n
                     lab = compact[z, y, x]
                     if lab == 0:
                         continue
-                    e0 = abs(flows[0, z, y, x] - sign * tanh_component(z, centroid[lab, 0], scale[0]))
-                    e1 = abs(flows[1, z, y, x] - sign * tanh_component(y, centroid[lab, 1], scale[1]))
-                    e2 = abs(flows[2, z, y, x] - sign * tanh_component(x, centroid[lab, 2], scale[2]))
+                    e0 = abs(flows[0, z, y, x] - sign * tanh_component(z + oz, centroid[lab, 0], scale[0]))
+                    e1 = abs(flows[1, z, y, x] - sign * tanh_component(y + oy, centroid[lab, 1], scale[1]))
+                    e2 = abs(flows[2, z, y, x] - sign * tanh_component(x + ox, centroid[lab, 2], scale[2]))
                     partial[s, lab, 0] += 1.0
                     partial[s, lab, 1] += foreground[z, y, x]
                     partial[s, lab, 2] += e0 + e1 + e2

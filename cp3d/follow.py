@@ -168,3 +168,93 @@ def _cuda_follow(flows, starts, step, n_iter):
              np.int64(nx), step, np.int32(n_iter), out),
         )
     return out
+
+
+def follow_in_window(flows, origin, shape, starts, step, n_iter):
+    """Follow points through a window of a larger flow field, in that field's coordinates.
+
+    The chunked reconstruction (:mod:`cp3d.dask`) follows each chunk's voxels
+    through the chunk and a halo. Positions stay in the coordinates of the
+    whole field and are clipped to its `shape`, so every step rounds exactly
+    as :func:`follow_flows` on the whole field does (float32, no fused
+    multiply-add); a point whose voxel leaves the window is flagged rather
+    than followed on wrong flows.
+
+    Parameters
+    ----------
+    flows : ndarray, shape (3, z, y, x), float32
+        The window of the flow field (NumPy, C-contiguous).
+    origin : sequence of 3 ints
+        Voxel of the whole field at ``flows[:, 0, 0, 0]``.
+    shape : sequence of 3 ints
+        Shape (Z, Y, X) of the whole field.
+    starts : ndarray, shape (N,), int64
+        C-order flat indices, within the window, of the points' first voxels.
+    step : float
+        Signed step (negative for inward flows).
+    n_iter : int
+        Number of steps.
+
+    Returns
+    -------
+    positions : ndarray, shape (N, 3), float32
+        End positions (z, y, x) in the whole field's coordinates; only
+        meaningful where `escaped` is False.
+    escaped : ndarray, shape (N,), bool
+        Points whose voxel left the window at some step.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cp3d.follow import follow_in_window
+    >>> flows = np.zeros((3, 4, 4, 4), np.float32)
+    >>> flows[2] = -1.0  # every voxel moves +x by one step per iteration
+    >>> end, escaped = follow_in_window(flows, (0, 0, 10), (4, 4, 100), np.array([0, 1]), 1.0, 4)
+    >>> end[:, 2].tolist(), escaped.tolist()  # the second point reads x = 14, beyond the window
+    ([14.0, 15.0], [False, True])
+    """
+    out = np.empty((starts.size, 3), np.float32)
+    escaped = np.zeros(starts.size, np.bool_)
+    _follow_window_kernel(flows, np.asarray(origin, np.int64), np.asarray(shape, np.int64),
+                          np.asarray(starts, np.int64), np.float32(step), int(n_iter), out, escaped)
+    return out, escaped
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _follow_window_kernel(flows, origin, shape, starts, step, n_iter, out, escaped):
+    # _follow_kernel's lanes and arithmetic, with window-relative flow reads.
+    wz, wy, wx = flows.shape[1:]
+    oz, oy, ox = origin[0], origin[1], origin[2]
+    hz, hy, hx = np.float32(shape[0] - 1), np.float32(shape[1] - 1), np.float32(shape[2] - 1)
+    zero = np.float32(0)
+    n = starts.size
+    for chunk in numba.prange((n + _CHUNK - 1) // _CHUNK):
+        pz = np.empty(_LANES, np.float32)
+        py = np.empty(_LANES, np.float32)
+        px = np.empty(_LANES, np.float32)
+        out_of = np.zeros(_LANES, np.bool_)
+        end = min((chunk + 1) * _CHUNK, n)
+        for first in range(chunk * _CHUNK, end, _LANES):
+            lanes = min(_LANES, end - first)
+            for k in range(lanes):
+                s = starts[first + k]
+                pz[k] = np.float32(oz + s // (wy * wx))
+                py[k] = np.float32(oy + (s // wx) % wy)
+                px[k] = np.float32(ox + s % wx)
+                out_of[k] = False
+            for _ in range(n_iter):
+                for k in range(lanes):
+                    z, y, x = pz[k], py[k], px[k]
+                    iz, iy, ix = int(z) - oz, int(y) - oy, int(x) - ox
+                    if iz < 0 or iz >= wz or iy < 0 or iy >= wy or ix < 0 or ix >= wx:
+                        # Keep reading in bounds; the point is recomputed with a wider window.
+                        out_of[k] = True
+                        iz, iy, ix = min(max(iz, 0), wz - 1), min(max(iy, 0), wy - 1), min(max(ix, 0), wx - 1)
+                    pz[k] = min(max(z - step * flows[0, iz, iy, ix], zero), hz)
+                    py[k] = min(max(y - step * flows[1, iz, iy, ix], zero), hy)
+                    px[k] = min(max(x - step * flows[2, iz, iy, ix], zero), hx)
+            for k in range(lanes):
+                out[first + k, 0] = pz[k]
+                out[first + k, 1] = py[k]
+                out[first + k, 2] = px[k]
+                escaped[first + k] = out_of[k]
