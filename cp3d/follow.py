@@ -61,7 +61,7 @@ def follow_flows(flows, foreground, *, step=4.0, n_iter=100, inward=False, sigma
     backend = resolve_backend(backend, flows, foreground)
     flows = check_flows(flows)
     foreground = check_foreground(foreground, flows.shape[1:])
-    step, n_iter = _check_step(step, n_iter)
+    step, n_iter = check_step(step, n_iter)
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     if sigma > 0:
@@ -80,7 +80,8 @@ def smooth_flows(flows, sigma):
     return ndimage.gaussian_filter(flows, sigma=(0, sigma, sigma, sigma), mode="nearest")
 
 
-def _check_step(step, n_iter):
+def check_step(step, n_iter):
+    """Validate the step size and iteration count; return them as (float, int)."""
     if not np.isfinite(step) or step <= 0:
         raise ValueError(f"step must be positive and finite, got {step}")
     if int(n_iter) != n_iter or n_iter < 0:

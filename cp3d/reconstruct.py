@@ -15,7 +15,7 @@ import numpy as np
 
 from ._backend import as_triple, check_flows, check_foreground, get_array_module, resolve_backend
 from .filters import PAPER_VOLUME_RANGE, _filter_instances, check_targets, check_thresholds, sphere_volume
-from .follow import _check_step, _follow, smooth_flows
+from .follow import check_step, _follow, smooth_flows
 from .group import ball_offsets, close_and_label
 
 PAPER_DIAMETER = 10.0
@@ -204,7 +204,7 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     flows = check_flows(flows)
     foreground = check_foreground(foreground, flows.shape[1:])
     params = reconstruction_parameters(diameter, targets, tanh_scale)
-    step, n_iter = _check_step(params.step if step is None else step, params.n_iter if n_iter is None else n_iter)
+    step, n_iter = check_step(params.step if step is None else step, params.n_iter if n_iter is None else n_iter)
     radius = params.closing_radius if closing_radius is None else closing_radius
     ball_offsets(radius)  # fail here, not after following
     if diameter_range is not None and not 0 <= diameter_range[0] <= diameter_range[1]:

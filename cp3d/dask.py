@@ -1,0 +1,579 @@
+"""Stacks larger than memory: exact chunked reconstruction and segmentation on dask arrays.
+
+:func:`reconstruct` gives the instances :func:`cp3d.reconstruct` gives on the
+whole volume, for any chunking: the same voxels in the same instances,
+numbered the same way (1..N in C order of each instance's first voxel). Each
+stage calls the in-memory stage functions on one chunk and the halo that
+stage needs:
+
+1. follow: each chunk's foreground voxels move through the chunk and a halo
+   of the flows, in whole-volume coordinates so that every step rounds as it
+   does on the whole volume; a trajectory that leaves the halo is flagged and
+   recomputed with a halo twice as wide, until none leaves;
+2. group: the end voxels that land within a chunk and twice the closing
+   ball's extent are marked, closed and labelled (:func:`cp3d.close_and_label`);
+   the chunk's part of the closing is exact;
+3. merge: groups that touch across a chunk face are one group (face pairs,
+   a sparse graph, its connected components: the way
+   ``dask_image.ndmeasure.label`` merges);
+4. each voxel takes the group at its end voxel (a halo of the largest
+   distance any voxel moved);
+5. filter: per-instance sums per chunk (voxels, coordinates, flow error),
+   added up over the volume, then :func:`cp3d.filters.keep_instances`, the
+   verdict of the in-memory filters.
+
+The global steps between the stages need the earlier stages' results, so the
+call computes stages 1-5 on the active dask scheduler (a
+``dask.distributed`` client when one is running), keeping the intermediate
+volumes in a temporary Zarr store on disk, and returns a lazy array that
+renumbers the stored instances. This module needs the ``dask`` extra
+(``pip install 'cp3d[dask]'``).
+"""
+
+import math
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+import weakref
+
+import numpy as np
+
+from ._backend import as_triple, check_flows, check_foreground, resolve_backend
+from .filters import check_targets, check_thresholds, keep_instances, sphere_volume, tanh_statistic_sums
+from .follow import check_step, follow_in_window, smooth_flows
+from .group import ball_offsets, close_and_label, relabel_by_first_voxel
+from .reconstruct import reconstruction_parameters
+from .targets import heat_flows
+
+__all__ = ["reconstruct", "segment"]
+
+# End index of a voxel whose trajectory left its window (background is -1).
+_ESCAPED = -2
+
+
+def _import_dask():
+    try:
+        import dask
+        import dask.array
+        import zarr  # noqa: F401 (the intermediate store)
+    except ImportError as e:
+        raise ImportError(f"cp3d.dask needs dask and zarr ({e}); pip install 'cp3d[dask]'") from e
+    return dask
+
+
+def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=None, diameter_range=None,
+                min_overlap=0.2, max_flow_error=0.8, diameter=None, targets="tanh", tanh_scale=None,
+                inward=False, sigma=0.0, backend="auto", chunks=None, halo=None, temporary_directory=None,
+                progress=False):
+    """Reconstruct cell instances chunk by chunk, exactly as on the whole volume.
+
+    Parameters
+    ----------
+    flows : dask.array.Array, shape (3, Z, Y, X)
+        Gradient maps (z, y, x), floating point. A NumPy array is wrapped.
+    foreground : dask.array.Array, shape (Z, Y, X)
+        Bool mask or a probability map thresholded at 0.5.
+    step, n_iter, closing_radius, diameter_range, min_overlap, max_flow_error, diameter, targets, tanh_scale, \
+inward, sigma
+        As in :func:`cp3d.reconstruct`.
+    backend : {"auto", "numba"}
+        Implementation of each chunk's work (the CPU kernels).
+    chunks : int or (int, int, int), optional
+        Shape of the chunks the work is cut into; default the chunks of
+        `foreground`. Any shape gives the same labels; larger chunks waste
+        less on halos, smaller ones bound the memory of each task.
+    halo : int or (int, int, int), optional
+        Flows read around a chunk for following; default one cell diameter
+        (10 voxels without `diameter`). Trajectories that leave it are
+        recomputed with a wider halo, so it only changes the speed.
+    temporary_directory : str or os.PathLike, optional
+        Folder for the intermediate Zarr store (about 16 bytes per voxel
+        before compression); default dask's ``temporary-directory`` setting
+        or the system's. On a cluster of several machines it must be a
+        folder every worker can reach. The store is removed when the
+        returned array is garbage-collected.
+    progress : bool
+        Show a progress bar over the chunks of each stage.
+
+    Returns
+    -------
+    labels : dask.array.Array, shape (Z, Y, X), uint32
+        Lazy instances 1..N, equal to
+        ``cp3d.reconstruct(flows.compute(), foreground.compute(), ...)``.
+
+    Notes
+    -----
+    The equality is exact, voxel for voxel and id for id, but for the flow
+    filter, whose per-instance error sums are added in another order than
+    on the whole volume (a difference of about 1e-16 relative, which only
+    matters for an instance whose error equals `max_flow_error` to that
+    precision). Memory per task is about ``(c + 2 h)**3 * 12`` bytes of
+    flows for chunks of ``c`` voxels and a halo ``h``, plus 8 bytes per
+    voxel of a chunk grown by the distance voxels move and twice the closing
+    radius; the volume only sets the size of the temporary store.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da
+    >>> import cp3d, cp3d.dask
+    >>> truth = np.zeros((16, 16, 32), np.uint32)
+    >>> truth[2:14, 2:14, 2:15], truth[2:14, 2:14, 17:30] = 1, 2
+    >>> flows = da.from_array(cp3d.tanh_flows(truth), chunks=(3, 8, 8, 8))
+    >>> labels = cp3d.dask.reconstruct(flows, da.from_array(truth > 0, chunks=8))
+    >>> bool((labels.compute() == cp3d.reconstruct(flows.compute(), truth > 0)).all())
+    True
+    """
+    dask = _import_dask()
+    if backend not in ("auto", "numba"):
+        raise ValueError(f"backend must be 'auto' or 'numba' for chunked reconstruction, got {backend!r}")
+    resolve_backend("numba")
+    flows, foreground = _check_inputs(flows, foreground)
+    shape = foreground.shape
+    params = reconstruction_parameters(diameter, targets, tanh_scale)
+    step, n_iter = check_step(params.step if step is None else step, params.n_iter if n_iter is None else n_iter)
+    radius = params.closing_radius if closing_radius is None else closing_radius
+    extent = np.abs(ball_offsets(radius)).max(axis=0)
+    if diameter_range is not None and not 0 <= diameter_range[0] <= diameter_range[1]:
+        raise ValueError(f"diameter_range must be (min, max) with 0 <= min <= max, got {diameter_range!r}")
+    volume_range = params.volume_range if diameter_range is None else tuple(map(sphere_volume, diameter_range))
+    min_overlap, max_flow_error = check_thresholds(min_overlap, max_flow_error)
+    if not np.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma must be a non-negative number, got {sigma!r}")
+    grid = _Grid(shape, foreground.chunksize if chunks is None else chunks)
+    if halo is None:
+        halo = np.ceil(as_triple(10.0 if diameter is None else diameter, "diameter"))
+    halo = np.maximum(1, np.asarray(as_triple(halo, "halo"), float)).astype(np.int64)
+    if sigma > 0:
+        flows = _smooth(flows, sigma)
+
+    scratch = _Scratch(temporary_directory)
+    run = _Runner(dask, progress)
+    ends = scratch.create("ends", grid, np.int64, -1)
+    signed = -step if inward else step
+
+    # 1. follow, widening the halo for the chunks whose trajectories escaped.
+    reach = np.zeros(3, np.int64)
+    todo, redo = list(range(len(grid))), False
+    while todo:
+        tasks = []
+        for b in todo:
+            window = grid.grow(grid.block(b), halo)
+            tasks.append(dask.delayed(_follow_block, pure=False)(
+                flows[(slice(None),) + window], foreground[grid.block(b)], ends, grid.block(b), window, shape,
+                signed, n_iter, redo))
+        results = run(tasks, "follow" if not redo else f"follow (halo {tuple(halo.tolist())})")
+        for escaped, moved in results:
+            reach = np.maximum(reach, moved)
+        todo = [b for b, (escaped, _) in zip(todo, results) if escaped]
+        halo, redo = 2 * halo, True
+
+    # 2. group, each chunk with the ends that can land within twice the ball's extent.
+    groups = scratch.create("groups", grid, np.uint32, 0)
+    counts = run([dask.delayed(_group_block, pure=False)(ends, groups, grid, b, reach, extent, radius)
+                  for b in range(len(grid))], "group")
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    # 3. merge groups across chunk faces.
+    pairs = run([dask.delayed(_face_pairs, pure=False)(groups, grid, b, offsets) for b in range(len(grid))],
+                "merge")
+    merged = _merge(pairs, int(offsets[-1]))
+    merged_d = dask.delayed(merged, pure=True)
+    offsets_d = dask.delayed(offsets, pure=True)
+
+    # 4. each voxel takes the group at its end voxel; per-chunk sums.
+    instances = scratch.create("instances", grid, np.uint32, 0)
+    need_box = targets == "heat" and np.isfinite(max_flow_error)
+    blocks = run([dask.delayed(_instance_block, pure=False)(ends, groups, instances, grid, b, reach, offsets_d,
+                                                            merged_d, need_box)
+                  for b in range(len(grid))], "label")
+    stats = _Statistics(blocks, int(merged.max()) if merged.size else 0, need_box)
+
+    # 5. filter.
+    flow_error = None
+    if np.isfinite(max_flow_error) and stats.n:
+        if targets == "tanh":
+            error = _tanh_error(dask, run, flows, foreground, instances, grid, blocks, stats, params, inward)
+        else:
+            error = _heat_error(dask, run, flows, instances, grid, stats, inward)
+        flow_error = error / (3 * np.maximum(stats.volume, 1))
+    overlap = stats.inside / np.maximum(stats.volume, 1)
+    keep = keep_instances(stats.volume, overlap, flow_error, stats.on_border, volume_range, min_overlap,
+                          max_flow_error)
+    if stats.n and not keep.any():
+        warnings.warn(f"reconstruct found {stats.n} groups but the filters dropped them all (volume range "
+                      f"{volume_range[0]:.0f}-{volume_range[1]:.0f} voxels, max_flow_error {max_flow_error}, "
+                      f"targets={targets!r}, inward={inward}); check that the flows' convention matches these "
+                      "settings, or relax the filters (diameter_range, max_flow_error=None)", stacklevel=2)
+    # Kept instances numbered in C order of their first voxel, as on the whole volume.
+    kept = np.flatnonzero(keep)
+    lut = np.zeros(stats.n + 1, np.uint32)
+    lut[kept[np.argsort(stats.first[kept])]] = np.arange(1, kept.size + 1, dtype=np.uint32)
+    renumber = _Renumber(lut, scratch)
+    import dask.array as da
+
+    return da.from_zarr(instances, chunks=grid.chunks).map_blocks(renumber, dtype=np.uint32)
+
+
+def _check_inputs(flows, foreground):
+    import dask.array as da
+
+    if not isinstance(foreground, da.Array):
+        foreground = np.asarray(foreground)
+        foreground = da.from_array(foreground, chunks=foreground.shape)
+    if not isinstance(flows, da.Array):
+        flows = np.asarray(flows)
+        flows = da.from_array(flows, chunks=(3,) + foreground.chunksize)
+    if flows.ndim != 4 or flows.shape[0] != 3:
+        raise ValueError(f"flows must have shape (3, Z, Y, X), got {tuple(flows.shape)}")
+    if flows.dtype.kind != "f":
+        raise TypeError(f"flows must be floating point, got {flows.dtype}")
+    if foreground.ndim != 3 or foreground.shape != flows.shape[1:]:
+        raise ValueError(f"foreground shape {tuple(foreground.shape)} does not match the flows' volume shape "
+                         f"{tuple(flows.shape[1:])}")
+    if any(math.isnan(n) for n in flows.shape + foreground.shape):
+        raise ValueError("flows and foreground need known shapes (call compute_chunk_sizes() first)")
+    if foreground.size == 0:
+        raise ValueError(f"foreground is empty (shape {tuple(foreground.shape)})")
+    return flows, foreground
+
+
+def _smooth(flows, sigma):
+    """smooth_flows chunk by chunk: a halo of the Gaussian's truncation radius makes it exact."""
+    r = int(4.0 * sigma + 0.5)  # scipy.ndimage.gaussian_filter's radius (truncate=4)
+    flows = flows.rechunk({0: 3})
+    return flows.map_overlap(lambda f: smooth_flows(np.asarray(f, np.float32), sigma), depth=(0, r, r, r),
+                             boundary="nearest", dtype=np.float32)
+
+
+class _Grid:
+    """A regular grid of chunks over a (Z, Y, X) volume."""
+
+    def __init__(self, shape, chunks):
+        chunks = np.broadcast_to(np.asarray(chunks), (3,))
+        if not all(float(c).is_integer() and c >= 1 for c in chunks):
+            raise ValueError(f"chunks must be positive integers (z, y, x), got {chunks.tolist()!r}")
+        self.shape = tuple(int(n) for n in shape)
+        self.chunks = tuple(int(min(c, n)) for c, n in zip(chunks, self.shape))
+        self.counts = tuple(-(-n // c) for n, c in zip(self.shape, self.chunks))
+
+    def __len__(self):
+        return math.prod(self.counts)
+
+    def index(self, b):
+        return np.unravel_index(b, self.counts)
+
+    def block(self, b):
+        return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(self.index(b), self.chunks, self.shape))
+
+    def grow(self, box, by):
+        """`box` (slices) grown by `by` voxels per axis, clipped to the volume."""
+        by = np.broadcast_to(by, (3,))
+        return tuple(slice(max(0, s.start - int(d)), min(n, s.stop + int(d))) for s, d, n in zip(box, by, self.shape))
+
+    def overlapping(self, box):
+        """Indices of the chunks that overlap `box`."""
+        ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(box, self.chunks)]
+        return [int(np.ravel_multi_index(i, self.counts)) for i in np.ndindex(*map(len, ranges))
+                for i in [tuple(r[k] for r, k in zip(ranges, i))]]
+
+
+class _Scratch:
+    """A temporary folder of Zarr arrays, removed with the object that owns it."""
+
+    def __init__(self, folder):
+        import dask
+
+        folder = folder or dask.config.get("temporary-directory", None) or tempfile.gettempdir()
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"temporary_directory does not exist: {folder!r}")
+        self.path = tempfile.mkdtemp(prefix="cp3d-dask-", dir=folder)
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
+
+    def create(self, name, grid, dtype, fill):
+        import zarr
+
+        return zarr.create_array(os.path.join(self.path, f"{name}.zarr"), shape=grid.shape, chunks=grid.chunks,
+                                 dtype=dtype, fill_value=fill)
+
+
+class _Renumber:
+    """Map stored instance ids to the final labels; owns the temporary store the ids live in."""
+
+    def __init__(self, lut, scratch):
+        self.lut = lut
+        self.scratch = scratch
+
+    def __call__(self, block):
+        return self.lut[block]
+
+    def __reduce__(self):
+        # Workers get the table only: the store is removed by the client's copy alone.
+        return _Renumber, (self.lut, None)
+
+
+class _Runner:
+    """Compute a list of delayed tasks on the active scheduler, with an optional progress bar."""
+
+    def __init__(self, dask, progress):
+        self.dask = dask
+        self.progress = progress
+
+    def __call__(self, tasks, desc):
+        if not tasks:
+            return []
+        try:
+            from distributed import as_completed, get_client
+
+            client = get_client()
+        except (ImportError, ValueError):
+            client = None
+        if client is None:
+            from dask.diagnostics import ProgressBar
+
+            if self.progress:
+                with ProgressBar():
+                    return list(self.dask.compute(*tasks))
+            return list(self.dask.compute(*tasks))
+        from tqdm.auto import tqdm
+
+        futures = client.compute(tasks)
+        with tqdm(total=len(futures), desc=desc, unit="chunk", disable=not self.progress) as bar:
+            for _ in as_completed(futures):
+                bar.update()
+        return client.gather(futures)
+
+
+def _follow_block(flows, foreground, ends, block, window, shape, step, n_iter, redo):
+    """Follow one chunk's voxels through `window`; store their end voxels' flat indices.
+
+    Returns the number of escaped trajectories and the largest distance
+    (per axis, in voxels) from a voxel to its end voxel.
+    """
+    origin = np.array([s.start for s in window])
+    first = np.array([s.start for s in block])
+    if redo:
+        stored = ends[block]
+        todo = stored == _ESCAPED
+    else:
+        todo = check_foreground(np.asarray(foreground), foreground.shape)
+        stored = np.full(todo.shape, -1, np.int64)
+    coords = np.nonzero(todo)
+    if coords[0].size == 0:
+        if not redo:
+            ends[block] = stored
+        return 0, np.zeros(3, np.int64)
+    flows = check_flows(np.asarray(flows))
+    wshape = flows.shape[1:]
+    starts = np.ravel_multi_index(tuple(c + f - o for c, f, o in zip(coords, first, origin)), wshape)
+    end, escaped = follow_in_window(flows, origin, shape, starts, step, n_iter)
+    nearest = [np.floor(end[:, a] + np.float32(0.5)).astype(np.int64) for a in range(3)]
+    index = np.ravel_multi_index(nearest, shape)
+    index[escaped] = _ESCAPED
+    stored[todo] = index
+    ends[block] = stored
+    ok = ~escaped
+    moved = [int(np.abs(n[ok] - (c[ok] + f)).max(initial=0)) for n, c, f in zip(nearest, coords, first)]
+    return int(escaped.sum()), np.array(moved, np.int64)
+
+
+def _group_block(ends, groups, grid, b, reach, extent, radius):
+    """Close and label the end voxels around chunk `b`; store the chunk's groups 1..n; return n."""
+    block = grid.block(b)
+    box = grid.grow(block, 2 * extent)  # the closing of `block` depends on marks within 2 extents
+    source = grid.grow(box, reach)  # voxels whose end voxel can lie in `box`
+    index = ends[source]
+    index = index[index >= 0]
+    coords = np.unravel_index(index, grid.shape)
+    inside = np.ones(index.size, bool)
+    for c, s in zip(coords, box):
+        inside &= (c >= s.start) & (c < s.stop)
+    if not inside.any():
+        return 0
+    mask = np.zeros(tuple(s.stop - s.start for s in box), bool)
+    mask[tuple(c[inside] - s.start for c, s in zip(coords, box))] = True
+    labels = close_and_label(mask, radius)
+    own = labels[tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(block, box))]
+    own = relabel_by_first_voxel(np.ascontiguousarray(own))
+    groups[block] = own
+    return int(own.max())
+
+
+def _read_groups(groups, grid, box, offsets):
+    """Groups in `box` as volume-wide ids (each chunk's ids shifted by its offset), int64."""
+    out = groups[box].astype(np.int64)
+    for c in grid.overlapping(box):
+        part = tuple(slice(max(s.start, k.start) - s.start, min(s.stop, k.stop) - s.start)
+                     for s, k in zip(box, grid.block(c)))
+        view = out[part]
+        view[view > 0] += offsets[c]
+    return out
+
+
+def _face_pairs(groups, grid, b, offsets):
+    """Pairs of volume-wide group ids that touch across the far faces of chunk `b`."""
+    block = grid.block(b)
+    pairs = [np.zeros((0, 2), np.int64)]
+    for axis in range(3):
+        face = block[axis].stop
+        if face >= grid.shape[axis]:
+            continue
+        box = tuple(slice(face - 1, face + 1) if a == axis else s for a, s in zip(range(3), block))
+        both = _read_groups(groups, grid, box, offsets)
+        lo, hi = np.take(both, 0, axis=axis).ravel(), np.take(both, 1, axis=axis).ravel()
+        touch = (lo > 0) & (hi > 0)
+        pairs.append(np.stack([lo[touch], hi[touch]], axis=1))
+    return np.unique(np.concatenate(pairs), axis=0)
+
+
+def _merge(pairs, n):
+    """Table from volume-wide group ids 0..n to merged ids (0 stays 0)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    pairs = np.concatenate([np.zeros((0, 2), np.int64)] + list(pairs))
+    graph = coo_matrix((np.ones(len(pairs), bool), (pairs[:, 0], pairs[:, 1])), shape=(n + 1, n + 1))
+    _, component = connected_components(graph, directed=False)
+    # Components numbered 1.. in order of their smallest group id (0 is group 0's own component).
+    _, first, inverse = np.unique(component, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))
+    return rank[inverse].astype(np.uint32)
+
+
+def _instance_block(ends, groups, instances, grid, b, reach, offsets, merged, need_box):
+    """Give chunk `b`'s voxels the merged group at their end voxel; store; return per-instance sums."""
+    block = grid.block(b)
+    index = ends[block]
+    fg = index >= 0  # the foreground: only foreground voxels were followed
+    region = grid.grow(block, reach)
+    coords = np.unravel_index(index[fg], grid.shape)
+    local = tuple(c - s.start for c, s in zip(coords, region))
+    ids = np.zeros(index.shape, np.uint32)
+    ids[fg] = merged[_read_groups(groups, grid, region, offsets)[local]]
+    instances[block] = ids
+    return _block_sums(ids, fg, block, grid.shape, need_box)
+
+
+def _block_sums(ids, fg, block, shape, need_box):
+    """Per-instance sums over one chunk: voxels, foreground voxels, coordinates, first voxel, border, box."""
+    first = np.array([s.start for s in block])
+    where = np.nonzero(ids)
+    values = ids[where]
+    present, first_at, inverse = np.unique(values, return_index=True, return_inverse=True)
+    sums = {"ids": present.astype(np.int64), "volume": np.bincount(inverse, minlength=present.size),
+            "inside": np.bincount(inverse, weights=fg[where], minlength=present.size)}
+    coords = [w + f for w, f in zip(where, first)]
+    # Coordinate sums are integers held exactly in float64, as in cp3d.targets.numba_centroids.
+    sums["coords"] = np.stack([np.bincount(inverse, weights=c, minlength=present.size) for c in coords], axis=1)
+    # C order within a chunk is C order within the volume: the first occurrence is the first voxel.
+    sums["first"] = np.ravel_multi_index(tuple(c[first_at] for c in coords), shape) if present.size else \
+        np.zeros(0, np.int64)
+    faces = [np.take(ids, 0, axis=axis) for axis in range(3) if block[axis].start == 0]
+    faces += [np.take(ids, -1, axis=axis) for axis in range(3) if block[axis].stop == shape[axis]]
+    border = np.unique(np.concatenate([f.ravel() for f in faces])) if faces else np.zeros(0, np.uint32)
+    sums["border"] = border[border != 0].astype(np.int64)
+    if need_box:
+        order = np.argsort(inverse, kind="stable")
+        starts = np.searchsorted(inverse[order], np.arange(present.size))
+        sums["lo"] = np.stack([np.minimum.reduceat(c[order], starts) for c in coords], axis=1) if present.size \
+            else np.zeros((0, 3), np.int64)
+        sums["hi"] = np.stack([np.maximum.reduceat(c[order], starts) for c in coords], axis=1) if present.size \
+            else np.zeros((0, 3), np.int64)
+    return sums
+
+
+class _Statistics:
+    """Per-chunk sums added up over the volume (entry 0 is background)."""
+
+    def __init__(self, blocks, n, need_box):
+        self.n = n
+        self.volume = np.zeros(n + 1, np.int64)
+        self.inside = np.zeros(n + 1)
+        self.coords = np.zeros((n + 1, 3))
+        self.first = np.full(n + 1, np.iinfo(np.int64).max, np.int64)
+        border = [np.zeros(0, np.int64)]
+        if need_box:
+            self.lo = np.full((n + 1, 3), np.iinfo(np.int64).max, np.int64)
+            self.hi = np.full((n + 1, 3), -1, np.int64)
+        for s in blocks:
+            ids = s["ids"]
+            self.volume[ids] += s["volume"]
+            self.inside[ids] += s["inside"]
+            self.coords[ids] += s["coords"]
+            self.first[ids] = np.minimum(self.first[ids], s["first"])
+            border.append(s["border"])
+            if need_box:
+                self.lo[ids] = np.minimum(self.lo[ids], s["lo"])
+                self.hi[ids] = np.maximum(self.hi[ids], s["hi"])
+        self.on_border = np.unique(np.concatenate(border))
+
+    def centroids(self):
+        # As cp3d.targets.numba_centroids divides its (exact) sums.
+        return self.coords / np.maximum(self.volume.astype(np.float64), 1.0)[:, None]
+
+
+def _tanh_error(dask, run, flows, foreground, instances, grid, blocks, stats, params, inward):
+    """Summed absolute tanh flow error per instance, with the centroids of the whole instances."""
+    centroid = stats.centroids()
+    tasks = []
+    for b, sums in enumerate(blocks):
+        block = grid.block(b)
+        table = np.concatenate([np.zeros((1, 3)), centroid[sums["ids"]]])
+        tasks.append(dask.delayed(_tanh_error_block, pure=False)(
+            instances, flows[(slice(None),) + block], foreground[block], block, sums["ids"], table,
+            params.tanh_scale, inward))
+    error = np.zeros(stats.n + 1)
+    for sums, part in zip(blocks, run(tasks, "flow error")):
+        error[sums["ids"]] += part
+    return error
+
+
+def _tanh_error_block(instances, flows, foreground, block, ids, centroid, scale, inward):
+    labels = instances[block]
+    compact = np.searchsorted(ids, labels).astype(np.uint32) + 1
+    compact[labels == 0] = 0
+    fg = check_foreground(np.asarray(foreground), labels.shape)
+    _, _, error = tanh_statistic_sums(compact, np.ascontiguousarray(flows, np.float32), fg, centroid, scale, inward,
+                                      origin=[s.start for s in block])
+    return error[1:]
+
+
+def _heat_error(dask, run, flows, instances, grid, stats, inward):
+    """Summed absolute heat flow error per instance.
+
+    Heat flows are recomputed per instance from the whole instance: each
+    chunk handles the instances whose first voxel it holds, reading the
+    bounding box of them all, with the diffusion length of the whole volume
+    (twice the largest extent of any instance, as :func:`cp3d.heat_flows`).
+    """
+    present = np.flatnonzero(stats.volume > 0)  # a closed group may hold no end voxel, hence no voxel
+    n_iter = 2 * int((stats.hi[present] - stats.lo[present] + 1).max())
+    owner = np.ravel_multi_index(tuple(c // k for c, k in zip(np.unravel_index(stats.first[present], grid.shape),
+                                                              grid.chunks)), grid.counts)
+    tasks, owned = [], []
+    for b in np.unique(owner):
+        ids = present[owner == b]
+        lo, hi = stats.lo[ids].min(axis=0), stats.hi[ids].max(axis=0) + 1
+        box = tuple(slice(int(a), int(z)) for a, z in zip(lo, hi))
+        tasks.append(dask.delayed(_heat_error_block, pure=False)(instances, flows[(slice(None),) + box], box, ids,
+                                                                 n_iter, inward))
+        owned.append(ids)
+    error = np.zeros(stats.n + 1)
+    for ids, part in zip(owned, run(tasks, "flow error")):
+        error[ids] = part
+    return error
+
+
+def _heat_error_block(instances, flows, box, ids, n_iter, inward):
+    labels = instances[box]
+    labels = np.where(np.isin(labels, ids), labels, 0).astype(np.uint32)
+    recomputed = heat_flows(labels, n_iter=n_iter)
+    sign = np.float32(-1.0 if inward else 1.0)
+    # The expression and the C order of the sum are cp3d.filters.instance_statistics' own.
+    abs_error = np.abs(np.asarray(flows, np.float32) - sign * recomputed).sum(axis=0)
+    return np.bincount(labels.ravel(), weights=abs_error.ravel(), minlength=int(ids.max()) + 1)[ids]
+
+
+def segment(image, model=None, **kwargs):  # placeholder replaced below
+    raise NotImplementedError
