@@ -575,5 +575,198 @@ def _heat_error_block(instances, flows, box, ids, n_iter, inward):
     return np.bincount(labels.ravel(), weights=abs_error.ravel(), minlength=int(ids.max()) + 1)[ids]
 
 
-def segment(image, model=None, **kwargs):  # placeholder replaced below
-    raise NotImplementedError
+def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, augment=False, context=None,
+            device="cpu", temporary_directory=None, progress=False, **kwargs):
+    """Segment a stack chunk by chunk: prediction and reconstruction on dask arrays.
+
+    The stack is normalised by the percentiles of the whole stack (computed
+    once), rescaled so that its cells match the model's training size,
+    predicted chunk by chunk with the network's receptive radius as context
+    on each side, rescaled back, and reconstructed with :func:`reconstruct`.
+
+    Parameters
+    ----------
+    image : dask.array.Array, shape (Z, Y, X)
+        One-channel stack (a NumPy array is wrapped).
+    model : UNet3D or str or path-like, optional
+        As in :func:`cp3d.segment`; the bundled tanh model by default.
+    diameter, voxel_size
+        As in :func:`cp3d.segment`.
+    chunks : int or (int, int, int), optional
+        Chunk shape of the prediction on the model's grid (after rescaling)
+        and of the reconstruction on the image's grid; default the chunks of
+        `image`. Prediction chunks are rounded up to multiples of the
+        network's pooling size ``2**depth``.
+    augment : bool
+        Test-time mirroring (see :func:`cp3d.predict`): four network passes.
+        Off by default here, where stacks are large.
+    context : int, optional
+        Voxels of context around each prediction chunk; default the
+        network's receptive radius (rounded up to ``2**depth``), which makes
+        the chunked maps equal to a whole-stack prediction up to float
+        rounding.
+    device : str
+        Torch device on the workers (``"cpu"`` or ``"cuda"``).
+    temporary_directory : str or os.PathLike, optional
+        Folder for the predicted maps and the reconstruction's intermediate
+        store (see :func:`reconstruct`).
+    progress : bool
+        Progress bars over the chunks.
+    **kwargs
+        Passed to :func:`reconstruct` (e.g. ``max_flow_error``, ``halo``).
+
+    Returns
+    -------
+    cp3d.Segmentation
+        ``labels`` (lazy uint32), ``flows`` and ``foreground`` (lazy float32,
+        read from the temporary store) and ``seconds`` per stage.
+
+    Notes
+    -----
+    The percentiles are exact for stacks up to 8e6 voxels; larger stacks
+    estimate them from a strided subsample of about 4e6 voxels (as
+    :func:`cp3d.predict` does). With ``augment=False`` the maps equal
+    :func:`cp3d.predict` on the whole stack up to float rounding; with
+    mirroring they do too where each axis of the rescaled stack is a
+    multiple of ``2**depth`` (elsewhere the mirrored passes see the pooling
+    grid shifted, a small difference).
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import cp3d, cp3d.dask
+    >>> image, _ = cp3d.data.synthetic_stack((32, 64, 64), 10, seed=1)
+    >>> result = cp3d.dask.segment(da.from_array(image, chunks=32))  # doctest: +SKIP
+    """
+    import time
+
+    dask = _import_dask()
+    import dask.array as da
+
+    from .model import UNet3D, load_model
+    from .segment import Segmentation, cell_extent
+
+    if not isinstance(image, da.Array):
+        image = np.asarray(image)
+        image = da.from_array(image, chunks=image.shape)
+    if image.ndim != 3:
+        raise ValueError(f"image must be a 3D stack (Z, Y, X), got shape {tuple(image.shape)}")
+    if image.dtype.kind not in "biuf":
+        raise TypeError(f"image must be real-valued, got dtype {image.dtype}")
+    if not isinstance(model, UNet3D):
+        model = load_model("tanh" if model is None else model)
+    config = model.config
+    extent = cell_extent(diameter, voxel_size, config.train_diameter)
+    model_voxel = np.array([m * config.train_diameter / e for m, e in zip(config.voxel_size, extent)])
+    m = config.multiple
+    if context is None:
+        context = config.receptive_radius
+    context = -(-int(context) // m) * m
+    chunks = np.broadcast_to(np.asarray(image.chunksize if chunks is None else chunks), (3,))
+    if not all(float(c).is_integer() and c >= 1 for c in chunks):
+        raise ValueError(f"chunks must be positive integers (z, y, x), got {chunks.tolist()!r}")
+    start = time.perf_counter()
+    scratch = _Scratch(temporary_directory)
+    run = _Runner(dask, progress)
+
+    lo, hi = _percentiles(image)
+    x = image.astype(np.float32)
+    constant = not hi - lo > 1e-12 * max(1.0, abs(hi))
+    x = (x * 0) if constant else (x - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    factors = model_voxel / np.asarray(config.voxel_size)
+    model_shape = tuple(max(1, int(round(n * f))) for n, f in zip(image.shape, factors))
+    rescale = not np.allclose(factors, 1.0)
+    if rescale:
+        x = _zoom(x, model_shape, tuple(-(-int(c) // m) * m for c in chunks))
+    pred_chunks = tuple(int(min(-(-int(c) // m) * m, -(-n // m) * m)) for c, n in zip(chunks, model_shape))
+    maps = _predict_chunks(dask, x, model, pred_chunks, context, augment, device)
+    if rescale:
+        maps = da.stack([_zoom(maps[c], image.shape, tuple(int(c) for c in chunks)) for c in range(4)])
+    maps = maps.rechunk((1,) + tuple(int(min(c, n)) for c, n in zip(chunks, image.shape)))
+    store = scratch.path + "/maps.zarr"
+    run([da.to_zarr(maps, store, compute=False)], "predict")
+    stored = da.from_zarr(store)
+    flows, foreground = stored[:3].rechunk((3,) + stored.chunksize[1:]), da.clip(stored[3], 0.0, 1.0)
+    predicted = time.perf_counter()
+    scale = tuple(config.tanh_scale * e / config.train_diameter for e in extent)
+    labels = reconstruct(flows, foreground, diameter=extent, targets=config.targets, tanh_scale=scale,
+                         temporary_directory=temporary_directory, progress=progress, **kwargs)
+    labels = labels.map_blocks(_Keep(scratch), dtype=np.uint32)  # the maps' store lives as long as the labels
+    return Segmentation(labels, flows, foreground, {"predict": predicted - start,
+                                                    "reconstruct": time.perf_counter() - predicted})
+
+
+class _Keep:
+    """Identity on blocks that keeps an object (a temporary store) alive with the graph."""
+
+    def __init__(self, keep):
+        self.keep = keep
+
+    def __call__(self, block):
+        return block
+
+    def __reduce__(self):
+        return _Keep, (None,)
+
+
+# Stacks above this many voxels estimate their percentiles from a strided sample, as cp3d.predict does.
+_EXACT_PERCENTILES = 8_000_000
+_SAMPLE = 4_000_000
+
+
+def _percentiles(image, lower=1.0, upper=99.8):
+    """The normalisation percentiles of the whole stack, computed once."""
+    if image.size > _EXACT_PERCENTILES:
+        stride = max(1, round((image.size / _SAMPLE) ** (1 / 3)))
+        image = image[::stride, ::stride, ::stride]
+    sample = np.asarray(image.compute(), np.float32)
+    if not np.isfinite(sample).all():
+        raise ValueError("image contains NaN or inf values")
+    lo, hi = np.percentile(sample.ravel(), [lower, upper])
+    return float(lo), float(hi)
+
+
+def _zoom(x, shape, chunks):
+    """Linear zoom of a dask volume to `shape`, chunk by chunk (cp3d.predict's grid_mode=False zoom)."""
+    import dask.array as da
+    from scipy import ndimage
+
+    factor = np.array([(n - 1) / (t - 1) if t > 1 else 0.0 for n, t in zip(x.shape, shape)])
+    counts = [-(-t // c) for t, c in zip(shape, chunks)]
+    blocks = np.empty(counts, object)
+    for index in np.ndindex(*counts):
+        out = [slice(i * c, min((i + 1) * c, t)) for i, c, t in zip(index, chunks, shape)]
+        first = [int(np.floor(o.start * f)) for o, f in zip(out, factor)]
+        last = [min(n, int(np.ceil((o.stop - 1) * f)) + 2) for o, f, n in zip(out, factor, x.shape)]
+        source = x[tuple(slice(a, b) for a, b in zip(first, last))]
+        offset = [o.start * f - a for o, f, a in zip(out, factor, first)]
+        size = tuple(o.stop - o.start for o in out)
+        blocks[index] = da.map_blocks(ndimage.affine_transform, source.rechunk(-1), factor, offset=offset,
+                                      output_shape=size, order=1, mode="nearest", chunks=size, dtype=np.float32)
+    return da.block(blocks.tolist())
+
+
+def _predict_chunks(dask, x, model, chunks, context, augment, device):
+    """Network maps (4, Z, Y, X) of a normalised dask volume, each chunk predicted with `context` around it."""
+    import dask.array as da
+
+    shape = x.shape
+    counts = [-(-n // c) for n, c in zip(shape, chunks)]
+    blocks = np.empty(counts, object)
+    net = dask.delayed(model, pure=True)
+    for index in np.ndindex(*counts):
+        out = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, chunks, shape))
+        box = tuple(slice(max(0, o.start - context), min(n, o.stop + context)) for o, n in zip(out, shape))
+        crop = tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(out, box))
+        size = tuple(o.stop - o.start for o in out)
+        task = dask.delayed(_predict_box, pure=True)(x[box], net, crop, context, augment, device)
+        blocks[index] = da.from_delayed(task, (4,) + size, np.float32)
+    return da.block(blocks.tolist())
+
+
+def _predict_box(x, model, crop, context, augment, device):
+    from .model import predict
+
+    p = predict(np.asarray(x, np.float32), model, context=context, augment=augment, device=device,
+                normalize=False)
+    return np.concatenate([p.flows, p.foreground[None]])[(slice(None),) + crop]

@@ -248,6 +248,7 @@ def predict(
     pad_mode="reflect",
     augment=True,
     progress=False,
+    normalize=True,
 ):
     """Predict gradient maps and foreground probability for a 3D stack.
 
@@ -305,6 +306,10 @@ def predict(
         gained nothing more).
     progress : bool, optional
         Show a progress bar over the tile batches.
+    normalize : bool, optional
+        Normalise `image` by its own percentiles (:func:`normalize_percentile`);
+        ``False`` takes it as already normalised, e.g. one chunk of a larger
+        stack normalised by the whole stack's percentiles (:func:`cp3d.dask.segment`).
 
     Returns
     -------
@@ -365,7 +370,7 @@ def predict(
     ramps = _triple_int(overlap, "overlap", allow_zero=True)
 
     original_shape = image.shape
-    x = normalize_percentile(image)
+    x = normalize_percentile(image) if normalize else image
     if voxel_size is not None:
         factors = np.asarray(as_triple(voxel_size, "voxel_size")) / np.asarray(cfg.voxel_size)
         if not np.allclose(factors, 1.0):
