@@ -6,6 +6,8 @@ public functions.
 
 import argparse
 import json
+import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -48,6 +50,8 @@ def _segment(args):
     from .preview import save_preview
     from .segment import model_tanh_scale, segment
 
+    if args.chunks or _is_zarr_path(args.input) or _is_zarr_path(args.output):
+        return _segment_chunked(args)
     for path in (args.output, args.save_flows, args.table, args.preview):
         if path:
             io.check_output_folder(path)  # before the minutes of prediction, not after
@@ -71,6 +75,154 @@ def _segment(args):
     print(json.dumps({"cells": int(result.labels.max()), "diameter": round(result.diameter, 2),
                       "output": str(args.output),
                       "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}))
+
+
+def _is_zarr_path(path):
+    return str(path).rstrip("/").endswith(".zarr")
+
+
+def _dask_client(args):
+    """A context holding a dask.distributed client: the given scheduler, or a LocalCluster on this machine."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as e:
+        raise ImportError(f"chunked runs need dask.distributed ({e}); pip install 'cp3d[dask]'") from e
+    import contextlib
+
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    stack = contextlib.ExitStack()
+    if args.scheduler:
+        stack.enter_context(Client(args.scheduler))
+        return stack
+    memory = "auto" if args.memory_limit is None else int(args.memory_limit * 2**30)
+    # One thread per worker: the Numba kernels and torch use the cores within each task.
+    cluster = stack.enter_context(LocalCluster(n_workers=args.workers, threads_per_worker=1, memory_limit=memory,
+                                               dashboard_address=None))
+    stack.enter_context(Client(cluster))
+    return stack
+
+
+def _check_chunk_shape(chunks, name="--chunks"):
+    if chunks is not None and min(chunks) < 1:
+        raise ValueError(f"{name} must be positive, got {tuple(chunks)}")
+    return None if chunks is None else tuple(chunks)
+
+
+def _write_labels_any(path, labels, voxel_size, quiet):
+    """Labels to a TIFF, a new OME-Zarr image, or a label image added to an existing OME-Zarr image."""
+    from . import io
+
+    if not _is_zarr_path(path):
+        io.write_tiff_chunked(path, labels, voxel_size, labels=True)
+    elif io.is_zarr(path):
+        io.write_ome_zarr_labels(path, labels, progress=not quiet)
+    else:
+        io.write_ome_zarr(path, labels, voxel_size, progress=not quiet)
+
+
+def _segment_chunked(args):
+    import time
+
+    from . import dask as cp3d_dask
+    from . import io
+
+    chunks = _check_chunk_shape(args.chunks) or (128, 256, 256)
+    if args.table or args.preview:
+        raise ValueError("--table and --preview work on a stack in memory; drop --chunks (and .zarr paths) for them")
+    if not _is_zarr_path(args.output):
+        io.check_output_folder(args.output)
+    stack = io.open_image(args.input)
+    voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
+    start = time.perf_counter()
+    with _dask_client(args):
+        result = cp3d_dask.segment(stack.data, args.model, diameter=args.diameter, voxel_size=voxel_size,
+                                   chunks=chunks, augment=args.augment, context=args.context,
+                                   device=args.device if args.device != "auto" else "cpu",
+                                   temporary_directory=args.temporary_directory, progress=not args.quiet)
+        _write_labels_any(args.output, result.labels, voxel_size, args.quiet)
+        if args.save_flows:
+            _save_maps(args.save_flows, result.flows, result.foreground, voxel_size)
+        cells = int(result.labels.max().compute())
+    print(json.dumps({"cells": cells, "output": str(args.output), "chunks": list(chunks),
+                      "seconds": {**{k: round(v, 3) for k, v in result.seconds.items()},
+                                  "total": round(time.perf_counter() - start, 3)}}))
+
+
+def _save_maps(path, flows, foreground, voxel_size):
+    """The predicted maps as `cp3d segment --save-flows` writes them: a (4 Z, Y, X) TIFF or a Zarr group."""
+    import dask.array as da
+
+    from . import io
+
+    maps = da.concatenate([flows, foreground[None].astype(np.float32)])
+    if _is_zarr_path(path):
+        if os.path.exists(path):
+            raise FileExistsError(f"{path!r} exists; cp3d does not overwrite it")
+        tmp = f"{path}.{secrets.token_hex(4)}.tmp"  # renamed once complete
+        da.to_zarr(maps.rechunk((4,) + maps.chunksize[1:]), tmp, component="maps")
+        os.replace(tmp, path)
+    else:
+        io.write_tiff_chunked(path, maps.reshape((-1,) + maps.shape[2:]), voxel_size)
+
+
+def _open_maps(path):
+    """Flows (3, Z, Y, X) and foreground (Z, Y, X) from --save-flows output (TIFF or Zarr), lazily."""
+    import dask.array as da
+
+    from . import io
+
+    if io.is_zarr(path):
+        maps = da.from_zarr(path, component="maps")
+        voxel_size = None
+    else:
+        stack = io.open_image(path)
+        z4, ny, nx = stack.data.shape
+        if z4 % 4:
+            raise ValueError(f"{path!r} has {z4} slices: --save-flows output has 4 Z (flows z, y, x, foreground)")
+        maps, voxel_size = stack.data.reshape((4, z4 // 4, ny, nx)), stack.voxel_size
+    if maps.ndim != 4 or maps.shape[0] != 4:
+        raise ValueError(f"{path!r} holds maps of shape {maps.shape}, expected (4, Z, Y, X)")
+    return maps[:3].astype(np.float32), maps[3], voxel_size
+
+
+def _reconstruct(args):
+    import time
+
+    from . import dask as cp3d_dask
+
+    chunks = _check_chunk_shape(args.chunks) or (128, 256, 256)
+    if not _is_zarr_path(args.output):
+        from . import io
+
+        io.check_output_folder(args.output)
+    flows, foreground, voxel_size = _open_maps(args.flows)
+    chunks = tuple(min(c, n) for c, n in zip(chunks, foreground.shape))
+    flows, foreground = flows.rechunk((3,) + chunks), foreground.rechunk(chunks)
+    start = time.perf_counter()
+    with _dask_client(args):
+        diameter = args.diameter[0] if args.diameter and len(args.diameter) == 1 else args.diameter
+        labels = cp3d_dask.reconstruct(flows, foreground, diameter=diameter, targets=args.targets,
+                                       tanh_scale=args.tanh_scale, max_flow_error=args.max_flow_error,
+                                       temporary_directory=args.temporary_directory, progress=not args.quiet)
+        _write_labels_any(args.output, labels, voxel_size, args.quiet)
+        cells = int(labels.max().compute())
+    print(json.dumps({"cells": cells, "output": str(args.output), "chunks": list(chunks),
+                      "seconds": round(time.perf_counter() - start, 3)}))
+
+
+def _add_dask_options(parser):
+    parser.add_argument("--chunks", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                        help="work chunk by chunk with dask (exact, for stacks larger than memory); implied by a "
+                             ".zarr input or output (default chunks 128 256 256)")
+    parser.add_argument("--workers", type=int, default=1, help="dask workers of the local cluster (default 1)")
+    parser.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+                        help="memory limit per local worker in GiB (default: dask's share of the machine)")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="address of a running dask scheduler (dask-jobqueue, dask-kubernetes...) instead of "
+                             "a local cluster")
+    parser.add_argument("--temporary-directory", default=None, metavar="DIR",
+                        help="folder for the intermediate Zarr stores (shared by all workers on a cluster)")
 
 
 def _synth(args):
@@ -146,7 +298,19 @@ def build_parser():
                    help="also write the label outlines over the image, XY and XZ mid-sections")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_segment_options(p)
+    _add_dask_options(p)
     p.set_defaults(run=_segment)
+
+    p = sub.add_parser("reconstruct", help="instances from saved maps (--save-flows TIFF or Zarr), chunk by chunk")
+    p.add_argument("flows", help="maps written by cp3d segment --save-flows")
+    p.add_argument("-o", "--output", required=True, help="labels: a TIFF, a new .zarr, or an existing OME-Zarr image")
+    p.add_argument("--diameter", type=float, nargs="+", default=None, help="cell diameter in voxels (or Z Y X)")
+    p.add_argument("--targets", default="tanh", choices=("tanh", "heat"))
+    p.add_argument("--tanh-scale", type=float, default=None, help="scale of the tanh flows (default diameter / 2)")
+    p.add_argument("--max-flow-error", type=float, default=0.8)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_dask_options(p)
+    p.set_defaults(run=_reconstruct)
 
     p = sub.add_parser("synth", help="write synthetic image/label TIFF pairs")
     p.add_argument("out_dir")
