@@ -1,0 +1,189 @@
+"""cp3d.dask: chunked reconstruction and segmentation equal the whole-volume results."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import cp3d
+from cp3d import io
+
+da = pytest.importorskip("dask.array")
+pytest.importorskip("zarr")
+cp3d_dask = pytest.importorskip("cp3d.dask")
+
+
+def _maps(targets, shape=(16, 32, 32), diameter=8, seed=3):
+    """Noisy flows of a synthetic stack: realistic, imperfect trajectories."""
+    _, truth = cp3d.data.synthetic_stack(shape, diameter, seed=seed)
+    clean = cp3d.tanh_flows(truth, diameter / 2) if targets == "tanh" else cp3d.heat_flows(truth)
+    noise = np.random.default_rng(seed).normal(0, 0.2, clean.shape)
+    return np.clip(clean + noise, -1, 1).astype(np.float32), truth > 0
+
+
+def _chunked(flows, foreground, chunks, **kwargs):
+    return cp3d_dask.reconstruct(da.from_array(flows, chunks=(3,) + chunks), da.from_array(foreground, chunks=chunks),
+                                 **kwargs)
+
+
+def _straddles(labels, chunks):
+    """Whether some instance spans a chunk corner in y and x (lies in four chunks)."""
+    for lab in np.unique(labels)[1:]:
+        _, y, x = np.nonzero(labels == lab)
+        if len(np.unique(y // chunks[1])) > 1 and len(np.unique(x // chunks[2])) > 1:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("targets", ["tanh", "heat"])
+@pytest.mark.parametrize("shape, chunks", [((16, 32, 32), (8, 16, 16)), ((12, 24, 24), (5, 6, 7))],
+                         ids=["four-chunk-cells", "chunks-smaller-than-cells"])
+def test_chunked_equals_whole(targets, shape, chunks):
+    flows, foreground = _maps(targets, shape)
+    whole = cp3d.reconstruct(flows, foreground, diameter=8, targets=targets)
+    labels = _chunked(flows, foreground, chunks, diameter=8, targets=targets)
+    assert isinstance(labels, da.Array) and labels.dtype == np.uint32
+    out = labels.compute()
+    assert whole.max() > 5
+    assert _straddles(whole, chunks)
+    # Equal up to renumbering is the promise; the numbering (first voxel in C order) is the same too.
+    np.testing.assert_array_equal(out, whole)
+
+
+def test_escaped_trajectories_are_recomputed():
+    # A halo of one voxel and a step of a cell diameter: most trajectories leave their window.
+    flows, foreground = _maps("tanh", shape=(12, 24, 24))
+    kwargs = dict(diameter=8, step=8.0, n_iter=12)
+    whole = cp3d.reconstruct(flows, foreground, **kwargs)
+    np.testing.assert_array_equal(_chunked(flows, foreground, (4, 8, 8), halo=1, **kwargs).compute(), whole)
+
+
+@pytest.mark.parametrize("kwargs", [dict(sigma=1.0), dict(inward=True), dict(max_flow_error=None, min_overlap=0.5),
+                                    dict(closing_radius=(1, 2, 2), diameter_range=(4, 20))])
+def test_keywords_match_whole(kwargs):
+    flows, foreground = _maps("tanh", shape=(12, 24, 24))
+    if kwargs.get("inward"):
+        flows = -flows
+    whole = cp3d.reconstruct(flows, foreground, diameter=8, **kwargs)
+    np.testing.assert_array_equal(_chunked(flows, foreground, (6, 10, 10), diameter=8, **kwargs).compute(), whole)
+
+
+def test_probability_foreground_and_empty_volume():
+    flows, foreground = _maps("tanh", shape=(12, 24, 24))
+    probability = np.where(foreground, 0.9, 0.1).astype(np.float32)
+    whole = cp3d.reconstruct(flows, probability, diameter=8)
+    np.testing.assert_array_equal(_chunked(flows, probability, (6, 12, 12), diameter=8).compute(), whole)
+    empty = _chunked(flows, np.zeros_like(foreground), (6, 12, 12)).compute()
+    assert empty.shape == foreground.shape and not empty.any()
+
+
+def test_bad_inputs():
+    flows, foreground = _maps("tanh", shape=(12, 24, 24))
+    with pytest.raises(ValueError, match="foreground shape"):
+        cp3d_dask.reconstruct(da.from_array(flows), da.from_array(foreground[1:]))
+    with pytest.raises(ValueError, match="backend"):
+        cp3d_dask.reconstruct(da.from_array(flows), da.from_array(foreground), backend="cuda")
+    with pytest.raises(ValueError, match="chunks"):
+        cp3d_dask.reconstruct(da.from_array(flows), da.from_array(foreground), chunks=(0, 4, 4))
+    with pytest.raises(TypeError, match="floating"):
+        cp3d_dask.reconstruct(da.from_array(flows.astype(int)), da.from_array(foreground))
+
+
+def test_local_cluster_two_workers():
+    distributed = pytest.importorskip("distributed")
+    flows, foreground = _maps("tanh")
+    whole = cp3d.reconstruct(flows, foreground, diameter=8)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            distributed.Client(cluster):
+        out = _chunked(flows, foreground, (8, 16, 16), diameter=8).compute()
+    np.testing.assert_array_equal(out, whole)
+
+
+def test_chunked_prediction_equals_whole():
+    torch = pytest.importorskip("torch")
+    from cp3d.model import UNet3D, predict
+
+    torch.manual_seed(0)
+    net = UNet3D(base_features=4, depth=2).eval()
+    image, _ = cp3d.data.synthetic_stack((16, 40, 40), 8, seed=1)
+    for voxel_size in (None, (1.0, 1.3, 1.3)):
+        # cp3d.dask.segment predicts at the voxel size that brings cells to the training size.
+        model_voxel = None if voxel_size is None else (voxel_size[0] / voxel_size[2], 1.0, 1.0)
+        whole = predict(image, net, augment=False, voxel_size=model_voxel)
+        result = cp3d_dask.segment(da.from_array(image, chunks=(8, 16, 16)), net, voxel_size=voxel_size)
+        np.testing.assert_allclose(result.flows.compute(), whole.flows, atol=1e-5)
+        np.testing.assert_allclose(result.foreground.compute(), whole.foreground, atol=1e-5)
+    labels = cp3d.reconstruct(result.flows.compute(), result.foreground.compute(), diameter=result_extent(net, voxel_size),
+                              targets="tanh", tanh_scale=result_scale(net, voxel_size))
+    np.testing.assert_array_equal(result.labels.compute(), labels)
+
+
+def result_extent(net, voxel_size):
+    from cp3d.segment import cell_extent
+
+    return cell_extent(None, voxel_size, net.config.train_diameter)
+
+
+def result_scale(net, voxel_size):
+    c = net.config
+    return tuple(c.tanh_scale * e / c.train_diameter for e in result_extent(net, voxel_size))
+
+
+def test_ome_zarr_round_trip(tmp_path):
+    image = np.random.default_rng(0).integers(0, 1000, (6, 20, 24)).astype(np.uint16)
+    labels = np.zeros(image.shape, np.uint32)
+    labels[1:4, 2:9, 3:7] = 7
+    path = tmp_path / "stack.ome.zarr"
+    io.write_ome_zarr(path, image, voxel_size=(2.0, 0.25, 0.25), chunks=(3, 10, 12))
+    read = io.open_image(path)
+    assert isinstance(read.data, da.Array) and read.data.chunksize == (3, 10, 12)
+    np.testing.assert_array_equal(read.data.compute(), image)
+    assert read.voxel_size == (2.0, 0.25, 0.25)
+    io.write_ome_zarr_labels(path, labels)
+    cells = io.read_ome_zarr(path / "labels" / "cells")
+    np.testing.assert_array_equal(cells.data.compute(), labels)
+    assert cells.voxel_size == (2.0, 0.25, 0.25) and cells.data.dtype == np.uint32
+    assert json.loads((path / "labels" / "zarr.json").read_text())["attributes"]["ome"]["labels"] == ["cells"]
+    with pytest.raises(FileExistsError):
+        io.write_ome_zarr_labels(path, labels)
+    with pytest.raises(FileExistsError):
+        io.write_ome_zarr(path, image)
+
+
+def test_interrupted_writes_leave_nothing(tmp_path, monkeypatch):
+    from ome_zarr import writer
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    image = np.zeros((4, 8, 8), np.uint16)
+    io.write_ome_zarr(tmp_path / "image.zarr", image)
+    monkeypatch.setattr(writer, "write_multiscale", fail)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_ome_zarr(tmp_path / "other.zarr", image)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_ome_zarr_labels(tmp_path / "image.zarr", image.astype(np.uint32))
+    assert sorted(os.listdir(tmp_path)) == ["image.zarr"]
+    assert os.listdir(tmp_path / "image.zarr" / "labels") == ["zarr.json"]
+
+
+def test_lazy_tiff_matches_read_image(tmp_path):
+    image = np.random.default_rng(1).random((5, 12, 16)).astype(np.float32)
+    io.write_image(tmp_path / "stack.tif", image, voxel_size=(3.0, 0.5, 0.5))
+    lazy = io.open_image(tmp_path / "stack.tif", chunks=(2, 12, 16))
+    assert isinstance(lazy.data, da.Array) and lazy.data.chunksize == (2, 12, 16)
+    np.testing.assert_array_equal(lazy.data.compute(), io.read_image(tmp_path / "stack.tif").data)
+    assert lazy.voxel_size == (3.0, 0.5, 0.5)
+
+
+def test_cli_reconstruct_from_saved_maps(tmp_path):
+    from cp3d.cli import main
+
+    flows, foreground = _maps("tanh", shape=(12, 24, 24))
+    maps = np.concatenate([flows, foreground[None].astype(np.float32)])
+    io.write_image(tmp_path / "maps.tif", maps.reshape(-1, *maps.shape[2:]))
+    out = tmp_path / "labels.tif"
+    assert main(["reconstruct", str(tmp_path / "maps.tif"), "-o", str(out), "--diameter", "8", "--chunks", "6", "12",
+                 "12", "--quiet"]) == 0
+    np.testing.assert_array_equal(io.read_image(out).data, cp3d.reconstruct(flows, foreground, diameter=8))
