@@ -138,7 +138,7 @@ def _segment_chunked(args):
     with _dask_client(args):
         result = cp3d_dask.segment(stack.data, args.model, diameter=args.diameter, voxel_size=voxel_size,
                                    chunks=chunks, augment=args.augment, context=args.context,
-                                   device=args.device if args.device != "auto" else "cpu",
+                                   device=args.device,
                                    temporary_directory=args.temporary_directory, progress=not args.quiet)
         _write_labels_any(args.output, result.labels, voxel_size, args.quiet)
         if args.save_flows:

@@ -30,18 +30,19 @@ renumbers the stored instances. This module needs the ``dask`` extra
 (``pip install 'cp3d[dask]'``).
 """
 
+import itertools
 import math
 import os
 import shutil
 import tempfile
-import uuid
+import time
 import warnings
 import weakref
 
 import numpy as np
 
 from ._backend import as_triple, check_flows, check_foreground, resolve_backend
-from .filters import check_targets, check_thresholds, keep_instances, sphere_volume, tanh_statistic_sums
+from .filters import check_thresholds, keep_instances, sphere_volume, tanh_statistic_sums
 from .follow import check_step, follow_in_window, smooth_flows
 from .group import ball_offsets, close_and_label, relabel_by_first_voxel
 from .reconstruct import reconstruction_parameters
@@ -112,7 +113,11 @@ inward, sigma
     precision). Memory per task is about ``(c + 2 h)**3 * 12`` bytes of
     flows for chunks of ``c`` voxels and a halo ``h``, plus 8 bytes per
     voxel of a chunk grown by the distance voxels move and twice the closing
-    radius; the volume only sets the size of the temporary store.
+    radius; the volume only sets the size of the temporary store. With heat
+    targets and a flow filter, each instance's heat flows are recomputed from
+    its bounding box, so a task also holds the boxes of the instances whose
+    first voxel lies in its chunk. The in-memory warnings about the flows'
+    scale and sign are not repeated here.
 
     Examples
     --------
@@ -211,9 +216,7 @@ inward, sigma
     lut = np.zeros(stats.n + 1, np.uint32)
     lut[kept[np.argsort(stats.first[kept])]] = np.arange(1, kept.size + 1, dtype=np.uint32)
     renumber = _Renumber(lut, scratch)
-    import dask.array as da
-
-    return da.from_zarr(instances, chunks=grid.chunks).map_blocks(renumber, dtype=np.uint32)
+    return dask.array.from_zarr(instances, chunks=grid.chunks).map_blocks(renumber, dtype=np.uint32)
 
 
 def _check_inputs(flows, foreground):
@@ -275,8 +278,7 @@ class _Grid:
     def overlapping(self, box):
         """Indices of the chunks that overlap `box`."""
         ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(box, self.chunks)]
-        return [int(np.ravel_multi_index(i, self.counts)) for i in np.ndindex(*map(len, ranges))
-                for i in [tuple(r[k] for r, k in zip(ranges, i))]]
+        return [int(np.ravel_multi_index(i, self.counts)) for i in itertools.product(*ranges)]
 
 
 class _Scratch:
@@ -576,7 +578,7 @@ def _heat_error_block(instances, flows, box, ids, n_iter, inward):
 
 
 def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, augment=False, context=None,
-            device="cpu", temporary_directory=None, progress=False, **kwargs):
+            device="auto", temporary_directory=None, progress=False, **kwargs):
     """Segment a stack chunk by chunk: prediction and reconstruction on dask arrays.
 
     The stack is normalised by the percentiles of the whole stack (computed
@@ -606,7 +608,8 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
         the chunked maps equal to a whole-stack prediction up to float
         rounding.
     device : str
-        Torch device on the workers (``"cpu"`` or ``"cuda"``).
+        Torch device on the workers: ``"auto"`` (CUDA where the worker sees
+        a GPU), ``"cpu"`` or ``"cuda"``.
     temporary_directory : str or os.PathLike, optional
         Folder for the predicted maps and the reconstruction's intermediate
         store (see :func:`reconstruct`).
@@ -638,10 +641,8 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     >>> image, _ = cp3d.data.synthetic_stack((32, 64, 64), 10, seed=1)
     >>> result = cp3d.dask.segment(da.from_array(image, chunks=32))  # doctest: +SKIP
     """
-    import time
-
     dask = _import_dask()
-    import dask.array as da
+    da = dask.array
 
     from .model import UNet3D, load_model
     from .segment import Segmentation, cell_extent
@@ -686,12 +687,14 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     store = scratch.path + "/maps.zarr"
     run([da.to_zarr(maps, store, compute=False)], "predict")
     stored = da.from_zarr(store)
-    flows, foreground = stored[:3].rechunk((3,) + stored.chunksize[1:]), da.clip(stored[3], 0.0, 1.0)
+    keep = _Keep(scratch)  # the maps' store lives as long as any array read from it
+    flows = stored[:3].rechunk((3,) + stored.chunksize[1:]).map_blocks(keep, dtype=np.float32)
+    foreground = da.clip(stored[3], 0.0, 1.0).map_blocks(keep, dtype=np.float32)
     predicted = time.perf_counter()
     scale = tuple(config.tanh_scale * e / config.train_diameter for e in extent)
     labels = reconstruct(flows, foreground, diameter=extent, targets=config.targets, tanh_scale=scale,
                          temporary_directory=temporary_directory, progress=progress, **kwargs)
-    labels = labels.map_blocks(_Keep(scratch), dtype=np.uint32)  # the maps' store lives as long as the labels
+    labels = labels.map_blocks(keep, dtype=np.uint32)
     return Segmentation(labels, flows, foreground, {"predict": predicted - start,
                                                     "reconstruct": time.perf_counter() - predicted})
 

@@ -94,8 +94,8 @@ def test_local_cluster_two_workers():
     distributed = pytest.importorskip("distributed")
     flows, foreground = _maps("tanh")
     whole = cp3d.reconstruct(flows, foreground, diameter=8)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-            distributed.Client(cluster):
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    with cluster, distributed.Client(cluster):
         out = _chunked(flows, foreground, (8, 16, 16), diameter=8).compute()
     np.testing.assert_array_equal(out, whole)
 
@@ -114,8 +114,8 @@ def test_chunked_prediction_equals_whole():
         result = cp3d_dask.segment(da.from_array(image, chunks=(8, 16, 16)), net, voxel_size=voxel_size)
         np.testing.assert_allclose(result.flows.compute(), whole.flows, atol=1e-5)
         np.testing.assert_allclose(result.foreground.compute(), whole.foreground, atol=1e-5)
-    labels = cp3d.reconstruct(result.flows.compute(), result.foreground.compute(), diameter=result_extent(net, voxel_size),
-                              targets="tanh", tanh_scale=result_scale(net, voxel_size))
+    labels = cp3d.reconstruct(result.flows.compute(), result.foreground.compute(),
+                              diameter=result_extent(net, voxel_size), tanh_scale=result_scale(net, voxel_size))
     np.testing.assert_array_equal(result.labels.compute(), labels)
 
 
