@@ -297,7 +297,7 @@ class _Scratch:
         import zarr
 
         return zarr.create_array(os.path.join(self.path, f"{name}.zarr"), shape=grid.shape, chunks=grid.chunks,
-                                 dtype=dtype, fill_value=fill)
+                                 dtype=dtype, fill_value=fill, compressors=None)
 
 
 class _Renumber:
