@@ -622,7 +622,8 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     -------
     cp3d.Segmentation
         ``labels`` (lazy uint32), ``flows`` and ``foreground`` (lazy float32,
-        read from the temporary store) and ``seconds`` per stage.
+        read from the temporary store), ``seconds`` per stage and the
+        ``diameter`` used.
 
     Notes
     -----
@@ -654,6 +655,9 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
         raise ValueError(f"image must be a 3D stack (Z, Y, X), got shape {tuple(image.shape)}")
     if image.dtype.kind not in "biuf":
         raise TypeError(f"image must be real-valued, got dtype {image.dtype}")
+    if isinstance(diameter, str):
+        raise ValueError(f"diameter must be a number of voxels for chunked segmentation, got {diameter!r} (estimate "
+                         "it with cp3d.segment on a crop, then pass it)")
     if not isinstance(model, UNet3D):
         model = load_model("tanh" if model is None else model)
     config = model.config
@@ -695,8 +699,9 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     labels = reconstruct(flows, foreground, diameter=extent, targets=config.targets, tanh_scale=scale,
                          temporary_directory=temporary_directory, progress=progress, **kwargs)
     labels = labels.map_blocks(keep, dtype=np.uint32)
-    return Segmentation(labels, flows, foreground, {"predict": predicted - start,
-                                                    "reconstruct": time.perf_counter() - predicted})
+    seconds = {"predict": predicted - start, "reconstruct": time.perf_counter() - predicted}
+    return Segmentation(labels, flows, foreground, seconds,
+                        float(config.train_diameter if diameter is None else diameter))
 
 
 class _Keep:
