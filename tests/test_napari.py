@@ -92,6 +92,13 @@ def test_sample_and_tiff_round_trip_keep_the_voxel_size(make_napari_viewer, plug
     [opened] = viewer.open(tmp_path / "image.tif", plugin="cp3d")
     assert isinstance(opened, napari.layers.Image)
 
+    napari.save_layers(str(tmp_path / "truth.ome.zarr"), [truth], plugin="cp3d")
+    assert cp3d.io.read_ome_zarr(tmp_path / "truth.ome.zarr").voxel_size == pytest.approx((2.0, 0.5, 0.5))
+    [zarr_labels] = viewer.open(tmp_path / "truth.ome.zarr", plugin="cp3d")
+    assert isinstance(zarr_labels, napari.layers.Labels)
+    np.testing.assert_array_equal(np.asarray(zarr_labels.data), truth.data)
+    assert tuple(zarr_labels.scale) == pytest.approx((2.0, 0.5, 0.5))
+
 
 def test_segment_widget_gives_the_library_result(make_napari_viewer, plugin, qtbot, tiny_model_dir, shown):
     viewer = make_napari_viewer()

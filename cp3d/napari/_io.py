@@ -6,9 +6,9 @@ import numpy as np
 
 from .. import io
 
-# File suffix -> function returning io.TiffImage(data, voxel_size). Another
-# format is one more entry here (and its pattern in napari.yaml).
-_READERS = {".tif": io.read_image, ".tiff": io.read_image}
+# File suffix -> function returning (data, voxel_size). Another format is one
+# more entry here (and its pattern in napari.yaml). OME-Zarr opens lazily.
+_READERS = {".tif": io.read_image, ".tiff": io.read_image, ".zarr": io.read_ome_zarr}
 
 
 def get_reader(path):
@@ -36,14 +36,21 @@ def read_layers(path):
 
 
 def write_image(path, data, meta):
-    """Write a 3D image layer as a TIFF carrying the layer's scale as voxel size."""
-    io.write_image(path, _as_volume(data), voxel_size=_voxel_size(meta))
+    """Write a 3D image layer as a TIFF or OME-Zarr (``.zarr``) carrying the layer's scale as voxel size."""
+    if Path(path).suffix.lower() == ".zarr":
+        io.write_ome_zarr(path, _as_volume(data), voxel_size=_voxel_size(meta))
+    else:
+        io.write_image(path, _as_volume(data), voxel_size=_voxel_size(meta))
     return [str(path)]
 
 
 def write_labels(path, data, meta):
-    """Write a 3D labels layer as a uint32 TIFF carrying the layer's scale as voxel size."""
-    io.write_labels(path, _as_volume(data), voxel_size=_voxel_size(meta))
+    """Write a 3D labels layer as uint32, TIFF or OME-Zarr (``.zarr``), carrying the layer's scale as voxel size."""
+    labels = _as_volume(data)
+    if Path(path).suffix.lower() == ".zarr":
+        io.write_ome_zarr(path, labels.astype(np.uint32, copy=False), voxel_size=_voxel_size(meta))
+    else:
+        io.write_labels(path, labels, voxel_size=_voxel_size(meta))
     return [str(path)]
 
 
