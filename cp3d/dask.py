@@ -44,7 +44,7 @@ import numpy as np
 from ._backend import as_triple, check_flows, check_foreground, resolve_backend
 from .filters import check_thresholds, keep_instances, sphere_volume, tanh_statistic_sums
 from .follow import check_step, follow_in_window, smooth_flows
-from .group import ball_offsets, close_and_label, relabel_by_first_voxel
+from .group import ball_offsets, close_and_label, merge_table, relabel_by_first_voxel
 from .reconstruct import reconstruction_parameters
 from .targets import heat_flows
 
@@ -183,7 +183,7 @@ inward, sigma
     # 3. merge groups across chunk faces.
     pairs = run([dask.delayed(_face_pairs, pure=False)(groups, grid, b, offsets) for b in range(len(grid))],
                 "merge")
-    merged = _merge(pairs, int(offsets[-1]))
+    merged = merge_table(pairs, int(offsets[-1]))
     merged_d = dask.delayed(merged, pure=True)
     offsets_d = dask.delayed(offsets, pure=True)
 
@@ -427,20 +427,6 @@ def _face_pairs(groups, grid, b, offsets):
         touch = (lo > 0) & (hi > 0)
         pairs.append(np.stack([lo[touch], hi[touch]], axis=1))
     return np.unique(np.concatenate(pairs), axis=0)
-
-
-def _merge(pairs, n):
-    """Table from volume-wide group ids 0..n to merged ids (0 stays 0)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    pairs = np.concatenate([np.zeros((0, 2), np.int64)] + list(pairs))
-    graph = coo_matrix((np.ones(len(pairs), bool), (pairs[:, 0], pairs[:, 1])), shape=(n + 1, n + 1))
-    _, component = connected_components(graph, directed=False)
-    # Components numbered 1.. in order of their smallest group id (0 is group 0's own component).
-    _, first, inverse = np.unique(component, return_index=True, return_inverse=True)
-    rank = np.argsort(np.argsort(first))
-    return rank[inverse].astype(np.uint32)
 
 
 def _instance_block(ends, groups, instances, grid, b, reach, offsets, merged, need_box):

@@ -252,24 +252,55 @@ def label_in_slabs(mask, label, max_voxels):
             raise ValueError("more than 2**32 - 1 components")
         labels[start:start + depth] = xp.where(part > 0, part.astype(np.uint32) + np.uint32(total), 0)
         total += int(count)
-    # Components that continue across a slab face are one: a graph of the
-    # face pairs and its connected components give one id per component.
+    # Components that continue across a slab face are one.
     pairs = []
     for start in range(depth, mask.shape[0], depth):
         below, above = labels[start - 1].ravel(), labels[start].ravel()
         both = (below > 0) & (above > 0)
-        pairs.append(xp.stack([below[both], above[both]]))
-    pairs = xp.concatenate(pairs, axis=1)
+        pairs.append(xp.stack([below[both], above[both]], axis=1))
+    pairs = xp.concatenate(pairs)
     if pairs.size == 0:
         return labels
+    pairs = np.asarray(pairs.get() if xp is not np else pairs, np.int64)
+    return xp.asarray(merge_table([pairs], total))[labels]
+
+
+def merge_table(pairs, n):
+    """Lookup table joining ids 0..n that are paired, transitively (0 stays 0).
+
+    Labels made piece by piece (chunks, slabs) are glued where pieces touch:
+    a graph of the touching pairs, its connected components (SciPy), and one
+    table to index the labels with.
+
+    Parameters
+    ----------
+    pairs : sequence of ndarray, each shape (K, 2), int
+        Ids that belong together.
+    n : int
+        The largest id.
+
+    Returns
+    -------
+    table : ndarray, shape (n + 1,), uint32
+        Merged ids numbered 1.. in the order of their smallest member.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cp3d.group import merge_table
+    >>> merge_table([np.array([[2, 4], [4, 5]])], 5).tolist()
+    [0, 1, 2, 3, 2, 2]
+    """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    pairs = np.asarray(pairs.get() if xp is not np else pairs, np.int64)
-    graph = coo_matrix((np.ones(pairs.shape[1], np.int8), (pairs[0], pairs[1])), shape=(total + 1, total + 1))
-    component = connected_components(graph, directed=False)[1].astype(np.uint32) + np.uint32(1)
-    component[0] = 0
-    return xp.asarray(component)[labels]
+    pairs = np.concatenate([np.zeros((0, 2), np.int64)] + list(pairs))
+    graph = coo_matrix((np.ones(len(pairs), bool), (pairs[:, 0], pairs[:, 1])), shape=(n + 1, n + 1))
+    _, component = connected_components(graph, directed=False)
+    # Components numbered 1.. in order of their smallest id (0 is id 0's own component).
+    _, first, inverse = np.unique(component, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))
+    return rank[inverse].astype(np.uint32)
 
 
 def relabel_by_first_voxel(labels, backend="auto", keep=None):
