@@ -6,6 +6,7 @@ CuPy is imported lazily, only when a CuPy array or ``backend="cuda"`` asks
 for it.
 """
 
+import os
 import sys
 
 import numba
@@ -201,3 +202,31 @@ def as_triple(value, name, allow_zero=False):
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be a {kind} scalar or a (z, y, x) triple, got {value!r}")
     return tuple(float(v) for v in arr)
+
+
+def physical_memory():
+    """Bytes of physical memory of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(nbytes, what):
+    """Raise ``ValueError`` before allocating `nbytes` that this machine's memory cannot hold.
+
+    `what` says which input asks for them, e.g. ``"diameter=0.1"``; the
+    message names it and the bytes needed.
+    """
+    total = physical_memory()
+    if total is not None and nbytes > total:
+        raise ValueError(
+            f"{what} needs {_bytes(nbytes)}, more than this machine's memory ({_bytes(total)})"
+        )
+
+
+def _bytes(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024

@@ -22,6 +22,8 @@ def _demo(args):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    names = ("image.tif", "truth.tif", "labels.tif", "flows.tif", "preview.png")
+    io.check_outputs([out / name for name in names], overwrite=args.overwrite)
     start = time.perf_counter()
     image, truth = data.synthetic_stack(tuple(args.shape), args.diameter, seed=args.seed, noise=args.noise)
     seconds = {"synthesize": time.perf_counter() - start}
@@ -31,12 +33,13 @@ def _demo(args):
     start = time.perf_counter()
     scores = metrics.evaluate(truth, result.labels)
     seconds["evaluate"] = time.perf_counter() - start
-    io.write_image(out / "image.tif", image)
-    io.write_labels(out / "truth.tif", truth)
-    io.write_labels(out / "labels.tif", result.labels)
-    io.write_image(out / "flows.tif", np.concatenate([result.flows, result.foreground[None]]).reshape(
-        -1, *image.shape[1:]))
-    save_preview(out / "preview.png", image, result.labels)
+    with io.written_together():
+        io.write_image(out / "image.tif", image)
+        io.write_labels(out / "truth.tif", truth)
+        io.write_labels(out / "labels.tif", result.labels)
+        io.write_image(out / "flows.tif", np.concatenate([result.flows, result.foreground[None]]).reshape(
+            -1, *image.shape[1:]))
+        save_preview(out / "preview.png", image, result.labels)
     report = {"shape": list(image.shape), "cells": int(truth.max()), "found": int(result.labels.max()),
               "scores": {k: round(float(v), 4) for k, v in scores.items()},
               "seconds": {k: round(v, 3) for k, v in seconds.items()}, "written_to": str(out)}
@@ -52,26 +55,27 @@ def _segment(args):
 
     if args.chunks or _is_zarr_path(args.input) or _is_zarr_path(args.output):
         return _segment_chunked(args)
-    for path in (args.output, args.save_flows, args.table, args.preview):
-        if path:
-            io.check_output_folder(path)  # before the minutes of prediction, not after
+    # before the minutes of prediction, not after
+    io.check_outputs([args.output, args.save_flows, args.table, args.preview], inputs=[args.input],
+                     overwrite=args.overwrite)
     stack = io.read_image(args.input)
     voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
     model = load_model("tanh" if args.model is None else args.model)
     result = segment(stack.data, model, diameter=args.diameter, voxel_size=voxel_size, backend=args.backend,
                      device=args.device, augment=args.augment, tile_size=args.tile_size, context=args.context,
                      progress=not args.quiet)
-    io.write_labels(args.output, result.labels, voxel_size=voxel_size)
-    if args.save_flows:
-        maps = np.concatenate([result.flows, result.foreground[None]])
-        io.write_image(args.save_flows, maps.reshape(-1, *maps.shape[2:]), voxel_size=voxel_size)
-    if args.table:
-        # the flow statistics with the convention the reconstruction's filter used (at the diameter it used)
-        cell_table(result.labels, stack.data, result.flows, result.foreground, voxel_size,
-                   targets=model.config.targets,
-                   tanh_scale=model_tanh_scale(model.config, result.diameter, voxel_size)).to_csv(args.table)
-    if args.preview:
-        save_preview(args.preview, stack.data, result.labels, voxel_size)
+    with io.written_together():
+        io.write_labels(args.output, result.labels, voxel_size=voxel_size)
+        if args.save_flows:
+            maps = np.concatenate([result.flows, result.foreground[None]])
+            io.write_image(args.save_flows, maps.reshape(-1, *maps.shape[2:]), voxel_size=voxel_size)
+        if args.table:
+            # the flow statistics with the convention the reconstruction's filter used (at the diameter it used)
+            cell_table(result.labels, stack.data, result.flows, result.foreground, voxel_size,
+                       targets=model.config.targets,
+                       tanh_scale=model_tanh_scale(model.config, result.diameter, voxel_size)).to_csv(args.table)
+        if args.preview:
+            save_preview(args.preview, stack.data, result.labels, voxel_size)
     print(json.dumps({"cells": int(result.labels.max()), "diameter": round(result.diameter, 2),
                       "output": str(args.output),
                       "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}))
@@ -226,10 +230,16 @@ def _add_dask_options(parser):
 
 
 def _synth(args):
+    from . import io
     from .data import write_synthetic_dataset
 
-    pairs = write_synthetic_dataset(args.out_dir, shape=tuple(args.shape), diameter=args.diameter,
-                                    count=args.count, seed=args.seed, kind=args.kind)
+    folder = Path(args.out_dir)
+    if folder.is_dir():  # a new folder holds nothing to overwrite
+        names = [f"{kind}_{i:03d}.tif" for i in range(max(args.count, 0)) for kind in ("image", "labels")]
+        io.check_outputs([folder / name for name in names], overwrite=args.overwrite)
+    with io.written_together():
+        pairs = write_synthetic_dataset(args.out_dir, shape=tuple(args.shape), diameter=args.diameter,
+                                        count=args.count, seed=args.seed, kind=args.kind)
     for image_path, labels_path in pairs:
         print(image_path, labels_path)
 
@@ -249,6 +259,10 @@ def _diameter(text):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of voxels or 'auto', got {text!r}") from None
+
+
+def _add_overwrite_option(parser):
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that exist (never an input)")
 
 
 def _add_segment_options(parser):
@@ -277,6 +291,7 @@ def build_parser():
     p.add_argument("--diameter", type=float, default=10.0)
     p.add_argument("--noise", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=2026)
+    _add_overwrite_option(p)
     _add_segment_options(p)
     p.set_defaults(run=_demo)
 
@@ -297,6 +312,7 @@ def build_parser():
     p.add_argument("--preview", default=None, metavar="PNG",
                    help="also write the label outlines over the image, XY and XZ mid-sections")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_overwrite_option(p)
     _add_segment_options(p)
     _add_dask_options(p)
     p.set_defaults(run=_segment)
@@ -319,6 +335,7 @@ def build_parser():
     p.add_argument("--count", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kind", default="membrane", choices=("membrane", "nuclei"))
+    _add_overwrite_option(p)
     p.set_defaults(run=_synth)
 
     p = sub.add_parser("evaluate", help="score a predicted label TIFF against ground truth (JSON)")
@@ -344,6 +361,9 @@ def main(argv=None):
     except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"cp3d {command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"cp3d {command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

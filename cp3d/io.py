@@ -5,17 +5,23 @@ from them) and atomically: the data go to a temporary file in the target
 folder, which replaces the target only once it is complete.
 """
 
+import contextlib
+import contextvars
 import logging
 import os
+import re
 import secrets
 import shutil
+import stat
+import time
+import warnings
 import xml.etree.ElementTree as ET
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import tifffile
 
-from ._backend import as_triple, check_labels, check_volume, is_cupy_array
+from ._backend import as_triple, check_labels, check_memory, check_volume, is_cupy_array
 
 __all__ = ["TiffImage", "read_image", "write_image", "write_labels", "LazyImage", "open_image", "read_ome_zarr",
            "write_ome_zarr", "write_ome_zarr_labels", "write_tiff_chunked"]
@@ -86,14 +92,110 @@ def read_image(path):
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a folder, not a TIFF file")
     try:
-        with tifffile.TiffFile(path) as tif:
+        try:
+            data, axes, voxel_size, has_z = _read_tiff(path)
+        except _UnparsableImageJ as err:
+            warnings.warn(f"{path!r}: the ImageJ description cannot be parsed ({err}); read as a plain stack of "
+                          "pages, without a voxel size", stacklevel=2)
+            data, axes, _, has_z = _read_tiff(path, is_imagej=False)
+            voxel_size = None
+    except _FileProblem:
+        raise
+    except MemoryError:
+        raise
+    except Exception as err:  # tifffile and the codecs raise many types for a damaged file
+        raise ValueError(f"cannot read {path!r} as a TIFF stack (corrupt or truncated?): "
+                         f"{type(err).__name__}: {err}") from err
+    return TiffImage(_as_zyx(data, axes, path, has_z), voxel_size)
+
+
+class _FileProblem(ValueError):
+    """A file we can describe ourselves: re-raised as it is."""
+
+
+class _UnparsableImageJ(Exception):
+    """ImageJ metadata whose counts are not positive integers."""
+
+
+class _TiffComplaints(logging.Handler):
+    """Collects what tifffile logs while it reads: a broken page chain is only logged there."""
+
+    SIGNS = ("invalid page offset", "corrupt", "failed to reshape", "truncated")
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.found = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if any(sign in message for sign in self.SIGNS):
+            self.found.append(message)
+
+
+def _read_tiff(path, **flags):
+    """Decode the first series of `path`: (data, axes, voxel size, whether a z axis is declared).
+
+    Everything the file declares is checked against what it holds before the
+    pixels are decoded, so a damaged or inconsistent file is named as such
+    instead of returning part of its data.
+    """
+    complaints = _TiffComplaints()
+    tiff_logger = logging.getLogger("tifffile")
+    tiff_logger.addHandler(complaints)
+    try:
+        with tifffile.TiffFile(path, **flags) as tif:
+            meta = tif.imagej_metadata if tif.is_imagej else None
+            if meta is not None:
+                _check_imagej_counts(meta)
             series = tif.series[0]
+            _check_complete(tif, series, meta, path, complaints)
+            check_memory(series.nbytes, f"reading {path!r} (shape {tuple(series.shape)}, {series.dtype})")
             data = series.asarray()
-            axes = series.axes
-            voxel_size = _voxel_size(tif)
-    except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as err:
-        raise ValueError(f"cannot read {path!r} as a TIFF stack: {err}") from err
-    return TiffImage(_as_zyx(data, axes, path), voxel_size)
+            voxel_size = _voxel_size(tif, path)
+            # tifffile drops an ImageJ z axis of length 1; our own files say slices=1
+            has_z = any(ax in "ZQI" for ax in series.axes) or (meta is not None and "slices" in meta)
+            return data, series.axes, voxel_size, has_z
+    finally:
+        tiff_logger.removeHandler(complaints)
+
+
+def _check_imagej_counts(meta):
+    for key in ("images", "slices", "frames", "channels"):
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise _UnparsableImageJ(f"{key}={value!r}")
+
+
+def _check_complete(tif, series, meta, path, complaints):
+    """Refuse a file that holds less than it declares, or whose declarations disagree."""
+    size = tif.filehandle.size
+    planes = int(np.prod(series.shape[: -2 if series.axes[-1:] != "S" else -3], dtype=np.int64))
+    if complaints.found:
+        raise _FileProblem(f"{path!r} is truncated or corrupt: {complaints.found[0]}")
+    if meta is not None:
+        images, pages = meta.get("images", 1), len(tif.pages)
+        if images != planes or pages not in (1, images):
+            raise _FileProblem(
+                f"{path!r} has inconsistent ImageJ metadata ({_imagej_counts(meta)}): {planes} planes would be "
+                f"read from its {pages} pages; truncated, or the description was edited? Nothing was read "
+                "rather than part of the stack"
+            )
+    elif tif.is_shaped and tif.shaped_metadata:
+        declared = tif.shaped_metadata[0].get("shape")
+        if declared is not None and int(np.prod(declared, dtype=np.int64)) != int(np.prod(series.shape)):
+            raise _FileProblem(f"{path!r} declares shape {tuple(declared)} but holds {tuple(series.shape)}: "
+                               "truncated or corrupt")
+    if series.dataoffset is not None and series.dataoffset + series.nbytes > size:
+        raise _FileProblem(f"{path!r} is truncated: its pixels need {series.dataoffset + series.nbytes} bytes, "
+                           f"the file has {size}")
+    for page in tif.pages:
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
+        if ends and max(ends) > size:
+            raise _FileProblem(f"{path!r} is truncated: a page's data end at byte {max(ends)}, the file has {size}")
+
+
+def _imagej_counts(meta):
+    return ", ".join(f"{k}={meta[k]}" for k in ("images", "channels", "slices", "frames") if k in meta)
 
 
 def write_image(path, data, voxel_size=None):
@@ -186,23 +288,163 @@ def _write(path, data, voxel_size):
 
 
 def check_output_folder(path):
-    """Return the folder `path` will be written into; ``FileNotFoundError`` if it does not exist."""
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    """Return the folder `path` will be written into; ``FileNotFoundError`` if it does not exist.
+
+    A symlink at `path` is followed: the folder is its target's.
+    """
+    folder = os.path.dirname(os.path.realpath(os.fspath(path)))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder does not exist: {folder!r}")
     return folder
+
+
+def check_outputs(outputs, *, inputs=(), overwrite=False):
+    """Check, before any work starts, that every output of a run can be written.
+
+    Parameters
+    ----------
+    outputs : sequence of str or os.PathLike or None
+        The files the run will write; ``None`` entries are skipped.
+    inputs : sequence of str or os.PathLike
+        The files the run reads. No output may be one of them (symlinks and
+        hard links included), whatever `overwrite` says.
+    overwrite : bool
+        Allow replacing outputs that exist already.
+
+    Raises
+    ------
+    FileNotFoundError
+        If an output's folder does not exist.
+    PermissionError
+        If an output's folder cannot be written into.
+    IsADirectoryError
+        If an output is a folder.
+    FileExistsError
+        If an output exists and `overwrite` is False.
+    ValueError
+        If an output is an input, or two outputs are the same file.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> folder = tempfile.mkdtemp()
+    >>> image = os.path.join(folder, "image.tif")
+    >>> write_image(image, np.zeros((2, 3, 4), np.uint16))
+    >>> check_outputs([os.path.join(folder, "labels.tif")], inputs=[image])
+    >>> check_outputs([image], inputs=[image], overwrite=True)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: output '...image.tif' is the input '...image.tif'; choose another output file
+    """
+    chosen = {}
+    for path in outputs:
+        if path is None:
+            continue
+        path = os.fspath(path)
+        target = os.path.realpath(path)
+        if os.path.isdir(target):
+            raise IsADirectoryError(f"output {path!r} is a folder; give a file name")
+        folder = check_output_folder(path)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write into {folder!r} (output {path!r})")
+        for source in inputs:
+            if _same_file(target, os.fspath(source)):
+                raise ValueError(f"output {path!r} is the input {os.fspath(source)!r}; choose another output file")
+        if target in chosen:
+            raise ValueError(f"outputs {chosen[target]!r} and {path!r} are the same file")
+        chosen[target] = path
+        if os.path.exists(target) and not overwrite:
+            raise FileExistsError(f"output {path!r} exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+_STAGED = contextvars.ContextVar("cp3d_io_staged", default=None)
+
+
+@contextlib.contextmanager
+def written_together():
+    """Make the files written inside the block land together, or not at all.
+
+    Each :func:`atomic_write` in the block (so each :func:`write_image` and
+    :func:`write_labels`) fills its temporary file as usual, but the
+    temporary files replace their destinations only when the block ends
+    without an error. An error removes them all and leaves every destination
+    as it was. Nested blocks join the outermost one.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> folder = tempfile.mkdtemp()
+    >>> with written_together():
+    ...     write_labels(os.path.join(folder, "labels.tif"), np.ones((2, 3, 4), np.uint8))
+    ...     write_image(os.path.join(folder, "image.tif"), np.zeros((2, 3, 4), np.float32))
+    >>> sorted(os.listdir(folder))
+    ['image.tif', 'labels.tif']
+    """
+    if _STAGED.get() is not None:
+        yield
+        return
+    staged = []
+    token = _STAGED.set(staged)
+    try:
+        yield
+    except BaseException:
+        _remove_all(tmp for tmp, _ in staged)
+        raise
+    finally:
+        _STAGED.reset(token)
+    _commit(staged)
 
 
 def atomic_write(path, write):
     """Write a file whole or not at all: ``write(binary_file)`` fills a temporary file beside `path`, which
     then replaces `path`.
 
-    A crash or an error inside `write` leaves `path` as it was and no
-    temporary file behind. Raises ``FileNotFoundError`` when the folder of
-    `path` does not exist.
+    An error inside `write` leaves `path` as it was and no temporary file
+    behind. A symlink at `path` stays a symlink: its target is written. An
+    existing file keeps its permission bits. Temporary files are named
+    ``.NAME.cp3d-PID-HEX.tmp``; one left by a killed process is removed by
+    the next write into the same folder. Inside :func:`written_together`,
+    the replacement waits for the end of the block.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder of `path` does not exist.
+    IsADirectoryError
+        If `path` is a folder.
     """
     path = os.fspath(path)
-    _atomic_write(path, check_output_folder(path), write)
+    target = os.path.realpath(path)
+    if os.path.isdir(target):
+        raise IsADirectoryError(f"output {path!r} is a folder; give a file name")
+    folder = check_output_folder(target)
+    _remove_stale_temporaries(folder)
+    tmp = _new_temporary(folder, os.path.basename(target), "tmp")
+    try:
+        # reopened by name: tifffile wants a handle whose name is a path
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.path.exists(target):
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+    except BaseException:
+        _remove_all([tmp])
+        raise
+    staged = _STAGED.get()
+    if staged is None:
+        _commit([(tmp, target)])
+    else:
+        staged.append((tmp, target))
 
 
 def _imagej_kwargs(shape, voxel_size):
@@ -219,38 +461,114 @@ def _imagej_kwargs(shape, voxel_size):
     return kwargs
 
 
-def _atomic_write(path, folder, write):
-    """Run ``write(file_handle)`` on a temporary file, then move it onto `path`.
+# .NAME.cp3d-PID-HEX.tmp (being written) or .old (a destination's old version, while several land together)
+_TEMPORARY = re.compile(r"^\..+\.cp3d-(\d+)-[0-9a-f]{12}\.(tmp|old)$")
+_STARTED = time.time()
 
-    The temporary file is created with ``O_EXCL`` and mode 0o666 so that the
-    final file gets the usual umask permissions (mkstemp would give 0o600).
+
+def _new_temporary(folder, base, suffix):
+    """Create an empty file of our temporary naming in `folder` and return its path.
+
+    Created with ``O_EXCL`` and mode 0o666 so that a new destination gets
+    the usual umask permissions (mkstemp would give 0o600).
     """
-    base = os.path.basename(path)
     for _ in range(16):
-        tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
+        tmp = os.path.join(folder, f".{base}.cp3d-{os.getpid()}-{secrets.token_hex(6)}.{suffix}")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
+            return tmp
         except FileExistsError:
             continue
-    else:
-        raise FileExistsError(f"could not create a temporary file in {folder!r}")
+    raise FileExistsError(f"could not create a temporary file in {folder!r}")
+
+
+def _commit(staged):
+    """Move each (temporary, destination) into place; on a failure, undo the moves already made.
+
+    With several files, each existing destination is first hard-linked to a
+    ``.old`` name so that it can be put back.
+    """
+    done = []
     try:
-        # reopened by name: tifffile wants a handle whose name is a path
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        for tmp, target in staged:
+            existed = os.path.exists(target)
+            backup = _link_aside(target) if existed and len(staged) > 1 else None
+            os.replace(tmp, target)
+            done.append((target, existed, backup))
+            logger.debug("wrote %s", target)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for target, existed, backup in reversed(done):
+            if backup is not None:
+                os.replace(backup, target)
+            elif not existed:
+                _remove_all([target])
+        _remove_all(tmp for tmp, _ in staged)
         raise
-    logger.debug("wrote %s", path)
+    finally:
+        _remove_all(backup for _, _, backup in done if backup is not None)
 
 
-def _as_zyx(data, axes, path):
-    """Drop singleton axes; refuse channels, time series and non-3D data."""
+def _link_aside(path):
+    """Hard-link `path` to a ``.old`` name beside it; None where the file system has no hard links."""
+    folder, base = os.path.split(path)
+    backup = _new_temporary(folder, base, "old")
+    try:
+        os.remove(backup)
+        os.link(path, backup)
+        return backup
+    except OSError:
+        _remove_all([backup])
+        return None
+
+
+def _remove_all(paths):
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _remove_stale_temporaries(folder):
+    """Remove our temporary files that a killed process left in `folder`.
+
+    Stale means: of our naming, older than this process, and written by a
+    process that no longer runs. A concurrent writer's files are kept.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match is None or int(match.group(1)) == os.getpid() or _process_runs(int(match.group(1))):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime < _STARTED:
+                os.remove(entry.path)
+                logger.info("removed %s, left by an interrupted write", entry.path)
+        except OSError:
+            pass
+
+
+def _process_runs(pid):
+    if os.name == "nt":  # os.kill would end the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # someone else's process, or no way to tell: keep its files
+    return True
+
+
+def _as_zyx(data, axes, path, has_z):
+    """Drop singleton axes; refuse channels, time series and non-3D data.
+
+    A file that declares a z axis of length 1 is a one-slice stack (1, Y, X),
+    as cp3d writes one; a 2D image without one is refused.
+    """
     for letter, what in (("S", "channels"), ("C", "channels"), ("T", "time points")):
         for ax, size in zip(axes, data.shape):
             if ax == letter and size > 1:
@@ -260,19 +578,21 @@ def _as_zyx(data, axes, path):
                 )
     keep = [i for i, (ax, size) in enumerate(zip(axes, data.shape)) if size > 1 or ax in "YX"]
     data = data.reshape([data.shape[i] for i in keep])
+    if data.ndim == 2 and has_z:
+        data = data[None]
     if data.ndim != 3:
         hint = " (a single 2D image?)" if data.ndim == 2 else ""
         raise ValueError(f"{path!r} is not a 3D stack: axes {axes!r}, shape {data.shape}{hint}")
     return data
 
 
-def _voxel_size(tif):
+def _voxel_size(tif, path):
     if tif.is_ome:
         size = _ome_voxel_size(tif.ome_metadata)
         if size is not None:
             return size
     if tif.is_imagej:
-        return _imagej_voxel_size(tif.imagej_metadata or {}, tif.pages[0].tags)
+        return _imagej_voxel_size(tif.imagej_metadata or {}, tif.pages[0].tags, path)
     return None
 
 
@@ -295,7 +615,7 @@ def _ome_voxel_size(xml):
     return _positive(size)
 
 
-def _imagej_voxel_size(meta, tags):
+def _imagej_voxel_size(meta, tags, path):
     scale = _UNITS_UM.get(str(meta.get("unit", "")).strip().lower())
     spacing = meta.get("spacing")
     xres, yres = tags.get("XResolution"), tags.get("YResolution")
@@ -304,9 +624,12 @@ def _imagej_voxel_size(meta, tags):
     try:
         x = xres.value[1] / xres.value[0]
         y = yres.value[1] / yres.value[0]
-    except (TypeError, IndexError, ZeroDivisionError):
+        z = float(spacing)
+    except (TypeError, ValueError, IndexError, ZeroDivisionError):
+        warnings.warn(f"{path!r}: the ImageJ calibration cannot be parsed (spacing={spacing!r}); "
+                      "voxel size unknown", stacklevel=4)
         return None
-    return _positive([float(spacing) * scale, y * scale, x * scale])
+    return _positive([z * scale, y * scale, x * scale])
 
 
 def _positive(size):
