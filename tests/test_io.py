@@ -160,3 +160,203 @@ def test_reads_imagej_calibration_in_its_unit(tmp_path, unit, scale):
         assert size is None  # not a length: unknown
     else:
         assert size == pytest.approx((1.5 * scale, 0.2 * scale, 0.25 * scale))
+
+
+# ---------------------------------------------------------------------------
+# Outputs: never destroy data
+# ---------------------------------------------------------------------------
+
+
+def test_check_outputs_refuses_inputs_links_folders_and_existing_files(tmp_path):
+    from cp3d.io import check_outputs
+
+    image = tmp_path / "image.tif"
+    write_image(image, stack())
+    (tmp_path / "link.tif").symlink_to(image)
+    os.link(image, tmp_path / "hard.tif")
+    for output in (image, tmp_path / "link.tif", tmp_path / "hard.tif"):
+        with pytest.raises(ValueError, match="is the input"):
+            check_outputs([output], inputs=[image], overwrite=True)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        check_outputs([image])
+    check_outputs([image], overwrite=True)
+    with pytest.raises(IsADirectoryError, match="folder"):
+        check_outputs([tmp_path])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        check_outputs([tmp_path / "nope" / "a.tif"])
+    with pytest.raises(ValueError, match="same file"):
+        check_outputs([tmp_path / "a.tif", None, tmp_path / "." / "a.tif"])
+    check_outputs([tmp_path / "a.tif", None, tmp_path / "b.tif"], inputs=[image])
+
+
+def test_check_outputs_refuses_a_read_only_folder(tmp_path, monkeypatch):
+    from cp3d.io import check_outputs
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.geteuid() != 0:  # root writes anywhere: then the refusal is checked through os.access
+            with pytest.raises(PermissionError, match="ro"):
+                check_outputs([folder / "a.tif"])
+        monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != os.fspath(folder))
+        with pytest.raises(PermissionError, match="cannot write into"):
+            check_outputs([folder / "a.tif"])
+    finally:
+        folder.chmod(0o755)
+
+
+def test_writing_through_a_symlink_keeps_the_link(tmp_path):
+    real = tmp_path / "real.tif"
+    write_labels(real, stack(np.uint8))
+    link = tmp_path / "link.tif"
+    link.symlink_to(real)
+    write_labels(link, stack(np.uint8) + 1)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    np.testing.assert_array_equal(read_image(real).data, stack(np.uint8) + 1)
+    assert sorted(os.listdir(tmp_path)) == ["link.tif", "real.tif"]
+
+
+def test_an_existing_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "out.tif"
+    write_labels(path, stack(np.uint8))
+    path.chmod(0o640)
+    write_labels(path, stack(np.uint8) + 1)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_writing_onto_a_folder_is_refused_before_writing(tmp_path):
+    (tmp_path / "out.tif").mkdir()
+    with pytest.raises(IsADirectoryError, match="give a file name"):
+        write_labels(tmp_path / "out.tif", stack(np.uint8))
+    assert os.listdir(tmp_path) == ["out.tif"]
+
+
+def test_written_together_lands_all_files_or_none(tmp_path, monkeypatch):
+    from cp3d.io import written_together
+
+    old = tmp_path / "old.tif"
+    write_labels(old, stack(np.uint8))
+    before = old.read_bytes()
+    with pytest.raises(RuntimeError, match="boom"):
+        with written_together():
+            write_labels(old, stack(np.uint8) + 1)
+            write_image(tmp_path / "new.tif", stack())
+            raise RuntimeError("boom")
+    assert sorted(os.listdir(tmp_path)) == ["old.tif"] and old.read_bytes() == before
+
+    # a move that fails half-way puts back what was already moved
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if os.path.basename(dst) == "second.tif":
+            raise OSError("device went away")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="went away"):
+        with written_together():
+            write_labels(old, stack(np.uint8) + 1)
+            write_image(tmp_path / "first.tif", stack())
+            write_image(tmp_path / "second.tif", stack())
+    assert sorted(os.listdir(tmp_path)) == ["old.tif"] and old.read_bytes() == before
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    """A write killed with SIGKILL leaves its temporary file; the next run's write removes it."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    killed = textwrap.dedent(f"""
+        import os, signal
+        from cp3d.io import atomic_write
+        def write(fh):
+            fh.write(b"half a file")
+            fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        atomic_write({str(tmp_path / "out.tif")!r}, write)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    assert subprocess.run([sys.executable, "-c", killed], env=env).returncode == -signal.SIGKILL
+    left = os.listdir(tmp_path)
+    assert len(left) == 1 and left[0].startswith(".out.tif.cp3d-") and left[0].endswith(".tmp")
+    # a temporary of a process that still runs (ours: the test) is kept
+    alive = tmp_path / f".other.tif.cp3d-{os.getpid()}-0123456789ab.tmp"
+    alive.write_bytes(b"busy")
+    later = f"from cp3d.io import write_labels; import numpy as np; " \
+            f"write_labels({str(tmp_path / 'b.tif')!r}, np.ones((1, 2, 2), np.uint8))"
+    assert subprocess.run([sys.executable, "-c", later], env=env).returncode == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(["b.tif", alive.name])
+
+
+# ---------------------------------------------------------------------------
+# Files: one-slice stacks, damaged and inconsistent files
+# ---------------------------------------------------------------------------
+
+
+def test_one_slice_stacks_round_trip(tmp_path):
+    write_labels(tmp_path / "labels.tif", np.ones((1, 4, 5), np.uint32))
+    assert read_image(tmp_path / "labels.tif").data.shape == (1, 4, 5)
+    write_image(tmp_path / "image.tif", np.ones((1, 4, 5), np.float32), voxel_size=(2, 1, 1))
+    image = read_image(tmp_path / "image.tif")
+    assert image.data.shape == (1, 4, 5) and image.voxel_size == (2.0, 1.0, 1.0)
+    tifffile.imwrite(tmp_path / "shaped.tif", np.ones((1, 4, 5), np.uint8), photometric="minisblack")
+    assert read_image(tmp_path / "shaped.tif").data.shape == (1, 4, 5)
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+@pytest.mark.parametrize("imagej", [True, False])
+def test_truncated_files_say_so_and_name_the_file(tmp_path, compression, imagej):
+    data = np.random.default_rng(0).integers(0, 1000, (8, 32, 32)).astype(np.uint16)
+    path = tmp_path / "whole.tif"
+    if imagej:
+        tifffile.imwrite(path, data, imagej=True, compression=compression, metadata={"axes": "ZYX"})
+    else:
+        tifffile.imwrite(path, data, compression=compression, photometric="minisblack")
+    whole = path.read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 100):
+        broken = tmp_path / "broken.tif"
+        broken.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match=r"broken\.tif.*(truncated|corrupt|inconsistent)"):
+            read_image(broken)
+
+
+def test_unparsable_imagej_description_drops_the_voxel_size_with_a_warning(tmp_path):
+    path = tmp_path / "garbage.tif"
+    for description in ("ImageJ=1.11a\nimages=abc\nslices=x\nspacing=zz\nunit=micron\n",
+                        "ImageJ=1.11a\nimages=3\nslices=3\nspacing=[1,2]\nunit=micron\n"):
+        tifffile.imwrite(path, stack(), description=description, metadata=None, photometric="minisblack",
+                         resolution=(2.0, 2.0))
+        with pytest.warns(UserWarning, match="garbage.tif"):
+            image = read_image(path)
+        np.testing.assert_array_equal(image.data, stack())
+        assert image.voxel_size is None
+
+
+def test_inconsistent_imagej_counts_are_an_error(tmp_path):
+    path = tmp_path / "inconsistent.tif"
+    tifffile.imwrite(path, np.ones((16, 4, 5), np.uint8), description="ImageJ=1.11a\nimages=5\nslices=7\n",
+                     metadata=None, photometric="minisblack")
+    with pytest.raises(ValueError, match=r"inconsistent\.tif.*images=5.*16 pages"):
+        read_image(path)
+
+
+def test_a_small_file_declaring_a_huge_shape_is_refused_before_allocating(tmp_path, monkeypatch):
+    import cp3d.io
+
+    # uncompressed: the declared pixels do not fit in the file
+    path = tmp_path / "huge.tif"
+    tifffile.imwrite(path, np.zeros((16, 64, 64), np.uint8), imagej=True, metadata={"axes": "ZYX"})
+    raw = path.read_bytes().replace(b"images=16", b"images=99").replace(b"slices=16", b"slices=99")
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match="huge.tif"):
+        read_image(path)
+    # compressed: pixels that would not fit in memory are refused before decoding
+    tifffile.imwrite(path, np.zeros((16, 64, 64), np.uint8), compression="zlib", photometric="minisblack")
+    monkeypatch.setattr(cp3d.io.tifffile.TiffPageSeries, "asarray",
+                        lambda *a, **k: pytest.fail("decoded before the memory check"))
+    monkeypatch.setattr(cp3d._backend, "physical_memory", lambda: 1000)
+    with pytest.raises(ValueError, match=r"huge\.tif.*needs 64\.0 KiB, more than this machine's memory"):
+        read_image(path)

@@ -226,10 +226,14 @@ def test_cli_demo_with_a_model_folder(tmp_path, tiny_model_dir, capsys):
     assert all((tmp_path / name).exists() for name in ("image.tif", "truth.tif", "labels.tif", "flows.tif"))
     # --tile-size reaches predict: a tile narrower than the network's context is refused with a message
     assert cli.main(["demo", "--out", str(tmp_path), "--shape", "16", "64", "64", "--diameter", "8",
-                     "--model", str(tiny_model_dir), "--tile-size", "16", "16", "16"]) == 2
+                     "--model", str(tiny_model_dir), "--tile-size", "16", "16", "16", "--overwrite"]) == 2
     assert "too small" in capsys.readouterr().err
     assert cli.main(["demo", "--out", str(tmp_path), "--shape", "16", "64", "64", "--diameter", "8",
-                     "--model", str(tiny_model_dir), "--tile-size", "16", "16", "16", "--context", "0"]) == 0
+                     "--model", str(tiny_model_dir), "--tile-size", "16", "16", "16", "--context", "0"]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # the first run's files are kept unless asked
+    assert cli.main(["demo", "--out", str(tmp_path), "--shape", "16", "64", "64", "--diameter", "8",
+                     "--model", str(tiny_model_dir), "--tile-size", "16", "16", "16", "--context", "0",
+                     "--overwrite"]) == 0
 
 
 def test_tiling_is_invisible_with_the_bundled_model():

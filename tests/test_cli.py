@@ -1,0 +1,102 @@
+"""The command line as a user meets it: outputs are never destroyed, errors are messages."""
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+import tifffile
+
+import cp3d
+from cp3d import cli
+from cp3d.segment import Segmentation
+
+SEGMENT_MODULE = importlib.import_module("cp3d.segment")
+
+
+@pytest.fixture
+def fake_segment(monkeypatch):
+    """segment() replaced by a spy returning one cell: the CLI's file handling without a network."""
+    calls = []
+
+    def spy(image, model=None, **kwargs):
+        calls.append(kwargs)
+        labels = np.zeros(image.shape, np.uint32)
+        labels[..., :2, :2] = 1
+        return Segmentation(labels, np.zeros((3, *image.shape), np.float32), np.zeros(image.shape, np.float32),
+                            {"predict": 0.0, "reconstruct": 0.0})
+
+    monkeypatch.setattr(SEGMENT_MODULE, "segment", spy)
+    return calls
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "in.tif"
+    cp3d.io.write_image(path, np.arange(4 * 8 * 8, dtype=np.float32).reshape(4, 8, 8))
+    return path
+
+
+def test_segment_never_writes_onto_its_input(tmp_path, image, fake_segment, capsys):
+    before = image.read_bytes()
+    (tmp_path / "link.tif").symlink_to(image)
+    for output in (image, tmp_path / "link.tif"):
+        for extra in ([], ["--overwrite"]):
+            assert cli.main(["segment", str(image), "-o", str(output), *extra]) == 2
+            assert "is the input" in capsys.readouterr().err
+        assert cli.main(["segment", str(image), "-o", str(tmp_path / "l.tif"), "--save-flows", str(output)]) == 2
+    assert image.read_bytes() == before and not fake_segment
+    assert sorted(os.listdir(tmp_path)) == ["in.tif", "link.tif"]
+
+
+def test_segment_refuses_an_existing_output_unless_overwrite(tmp_path, image, fake_segment, capsys):
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"precious")
+    assert cli.main(["segment", str(image), "-o", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"precious" and not fake_segment
+    assert cli.main(["segment", str(image), "-o", str(out), "--quiet", "--overwrite"]) == 0
+    assert cp3d.io.read_image(out).data.max() == 1
+
+
+@pytest.mark.parametrize("where", ["labels", "flows"])
+def test_segment_checks_every_output_before_any_work(tmp_path, image, fake_segment, capsys, where):
+    folder = tmp_path / "a_folder.tif"
+    folder.mkdir()
+    outputs = {"labels": str(tmp_path / "l.tif"), "flows": str(tmp_path / "f.tif")}
+    outputs[where] = str(folder)
+    assert cli.main(["segment", str(image), "-o", outputs["labels"], "--save-flows", outputs["flows"]]) == 2
+    assert "is a folder" in capsys.readouterr().err and not fake_segment
+    assert sorted(os.listdir(tmp_path)) == ["a_folder.tif", "in.tif"]
+
+
+def test_segment_outputs_land_together_or_not_at_all(tmp_path, image, fake_segment, monkeypatch, capsys):
+    real_imwrite = tifffile.imwrite
+
+    def flows_fail(fh, data, **kwargs):
+        if data.dtype == np.float32:  # the maps; the labels are uint32 and written first
+            raise OSError("No space left on device")
+        return real_imwrite(fh, data, **kwargs)
+
+    monkeypatch.setattr(tifffile, "imwrite", flows_fail)
+    assert cli.main(["segment", str(image), "-o", str(tmp_path / "l.tif"), "--save-flows",
+                     str(tmp_path / "f.tif"), "--quiet"]) == 2
+    assert "No space left" in capsys.readouterr().err and fake_segment
+    assert sorted(os.listdir(tmp_path)) == ["in.tif"]  # no labels alone, no temporary files
+
+
+def test_evaluate_reads_cp3ds_own_one_slice_output(tmp_path, fake_segment, capsys):
+    one = tmp_path / "one.tif"
+    cp3d.io.write_image(one, np.ones((1, 8, 8), np.float32))
+    assert cli.main(["segment", str(one), "-o", str(tmp_path / "labels.tif"), "--quiet"]) == 0
+    assert cli.main(["evaluate", str(tmp_path / "labels.tif"), str(tmp_path / "labels.tif")]) == 0
+    assert '"ap50": 1.0' in capsys.readouterr().out
+
+
+def test_synth_refuses_to_replace_a_dataset_unless_overwrite(tmp_path, capsys):
+    args = ["synth", str(tmp_path), "--shape", "8", "16", "16", "--diameter", "6", "--count", "1"]
+    assert cli.main(args) == 0
+    before = (tmp_path / "labels_000.tif").read_bytes()
+    assert cli.main([*args, "--seed", "1"]) == 2
+    assert "exists" in capsys.readouterr().err and (tmp_path / "labels_000.tif").read_bytes() == before
+    assert cli.main([*args, "--seed", "1", "--overwrite"]) == 0
+    assert (tmp_path / "labels_000.tif").read_bytes() != before
