@@ -264,7 +264,7 @@ def test_cli_segment_reads_the_voxel_size_from_the_tiff(tmp_path, monkeypatch, c
     assert seen["voxel_size"] == pytest.approx((2.0, 0.5, 0.5))
     assert cp3d.io.read_image(tmp_path / "out.tif").voxel_size == pytest.approx((2.0, 0.5, 0.5))
     assert cli.main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--quiet",
-                     "--voxel-size", "1", "1", "1"]) == 0
+                     "--voxel-size", "1", "1", "1", "--overwrite"]) == 0
     assert seen["voxel_size"] == (1.0, 1.0, 1.0)
     assert cli.main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--quiet",
                      "--diameter", "auto"]) == 0
