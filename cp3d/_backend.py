@@ -6,6 +6,7 @@ CuPy is imported lazily, only when a CuPy array or ``backend="cuda"`` asks
 for it.
 """
 
+import numbers
 import os
 import sys
 
@@ -162,11 +163,19 @@ def check_flows(flows, name="flows"):
         raise ValueError(f"{name} must have shape (3, Z, Y, X), got {tuple(flows.shape)}")
     if flows.dtype.kind != "f":
         raise TypeError(f"{name} must be floating point, got {flows.dtype}")
-    xp = get_array_module(flows)
-    flows = xp.ascontiguousarray(flows, dtype=np.float32)
-    if not bool(xp.isfinite(flows).all()):
+    return as_finite_float32(flows, name)
+
+
+def as_finite_float32(x, name):
+    """`x` as C-contiguous float32; ``ValueError`` for NaN, inf, or finite values beyond float32's range."""
+    xp = get_array_module(x)
+    converted = xp.ascontiguousarray(x, dtype=np.float32)
+    if not bool(xp.isfinite(converted).all()):
+        if bool(xp.isfinite(x).all()):  # only the cast overflowed
+            raise ValueError(f"{name} holds values beyond the float32 range (|x| up to "
+                             f"{float(xp.abs(x).max()):.3g}, float32 stops at 3.4e38)")
         raise ValueError(f"{name} contains NaN or inf values")
-    return flows
+    return converted
 
 
 def check_foreground(foreground, shape, name="foreground"):
@@ -189,19 +198,132 @@ def check_foreground(foreground, shape, name="foreground"):
     return xp.ascontiguousarray(foreground != 0)
 
 
-def as_triple(value, name, allow_zero=False):
-    """Broadcast a scalar or a length-3 sequence to a tuple of three floats.
+#: Largest iteration count: the CUDA kernels count iterations in 32-bit integers.
+MAX_ITER = 2**31 - 1
 
-    Values must be finite and positive (or non-negative with `allow_zero`).
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _as_float(value):
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float64
+        return float("inf") if value > 0 else float("-inf")
+
+
+def _interval(low, high, low_open=False):
+    if high == np.inf:
+        return f"> {low:g}" if low_open else f">= {low:g}"
+    return f"{'(' if low_open else '['}{low:g}, {high:g}]"
+
+
+def check_scalar(value, name, low=-np.inf, high=np.inf, *, low_open=False):
+    """Return a real number `value` as a float after checking it lies in ``[low, high]``.
+
+    `low_open` excludes `low` itself. ``TypeError`` for anything but a real
+    number (strings, None, bools, sequences), ``ValueError`` for NaN or a value
+    out of range; both name the parameter.
     """
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim == 0:
-        arr = np.full(3, arr)
-    too_small = np.any(arr < 0) if allow_zero else np.any(arr <= 0)
-    if arr.shape != (3,) or not np.all(np.isfinite(arr)) or too_small:
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {kind} scalar or a (z, y, x) triple, got {value!r}")
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    number = _as_float(value)
+    if not ((low < number) if low_open else (low <= number)) or not number <= high:
+        raise ValueError(f"{name} must be a number {_interval(low, high, low_open)}, got {value!r}")
+    return number
+
+
+def check_int(value, name, low, high):
+    """Return an integer `value` as an int after checking it lies in ``[low, high]``.
+
+    ``TypeError`` for a non-integer (floats, even integral ones, NaN, inf,
+    bools, strings), ``ValueError`` out of range.
+    """
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def check_bool(value, name):
+    """Return `value` if it is a bool (Python or NumPy); ``TypeError`` otherwise (e.g. the string "no")."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _items(value, name, what):
+    """A scalar repeated three times, or the three items of a sequence; the checks shared by the triples."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, numbers.Number) and not isinstance(value, (bool, np.bool_)):
+        return (value,) * 3
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be {what} or a (z, y, x) triple of them, got {value!r}")
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {what} or a (z, y, x) triple of them, got {value!r}") from None
+    if len(items) != 3:
+        raise ValueError(f"{name} must be {what} or a (z, y, x) triple of them, got {len(items)} values: {value!r}")
+    return items
+
+
+def as_triple(value, name, allow_zero=False, high=np.inf):
+    """Broadcast a number or a length-3 sequence to a tuple of three floats.
+
+    Values must be positive (non-negative with `allow_zero`), at most `high`
+    and finite; subnormal values (below 2.2e-308, whose inverse overflows)
+    count as zero.
+
+    Raises
+    ------
+    TypeError
+        For anything but numbers (strings, None, bools).
+    ValueError
+        For a wrong length, NaN, inf or a value out of range.
+    """
+    kind = "a non-negative number" if allow_zero else "a positive number"
+    items = _items(value, name, kind)
+    if not all(_is_real(v) for v in items):
+        raise TypeError(f"{name} must be {kind} or a (z, y, x) triple of them, got {value!r}")
+    arr = np.array([_as_float(v) for v in items])
+    tiny = np.finfo(np.float64).tiny
+    too_small = np.any((arr < tiny) & (arr != 0)) or (not allow_zero and np.any(arr == 0))
+    if too_small or not np.all(np.isfinite(arr)) or np.any(arr > high):
+        limit = "" if high == np.inf else f" at most {high:g}"
+        raise ValueError(f"{name} must be {kind}{limit} or a (z, y, x) triple of them, got {value!r}")
     return tuple(float(v) for v in arr)
+
+
+def as_int_triple(value, name, allow_zero=False):
+    """Broadcast an int or a length-3 sequence of ints to a tuple of three positive (or non-negative) ints."""
+    kind = "a non-negative integer" if allow_zero else "a positive integer"
+    items = _items(value, name, kind)
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in items):
+        raise TypeError(f"{name} must be {kind} or a (z, y, x) triple of them, got {value!r}")
+    if not all(v >= (0 if allow_zero else 1) for v in items):
+        raise ValueError(f"{name} must be {kind} or a (z, y, x) triple of them, got {value!r}")
+    return tuple(int(v) for v in items)
+
+
+def check_size_range(value, name):
+    """Return ``(min, max)`` floats with ``0 <= min <= max`` (max may be inf), e.g. a diameter or volume range."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise TypeError(f"{name} must be a (min, max) pair of numbers, got {value!r}")
+    if len(value) != 2:
+        raise ValueError(f"{name} must be a (min, max) pair, got {len(value)} values: {value!r}")
+    lo = check_scalar(value[0], f"{name}[0]", 0, np.finfo(np.float64).max)
+    hi = check_scalar(value[1], f"{name}[1]", 0)
+    if lo > hi:
+        raise ValueError(f"{name} must be (min, max) with 0 <= min <= max, got {value!r}")
+    return lo, hi
 
 
 def physical_memory():
@@ -226,6 +348,9 @@ def check_memory(nbytes, what):
 
 
 def _bytes(n):
+    n = _as_float(n)
+    if not n < 1024**6:
+        return f"{n:.3g} bytes"
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"

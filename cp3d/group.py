@@ -1,9 +1,11 @@
 """Grouping: close the gathered end positions with a ball, label components."""
 
+import math
+
 import numba
 import numpy as np
 
-from ._backend import as_triple, check_labels, check_volume, get_array_module, resolve_backend
+from ._backend import as_triple, check_labels, check_memory, check_volume, get_array_module, resolve_backend
 
 
 def close_and_label(mask, radius=3, *, backend="auto"):
@@ -54,14 +56,22 @@ def close_and_label(mask, radius=3, *, backend="auto"):
     xp = get_array_module(mask)
     mask = xp.ascontiguousarray(mask != 0)
     offsets = ball_offsets(radius)
+    # the closing works on the volume padded by the ball's extent
+    check_memory(math.prod(n + 2 * int(e) for n, e in zip(mask.shape, np.abs(offsets).max(axis=0))),
+                 f"radius={radius!r} on a {tuple(mask.shape)} volume")
     impl = {"numpy": _numpy_close_and_label, "numba": _numba_close_and_label,
             "cuda": _cuda_close_and_label}[backend]
     return impl(mask, offsets)
 
 
-def ball_offsets(radius):
-    """Offsets (dz, dy, dx) of the voxels of an (ellipsoidal) ball, int64 (K, 3)."""
-    r = np.asarray(as_triple(radius, "radius", allow_zero=True))
+def ball_offsets(radius, name="radius"):
+    """Offsets (dz, dy, dx) of the voxels of an (ellipsoidal) ball, int64 (K, 3).
+
+    ``ValueError`` naming `name` when the ball's offsets would not fit in memory.
+    """
+    r = np.asarray(as_triple(radius, name, allow_zero=True))
+    # the candidate grid holds 3 int64 and 3 float64 per voxel of the ball's box
+    check_memory(math.prod(2 * math.floor(v) + 1 for v in r) * 48, f"{name}={radius!r}")
     extent = np.floor(r).astype(int)
     grid = np.mgrid[tuple(slice(-e, e + 1) for e in extent)].reshape(3, -1).T
     scaled = grid / np.where(r > 0, r, 1)

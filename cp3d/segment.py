@@ -10,7 +10,7 @@ import numpy as np
 from ._backend import as_triple, import_cupy, resolve_backend
 from .filters import border_ids
 from .metrics import median_diameter
-from .reconstruct import reconstruct
+from .reconstruct import reconstruct, reconstruction_parameters
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
         zeros = np.zeros(image.shape, np.float32)
         return Segmentation(np.zeros(image.shape, np.uint32), np.zeros((3, *image.shape), np.float32), zeros,
                             {"predict": 0.0, "reconstruct": 0.0}, used)
+    _check_cell_size(image.shape, config, extent, f"diameter={diameter!r} with voxel_size={voxel_size!r}")
     options = dict(backend=backend, device=device, tile_size=tile_size, context=context, progress=progress)
     if not auto:
         return _segment_at(image, model, extent, augment, used, **options)
@@ -225,6 +226,15 @@ def _segment_auto(image, model, voxel_size, augment, **options):
     else:
         estimated -= sum(result.seconds.values())  # the reused pass's stages are counted as such
     return result._replace(seconds=dict(result.seconds, estimate=estimated), diameter=float(estimate))
+
+
+def _check_cell_size(shape, config, extent, what):
+    """Fail before the minutes of predicting when cells of `extent` ask for more memory than there is: the
+    stack rescaled for the network, or the reconstruction's closing ball (both ``ValueError`` naming `what`)."""
+    from .model.predict import _rescaled_shape
+
+    _rescaled_shape(shape, [config.train_diameter / e for e in extent], what)
+    reconstruction_parameters(extent, config.targets, model_tanh_scale(config, extent))
 
 
 def _segment_at(image, model, extent, augment, diameter, *, backend, device, tile_size, context, progress):

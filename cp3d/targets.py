@@ -13,13 +13,12 @@ flows from predicted instances in ``cp3d.filters``.
 """
 
 import logging
-import operator
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-from ._backend import as_triple, check_labels, get_array_module, resolve_backend
+from ._backend import MAX_ITER, as_triple, check_int, check_labels, get_array_module, resolve_backend
 
 __all__ = ["tanh_flows", "heat_flows"]
 
@@ -67,18 +66,6 @@ def _compact_ids(values):
     if not has_background:
         compact += 1
     return compact, int(ids.size) - int(has_background)
-
-
-def _validate_n_iter(n_iter):
-    if n_iter is None:
-        return None
-    try:
-        n_iter = operator.index(n_iter)
-    except TypeError:
-        raise TypeError(f"n_iter must be an integer or None, got {n_iter!r}") from None
-    if n_iter < 1:
-        raise ValueError(f"n_iter must be at least 1, got {n_iter}")
-    return n_iter
 
 
 # ---------------------------------------------------------------------------
@@ -307,7 +294,7 @@ def heat_flows(labels, *, n_iter=None, backend="auto"):
     0.0
     """
     labels = check_labels(labels)
-    n_iter = _validate_n_iter(n_iter)
+    n_iter = None if n_iter is None else check_int(n_iter, "n_iter", 1, MAX_ITER)
     backend = resolve_backend(backend, labels)
     xp = get_array_module(labels)
     flows = xp.zeros((3,) + labels.shape, dtype=np.float32)

@@ -3,6 +3,7 @@
 import itertools
 import logging
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -10,8 +11,8 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .._backend import as_triple, check_volume, is_cupy_array
-from .unet import UNet3D, _triple_int, load_model
+from .._backend import as_finite_float32, as_int_triple, as_triple, check_memory, check_volume, is_cupy_array
+from .unet import UNet3D, load_model
 
 __all__ = ["Prediction", "predict", "normalize_percentile", "blend_window", "cheapest_tiles", "TILE_ELEMENTS", "MIRRORS"]
 
@@ -43,6 +44,8 @@ class Prediction(NamedTuple):
 
 
 def _validate_image(image):
+    if isinstance(image, (str, bytes, os.PathLike)):
+        raise TypeError(f"image must be an array, got the path {image!r}; read it with cp3d.io.read_image(path).data")
     if is_cupy_array(image):
         raise TypeError("image must be a NumPy array (prediction moves tiles to the device itself); "
                         "pass cupy.asnumpy(image)")
@@ -64,10 +67,7 @@ def _validate_image(image):
         )
     if image.dtype.kind not in "biuf":
         raise TypeError(f"image must be real-valued, got dtype {image.dtype}")
-    image = image.astype(np.float32, copy=False)
-    if not np.isfinite(image).all():
-        raise ValueError("image contains NaN or inf values")
-    return image
+    return as_finite_float32(image, "image")
 
 
 def normalize_percentile(image, lower=1.0, upper=99.8):
@@ -225,6 +225,19 @@ def _resolve_device(device, model=None):
     return dev
 
 
+# float32 maps held per voxel of the network's grid: the input, the sum of the passes and one pass
+_MAPS_PER_VOXEL = 1 + 4 + 4
+
+
+def _rescaled_shape(shape, factors, what):
+    """`shape` scaled by `factors`; ``ValueError`` naming `what` when prediction there would not fit in memory."""
+    scaled = np.asarray(shape, np.float64) * np.asarray(factors, np.float64)
+    needed = math.prod(max(1.0, round(float(v))) if np.isfinite(v) else math.inf for v in scaled) * 4 * _MAPS_PER_VOXEL
+    shown = tuple(f"{v:.3g}" if v >= 1e6 else str(max(1, round(v))) for v in scaled)
+    check_memory(needed, f"{what} (the {tuple(shape)} stack rescaled to ({', '.join(shown)}) for the network)")
+    return tuple(max(1, int(round(v))) for v in scaled)
+
+
 def _zoom_to_shape(arr, shape, order):
     """Zoom a 3D array to exactly `shape`."""
     factors = [t / s for t, s in zip(shape, arr.shape)]
@@ -361,20 +374,20 @@ def predict(
 
     tiles = tile_size
     if tiles is not None:
-        tiles = np.broadcast_to(np.asarray(tiles), (3,))
-        if not all(float(t).is_integer() and t >= m for t in tiles):
+        tiles = as_int_triple(tiles, "tile_size")
+        if not all(t >= m for t in tiles):
             raise ValueError(f"tile_size must be ints >= {m}, got {tile_size!r}")
-        tiles = [int(t) // m * m for t in tiles]
+        tiles = [t // m * m for t in tiles]
     context = cfg.receptive_radius if context is None else context
-    context = _triple_int(context, "context", allow_zero=True)
-    ramps = _triple_int(overlap, "overlap", allow_zero=True)
+    context = as_int_triple(context, "context", allow_zero=True)
+    ramps = as_int_triple(overlap, "overlap", allow_zero=True)
 
     original_shape = image.shape
     x = normalize_percentile(image) if normalize else image
     if voxel_size is not None:
         factors = np.asarray(as_triple(voxel_size, "voxel_size")) / np.asarray(cfg.voxel_size)
         if not np.allclose(factors, 1.0):
-            new_shape = tuple(max(1, int(round(s * f))) for s, f in zip(x.shape, factors))
+            new_shape = _rescaled_shape(x.shape, factors, f"voxel_size={voxel_size!r}")
             x = _zoom_to_shape(x, new_shape, order=1)
 
     if tiles is None and cfg.tile_size is not None:

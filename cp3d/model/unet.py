@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import json
 import logging
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .._backend import as_int_triple, as_triple
 from ..io import atomic_write
 
 __all__ = ["UNetConfig", "UNet3D", "save_model", "load_model", "available_models", "WEIGHTS_DIR"]
@@ -47,33 +47,6 @@ WEIGHTS_NAME = "weights.pt"
 TARGETS = ("tanh", "heat")
 NORMS = ("batch", "instance", "none")
 UPSAMPLING = ("transpose", "trilinear")
-
-
-def _triple_int(value, name, allow_zero=False):
-    """Broadcast an int or a sequence of 3 ints to a tuple of 3 positive (or, with `allow_zero`, non-negative) ints."""
-    def is_int(v):
-        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-    if is_int(value):
-        value = (value,) * 3
-    try:
-        value = tuple(value)
-    except TypeError:
-        value = (value,)
-    lowest = 0 if allow_zero else 1
-    if len(value) != 3 or not all(is_int(v) and v >= lowest for v in value):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {kind} int or 3 {kind} ints (z, y, x), got {value!r}")
-    return tuple(int(v) for v in value)
-
-
-def _triple_float(value, name):
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = (float(value),) * 3
-    value = tuple(float(v) for v in value)
-    if len(value) != 3 or not all(v > 0 for v in value):
-        raise ValueError(f"{name} must be positive, a number or 3 numbers (z, y, x), got {value!r}")
-    return value
 
 
 @dataclass
@@ -145,10 +118,10 @@ class UNetConfig:
         self.tanh_scale = float(self.tanh_scale)
         if not self.train_diameter > 0 or not self.tanh_scale > 0:
             raise ValueError("UNetConfig.train_diameter and tanh_scale must be positive")
-        self.voxel_size = _triple_float(self.voxel_size, "UNetConfig.voxel_size")
-        self.patch_size = _triple_int(self.patch_size, "UNetConfig.patch_size")
+        self.voxel_size = as_triple(self.voxel_size, "UNetConfig.voxel_size")
+        self.patch_size = as_int_triple(self.patch_size, "UNetConfig.patch_size")
         if self.tile_size is not None:
-            self.tile_size = _triple_int(self.tile_size, "UNetConfig.tile_size")
+            self.tile_size = as_int_triple(self.tile_size, "UNetConfig.tile_size")
         m = self.multiple
         for name in ("patch_size", "tile_size"):
             if any(s % m for s in getattr(self, name) or ()):
@@ -394,6 +367,9 @@ def available_models():
 
 
 def _resolve_model_dir(name_or_path):
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"model must be a UNet3D, a bundled model name ({', '.join(available_models()) or 'none'}) "
+                        f"or a model folder, got {name_or_path!r}")
     p = Path(name_or_path)
     if p.is_dir():
         return p
