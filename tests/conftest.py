@@ -7,6 +7,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # only tests/test_properties.py needs it, and skips without it
+    settings = None
+if settings is not None:
+    # CI: a fixed number of examples, the same ones every run; HYPOTHESIS_PROFILE=long searches further.
+    settings.register_profile("ci", max_examples=20, derandomize=True, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("long", max_examples=500, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 def _has_gpu():
     try:
