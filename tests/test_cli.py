@@ -100,3 +100,14 @@ def test_synth_refuses_to_replace_a_dataset_unless_overwrite(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err and (tmp_path / "labels_000.tif").read_bytes() == before
     assert cli.main([*args, "--seed", "1", "--overwrite"]) == 0
     assert (tmp_path / "labels_000.tif").read_bytes() != before
+
+
+def test_ctrl_c_writes_nothing(tmp_path, image, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SEGMENT_MODULE, "segment", interrupted)
+    assert cli.main(["segment", str(image), "-o", str(tmp_path / "l.tif"), "--save-flows",
+                     str(tmp_path / "f.tif")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["in.tif"]
