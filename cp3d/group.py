@@ -46,10 +46,12 @@ def close_and_label(mask, radius=3, *, backend="auto"):
     --------
     >>> import numpy as np
     >>> from cp3d import close_and_label
-    >>> mask = np.zeros((1, 1, 9), bool)
-    >>> mask[0, 0, [1, 3, 8]] = True
-    >>> close_and_label(mask, radius=1, backend="numpy")[0, 0]
-    array([0, 1, 1, 1, 0, 0, 0, 0, 2], dtype=uint32)
+    >>> mask = np.zeros((7, 7, 13), bool)
+    >>> mask[1:6, 1:6, 1:6] = mask[1:6, 1:6, 7:12] = True  # two cubes, one voxel apart along x
+    >>> close_and_label(mask, radius=0)[3, 3]  # no closing: two components
+    array([0, 1, 1, 1, 1, 1, 0, 2, 2, 2, 2, 2, 0], dtype=uint32)
+    >>> close_and_label(mask, radius=1)[3, 3]  # the ball closes the gap
+    array([0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=uint32)
     """
     backend = resolve_backend(backend, mask)
     mask = check_volume(mask, "mask")
