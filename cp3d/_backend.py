@@ -251,6 +251,18 @@ def check_int(value, name, low, high):
     return int(value)
 
 
+def check_step(step, n_iter):
+    """Validate the flow-following step and iteration count; return them as ``(float, int)``.
+
+    The step must be positive and finite in float32 (the kernels' precision:
+    3.5e38 is inf there); `n_iter` an integer in ``[0, MAX_ITER]``.
+    """
+    step = check_scalar(step, "step", 0, float(np.finfo(np.float32).max), low_open=True)
+    if np.float32(step) == 0:
+        raise ValueError(f"step must be a number > 0 in float32 precision, got {step!r}")
+    return step, check_int(n_iter, "n_iter", 0, MAX_ITER)
+
+
 def check_bool(value, name):
     """Return `value` if it is a bool (Python or NumPy); ``TypeError`` otherwise (e.g. the string "no")."""
     if not isinstance(value, (bool, np.bool_)):

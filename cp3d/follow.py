@@ -3,7 +3,8 @@
 import numba
 import numpy as np
 
-from ._backend import check_flows, check_foreground, get_array_module, resolve_backend
+from ._backend import (check_bool, check_flows, check_foreground, check_scalar, check_step, get_array_module,
+                       resolve_backend)
 
 
 def follow_flows(flows, foreground, *, step=4.0, n_iter=100, inward=False, sigma=0.0, backend="auto"):
@@ -44,8 +45,9 @@ def follow_flows(flows, foreground, *, step=4.0, n_iter=100, inward=False, sigma
     Only foreground voxels are tracked, so memory is ``12 N`` bytes for the
     positions plus ``8 N`` for their indices. The NumPy, Numba and CUDA
     backends round identically (float32, no fused multiply-add), so they
-    return the same positions bit for bit. The CUDA backend synchronises the
-    device when it returns.
+    return the same positions bit for bit. The Numba backend runs in slices
+    of iterations, so Ctrl-C interrupts a long run. The CUDA backend returns
+    once its kernel is queued; it does not synchronise the device.
 
     Examples
     --------
@@ -62,8 +64,8 @@ def follow_flows(flows, foreground, *, step=4.0, n_iter=100, inward=False, sigma
     flows = check_flows(flows)
     foreground = check_foreground(foreground, flows.shape[1:])
     step, n_iter = check_step(step, n_iter)
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    inward = check_bool(inward, "inward")
+    sigma = check_sigma(sigma, flows.shape[1:])
     if sigma > 0:
         flows = smooth_flows(flows, sigma)
     signed_step = np.float32(-step if inward else step)
@@ -80,13 +82,9 @@ def smooth_flows(flows, sigma):
     return ndimage.gaussian_filter(flows, sigma=(0, sigma, sigma, sigma), mode="nearest")
 
 
-def check_step(step, n_iter):
-    """Validate the step size and iteration count; return them as (float, int)."""
-    if not np.isfinite(step) or step <= 0:
-        raise ValueError(f"step must be positive and finite, got {step}")
-    if int(n_iter) != n_iter or n_iter < 0:
-        raise ValueError(f"n_iter must be a non-negative integer, got {n_iter}")
-    return float(step), int(n_iter)
+def check_sigma(sigma, shape):
+    """Validate a smoothing `sigma`: at least 0, at most the volume's longest axis (wider only averages it flat)."""
+    return check_scalar(sigma, "sigma", 0, max(shape))
 
 
 def _follow(flows, starts, signed_step, n_iter, backend):
@@ -106,10 +104,29 @@ def _numpy_follow(flows, starts, step, n_iter):
     return p
 
 
+# Python handles Ctrl-C only between kernel calls, so a long follow runs in
+# slices of iterations of about this many point-steps (a fraction of a second).
+# Positions are float32 in memory between slices as within one: same result.
+_SLICE_STEPS = 1 << 26
+
+
 def _numba_follow(flows, starts, step, n_iter):
     out = np.empty((starts.size, 3), np.float32)
-    _follow_kernel(flows, starts, step, n_iter, out)
+    _start_positions(starts, np.asarray(flows.shape[1:], np.int64), out)
+    per_slice = max(1, _SLICE_STEPS // max(starts.size, 1))
+    for done in range(0, n_iter, per_slice):
+        _follow_kernel(flows, out, step, min(per_slice, n_iter - done))
     return out
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _start_positions(starts, shape, out):
+    ny, nx = shape[1], shape[2]
+    for i in numba.prange(starts.size):
+        s = starts[i]
+        out[i, 0] = np.float32(s // (ny * nx))
+        out[i, 1] = np.float32((s // nx) % ny)
+        out[i, 2] = np.float32(s % nx)
 
 
 # Each point's steps form one long dependency chain (load, subtract, clip,
@@ -121,11 +138,13 @@ _CHUNK = 1024
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _follow_kernel(flows, starts, step, n_iter, out):
+def _follow_kernel(flows, positions, step, n_iter):
+    """Advance `positions` (N, 3) in place by `n_iter` steps."""
     nz, ny, nx = flows.shape[1:]
     hz, hy, hx = np.float32(nz - 1), np.float32(ny - 1), np.float32(nx - 1)
     zero = np.float32(0)
-    n = starts.size
+    n = positions.shape[0]
+    out = positions
     for chunk in numba.prange((n + _CHUNK - 1) // _CHUNK):
         pz = np.empty(_LANES, np.float32)
         py = np.empty(_LANES, np.float32)
@@ -134,10 +153,9 @@ def _follow_kernel(flows, starts, step, n_iter, out):
         for first in range(chunk * _CHUNK, end, _LANES):
             lanes = min(_LANES, end - first)
             for k in range(lanes):
-                s = starts[first + k]
-                pz[k] = np.float32(s // (ny * nx))
-                py[k] = np.float32((s // nx) % ny)
-                px[k] = np.float32(s % nx)
+                pz[k] = positions[first + k, 0]
+                py[k] = positions[first + k, 1]
+                px[k] = positions[first + k, 2]
             for _ in range(n_iter):
                 for k in range(lanes):
                     z, y, x = pz[k], py[k], px[k]

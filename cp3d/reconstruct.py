@@ -13,9 +13,9 @@ import warnings
 import numba
 import numpy as np
 
-from ._backend import as_triple, check_flows, check_foreground, get_array_module, resolve_backend
+from ._backend import as_triple, check_step, check_flows, check_foreground, get_array_module, resolve_backend
 from .filters import PAPER_VOLUME_RANGE, _filter_instances, check_targets, check_thresholds, sphere_volume
-from .follow import check_step, _follow, smooth_flows
+from .follow import _follow, smooth_flows
 from .group import ball_offsets, close_and_label
 
 PAPER_DIAMETER = 10.0

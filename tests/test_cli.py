@@ -111,3 +111,20 @@ def test_ctrl_c_writes_nothing(tmp_path, image, monkeypatch, capsys):
                      str(tmp_path / "f.tif")]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["in.tif"]
+
+
+@pytest.mark.parametrize("option", [["--diameter", "0.1"], ["--diameter", "1e6"], ["--voxel-size", "1e6", "1", "1"],
+                                    ["--diameter", "1e-300"]])
+def test_absurd_rescaling_is_refused_before_allocating(tmp_path, image, option, monkeypatch, capsys):
+    """A clear error naming the option and the bytes, not a MemoryError traceback (nor, elsewhere, an allocation)."""
+    import cp3d.model
+
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("predicted before the memory check")
+
+    monkeypatch.setattr(cp3d._backend, "physical_memory", lambda: 2**30)  # the same answer on any machine
+    monkeypatch.setattr(cp3d.model, "predict", no_prediction)
+    assert cli.main(["segment", str(image), "-o", str(tmp_path / "l.tif"), "--quiet", *option]) == 2
+    err = capsys.readouterr().err
+    assert option[0][2:].replace("-", "_") in err and "more than this machine's memory" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["in.tif"]

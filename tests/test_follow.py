@@ -60,13 +60,56 @@ def test_host_kernel_identical_to_numpy(host_library):
     np.testing.assert_array_equal(out, follow_flows(flows, fg, step=4.0, n_iter=11, backend="numpy"))
 
 
-def test_smoothing_changes_the_field_but_not_the_interface():
-    labels = box()
-    flows = cp3d.tanh_flows(labels)
-    end = follow_flows(flows, labels > 0, sigma=1.0, backend="numba")
-    assert end.shape == (labels.sum(), 3)
-    with pytest.raises(ValueError, match="sigma"):
-        follow_flows(flows, labels > 0, sigma=-1)
+def test_smoothing_follows_the_gaussian_smoothed_field():
+    from scipy import ndimage
+
+    flows = random_flows((9, 10, 11), seed=4)
+    fg = np.random.default_rng(5).random((9, 10, 11)) > 0.5
+    smoothed = ndimage.gaussian_filter(flows, sigma=(0, 1.5, 1.5, 1.5), mode="nearest")
+    for backend in ("numpy", "numba"):
+        end = follow_flows(flows, fg, sigma=1.5, n_iter=5, backend=backend)
+        np.testing.assert_array_equal(end, follow_flows(smoothed, fg, n_iter=5, backend=backend))
+        assert not np.array_equal(end, follow_flows(flows, fg, n_iter=5, backend=backend))
+    for sigma in (-1, np.nan, 100):  # beyond the longest axis (11) smoothing only averages the field flat
+        with pytest.raises(ValueError, match="sigma"):
+            follow_flows(flows, fg, sigma=sigma)
+
+
+def test_long_runs_in_slices_give_the_same_positions(monkeypatch):
+    import cp3d.follow
+
+    flows = random_flows((9, 17, 23), seed=2)
+    fg = np.random.default_rng(3).random((9, 17, 23)) > 0.4
+    whole = follow_flows(flows, fg, step=4.0, n_iter=37, backend="numba")
+    monkeypatch.setattr(cp3d.follow, "_SLICE_STEPS", 5 * int(fg.sum()))  # slices of 5 iterations, the last of 2
+    np.testing.assert_array_equal(follow_flows(flows, fg, step=4.0, n_iter=37, backend="numba"), whole)
+    np.testing.assert_array_equal(follow_flows(flows, fg, step=4.0, n_iter=37, backend="numpy"), whole)
+
+
+def test_ctrl_c_interrupts_a_long_numba_follow():
+    """n_iter=10**7 would run for minutes; SIGINT must end it within seconds, not when the kernel ends."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, numpy as np, cp3d\n"
+        "flows = np.random.default_rng(0).uniform(-1, 1, (3, 16, 64, 64)).astype(np.float32)\n"
+        "fg = np.ones((16, 64, 64), bool)\n"
+        "cp3d.follow_flows(flows, fg, n_iter=1)  # compiled (or loaded from the cache) first\n"
+        "print('running', flush=True)\n"
+        "cp3d.follow_flows(flows, fg, n_iter=10**7)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "running"
+        time.sleep(1.0)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert "KeyboardInterrupt" in err, err[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -79,6 +122,11 @@ def test_smoothing_changes_the_field_but_not_the_interface():
         (np.zeros((3, 4, 4), np.float32), np.ones((4, 4), bool), {}, ValueError, "4D"),
         (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"step": 0}, ValueError, "step"),
         (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"n_iter": -1}, ValueError, "n_iter"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"n_iter": 2**63}, ValueError, "n_iter"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"n_iter": np.nan}, TypeError, "n_iter"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"step": 3.5e38}, ValueError, "step"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"step": "4"}, TypeError, "step"),
+        (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"inward": "no"}, TypeError, "inward"),
         (np.zeros((3, 4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {"backend": "cuda"}, TypeError, "CuPy"),
     ],
 )
