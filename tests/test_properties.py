@@ -289,3 +289,36 @@ def test_kernel_limits_are_errors_not_crashes(call):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("ValueError:"), run.stdout
+
+
+SEGMENT_BAD = [
+    ({"image": "x.tif"}, TypeError, "image must be an array"),
+    ({"model": 123}, TypeError, "model must be"),
+    ({"voxel_size": (1e-320, 1, 1)}, ValueError, "voxel_size"),
+    ({"voxel_size": "1"}, TypeError, "voxel_size"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match", SEGMENT_BAD, ids=[str(k) for k, _, _ in SEGMENT_BAD])
+def test_segment_names_invalid_inputs_before_predicting(kwargs, error, match, monkeypatch):
+    import cp3d.model
+
+    monkeypatch.setattr(cp3d.model, "predict", lambda *a, **k: pytest.fail("predicted before validating"))
+    image = kwargs.pop("image", np.random.default_rng(0).random((8, 16, 16)))
+    with pytest.raises(error, match=match):
+        cp3d.segment(image, **kwargs)
+
+
+PREDICT_BAD = [
+    ({"tile_size": (8, 8)}, ValueError, "tile_size"),
+    ({"tile_size": "64"}, TypeError, "tile_size"),
+    ({"context": (1.5, 2, 2)}, TypeError, "context"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match", PREDICT_BAD, ids=[str(k) for k, _, _ in PREDICT_BAD])
+def test_predict_names_invalid_tiles(kwargs, error, match):
+    from cp3d.model.predict import predict
+
+    with pytest.raises(error, match=match):
+        predict(np.random.default_rng(0).random((8, 16, 16)), "tanh", **kwargs)
