@@ -288,7 +288,8 @@ def predict(
         that is ``None`` (or too small for the context) the shape that
         computes the fewest voxels within a memory budget (:data:`TILE_ELEMENTS`:
         for the default network and one tile per batch, ``2**23`` voxels on
-        the CPU, about 3 GB of float32 activations, and ``2**25`` on a GPU):
+        the CPU and ``2**25`` on a GPU; the README's Memory section gives
+        the measured peak):
         a stack within the budget is predicted whole. Rounded down to
         multiples of ``2**depth``; an axis that fits in one tile is
         predicted whole.
@@ -313,10 +314,9 @@ def predict(
     augment : bool, optional
         Test-time augmentation: average the maps predicted for the stack and
         its in-plane mirror images (:data:`MIRRORS`, flows of a mirrored axis
-        negated back). Four network passes instead of one; on the held-out
-        benchmark stacks it raised the bundled model's mean Dice from 0.901
-        to 0.905 (measured before fine-tuning: eight mirrorings, z too,
-        gained nothing more).
+        negated back). Four network passes instead of one, for a slightly
+        higher Dice on the held-out benchmark stacks (figures in the
+        README's Benchmarks; eight mirrorings, z too, gained nothing more).
     progress : bool, optional
         Show a progress bar over the tile batches.
     normalize : bool, optional

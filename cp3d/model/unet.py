@@ -309,8 +309,8 @@ class UNet3D(nn.Module):
 
         Each frozen batch norm is folded into the convolution before it, and
         on the CPU the copy works channels-last (``torch.channels_last_3d``,
-        which oneDNN convolves about twice as fast at 64 x 256 x 256, see
-        ``bench/bench_predict.py``). The outputs equal this network's up to
+        which oneDNN convolves faster: ``bench/bench_predict.py`` measures
+        it, the README gives the figures). The outputs equal this network's up to
         float rounding; the network itself is left unchanged.
 
         Parameters
