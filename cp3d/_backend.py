@@ -169,7 +169,8 @@ def check_flows(flows, name="flows"):
 def as_finite_float32(x, name):
     """`x` as C-contiguous float32; ``ValueError`` for NaN, inf, or finite values beyond float32's range."""
     xp = get_array_module(x)
-    converted = xp.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):  # an overflow is reported below, by name
+        converted = xp.ascontiguousarray(x, dtype=np.float32)
     if not bool(xp.isfinite(converted).all()):
         if bool(xp.isfinite(x).all()):  # only the cast overflowed
             raise ValueError(f"{name} holds values beyond the float32 range (|x| up to "

@@ -5,7 +5,8 @@ import math
 import numba
 import numpy as np
 
-from ._backend import as_triple, check_flows, check_foreground, check_labels, get_array_module, resolve_backend
+from ._backend import (as_triple, check_bool, check_flows, check_foreground, check_labels, check_scalar,
+                       check_size_range, get_array_module, resolve_backend)
 from .group import relabel_by_first_voxel
 from .targets import _compact_ids, heat_flows, numba_centroids, tanh_component, tanh_flows
 
@@ -33,14 +34,8 @@ PAPER_VOLUME_RANGE = (sphere_volume(5), sphere_volume(100))
 
 def check_thresholds(min_overlap, max_flow_error):
     """Validate the overlap and flow-error thresholds; a `max_flow_error` of None means no limit."""
-    if max_flow_error is None:
-        max_flow_error = np.inf
-    for name, value in (("min_overlap", min_overlap), ("max_flow_error", max_flow_error)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise TypeError(f"{name} must be a number, got {value!r}")
-        if np.isnan(value) or value < 0 or (name == "min_overlap" and value > 1):
-            raise ValueError(f"{name} must be {'in [0, 1]' if name == 'min_overlap' else '>= 0'}, got {value!r}")
-    return float(min_overlap), float(max_flow_error)
+    return (check_scalar(min_overlap, "min_overlap", 0, 1),
+            np.inf if max_flow_error is None else check_scalar(max_flow_error, "max_flow_error", 0))
 
 
 def filter_instances(labels, flows, foreground, *, volume_range=PAPER_VOLUME_RANGE, min_overlap=0.2,
@@ -109,9 +104,9 @@ def filter_instances(labels, flows, foreground, *, volume_range=PAPER_VOLUME_RAN
     foreground = check_foreground(foreground, labels.shape)
     check_targets(targets)
     min_overlap, max_flow_error = check_thresholds(min_overlap, max_flow_error)
-    lo, hi = volume_range
-    if not 0 <= lo <= hi:
-        raise ValueError(f"volume_range must be (min, max) with 0 <= min <= max, got {volume_range!r}")
+    lo, hi = check_size_range(volume_range, "volume_range")
+    inward = check_bool(inward, "inward")
+    tanh_scale = as_triple(tanh_scale, "tanh_scale")
     if int(labels.max()) > _MAX_TABLE_ID:
         # Per-thread tables are indexed by id; the output is renumbered anyway.
         labels = _compact_ids(labels)[0]

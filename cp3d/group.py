@@ -72,13 +72,18 @@ def ball_offsets(radius, name="radius"):
     ``ValueError`` naming `name` when the ball's offsets would not fit in memory.
     """
     r = np.asarray(as_triple(radius, name, allow_zero=True))
-    # the candidate grid holds 3 int64 and 3 float64 per voxel of the ball's box
-    check_memory(math.prod(2 * math.floor(v) + 1 for v in r) * 48, f"{name}={radius!r}")
+    check_memory(ball_bytes(r), f"{name}={radius!r}")
     extent = np.floor(r).astype(int)
     grid = np.mgrid[tuple(slice(-e, e + 1) for e in extent)].reshape(3, -1).T
     scaled = grid / np.where(r > 0, r, 1)
     # 1e-9 keeps voxels exactly on the sphere, as skimage.morphology.ball does.
     return grid[(scaled**2).sum(axis=1) <= 1 + 1e-9].astype(np.int64)
+
+
+def ball_bytes(radius):
+    """Bytes :func:`ball_offsets` allocates for `radius` (a number or a triple): 3 int64 and 3 float64 per
+    voxel of the ball's bounding box."""
+    return math.prod(2 * math.floor(v) + 1 for v in np.broadcast_to(radius, 3)) * 48
 
 
 def _ball_footprint(offsets):

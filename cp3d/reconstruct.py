@@ -13,10 +13,11 @@ import warnings
 import numba
 import numpy as np
 
-from ._backend import as_triple, check_step, check_flows, check_foreground, get_array_module, resolve_backend
+from ._backend import (as_triple, check_bool, check_flows, check_foreground, check_memory, check_size_range,
+                       check_step, get_array_module, resolve_backend)
 from .filters import PAPER_VOLUME_RANGE, _filter_instances, check_targets, check_thresholds, sphere_volume
-from .follow import _follow, smooth_flows
-from .group import ball_offsets, close_and_label
+from .follow import _follow, check_sigma, smooth_flows
+from .group import ball_bytes, ball_offsets, close_and_label
 
 PAPER_DIAMETER = 10.0
 
@@ -115,11 +116,12 @@ def reconstruction_parameters(diameter=None, targets="tanh", tanh_scale=None):
         return dataclasses.replace(defaults, step=_STEP_PER_SCALE * min(as_triple(tanh_scale, "tanh_scale")),
                                    tanh_scale=_scalar_if_isotropic(as_triple(tanh_scale, "tanh_scale")))
     d = np.asarray(as_triple(diameter, "diameter"))
+    radius = np.maximum(1, np.round(0.3 * d))
+    check_memory(ball_bytes(radius), f"diameter={diameter!r} (a closing radius of {_scalar_if_isotropic(radius)})")
     scale = d / 2 if tanh_scale is None else np.asarray(as_triple(tanh_scale, "tanh_scale"))
     # Along each axis the flows saturate over that axis's scale; the step
     # follows the shortest one so that no axis overshoots.
     step = _STEP_PER_SCALE * scale.min() if targets == "tanh" else 0.1 * d.min()
-    radius = np.maximum(1, np.round(0.3 * d))
     mean_d = float(np.prod(d) ** (1 / 3))
     return ReconstructionParameters(
         step=float(step),
@@ -206,14 +208,13 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     params = reconstruction_parameters(diameter, targets, tanh_scale)
     step, n_iter = check_step(params.step if step is None else step, params.n_iter if n_iter is None else n_iter)
     radius = params.closing_radius if closing_radius is None else closing_radius
-    ball_offsets(radius)  # fail here, not after following
-    if diameter_range is not None and not 0 <= diameter_range[0] <= diameter_range[1]:
-        raise ValueError(f"diameter_range must be (min, max) with 0 <= min <= max, got {diameter_range!r}")
-    volume_range = params.volume_range if diameter_range is None else tuple(map(sphere_volume, diameter_range))
+    ball_offsets(radius, "closing_radius")  # fail here, not after following
+    volume_range = params.volume_range if diameter_range is None else tuple(
+        map(sphere_volume, check_size_range(diameter_range, "diameter_range")))
     scale = as_triple(params.tanh_scale, "tanh_scale")
     min_overlap, max_flow_error = check_thresholds(min_overlap, max_flow_error)
-    if not np.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be a non-negative number, got {sigma!r}")
+    inward = check_bool(inward, "inward")
+    sigma = check_sigma(sigma, foreground.shape)
     if sigma > 0:
         flows = smooth_flows(flows, sigma)
 
