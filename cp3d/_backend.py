@@ -67,8 +67,10 @@ def resolve_backend(backend, *arrays):
 
     Notes
     -----
-    Picking ``"numba"`` starts Numba's thread pool (once per process, see
-    :func:`start_numba_pool`), so that no kernel starts it behind torch's back.
+    Only a choice, without side effects: a stage calls
+    :func:`start_numba_pool` where its Numba kernels start, so that no kernel
+    starts the pool behind torch's back and a call that fails validation
+    starts nothing.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -88,8 +90,6 @@ def resolve_backend(backend, *arrays):
             "backend='cuda' needs CuPy arrays but got NumPy arrays; "
             "pass cupy.asarray(x) to run on the GPU"
         )
-    if backend == "numba":
-        start_numba_pool()
     return backend
 
 

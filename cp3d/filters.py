@@ -6,7 +6,7 @@ import numba
 import numpy as np
 
 from ._backend import (as_triple, check_bool, check_flows, check_foreground, check_labels, check_scalar,
-                       check_size_range, get_array_module, resolve_backend)
+                       check_size_range, get_array_module, resolve_backend, start_numba_pool)
 from .group import relabel_by_first_voxel
 from .targets import _compact_ids, heat_flows, numba_centroids, tanh_component, tanh_flows
 
@@ -237,6 +237,7 @@ def instance_statistics(labels, flows, foreground, *, targets="tanh", tanh_scale
 
 
 def _numba_tanh_statistics(labels, flows, foreground, tanh_scale, inward):
+    start_numba_pool()  # before numba.get_num_threads(), which would start it
     n_labels = int(labels.max())
     centroid = numba_centroids(labels, n_labels)
     volume, inside, error = tanh_statistic_sums(labels, flows, foreground, centroid, tanh_scale, inward)

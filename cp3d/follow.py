@@ -4,7 +4,7 @@ import numba
 import numpy as np
 
 from ._backend import (check_bool, check_flows, check_foreground, check_scalar, check_step, get_array_module,
-                       resolve_backend)
+                       resolve_backend, start_numba_pool)
 
 
 def follow_flows(flows, foreground, *, step=4.0, n_iter=100, inward=False, sigma=0.0, backend="auto"):
@@ -89,6 +89,8 @@ def check_sigma(sigma, shape):
 
 def _follow(flows, starts, signed_step, n_iter, backend):
     """Dispatch to a backend; `starts` are C-order flat indices (int64)."""
+    if backend == "numba":
+        start_numba_pool()
     impl = {"numpy": _numpy_follow, "numba": _numba_follow, "cuda": _cuda_follow}[backend]
     return impl(flows, starts, np.float32(signed_step), int(n_iter))
 

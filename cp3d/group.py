@@ -5,7 +5,8 @@ import math
 import numba
 import numpy as np
 
-from ._backend import as_triple, check_labels, check_memory, check_volume, get_array_module, resolve_backend
+from ._backend import (as_triple, check_labels, check_memory, check_volume, get_array_module, resolve_backend,
+                       start_numba_pool)
 
 
 def close_and_label(mask, radius=3, *, backend="auto"):
@@ -105,6 +106,7 @@ def _numpy_close_and_label(mask, offsets):
 
 
 def _numba_close_and_label(mask, offsets):
+    start_numba_pool()
     closed = np.zeros(mask.shape, np.bool_)
     extent = np.abs(offsets).max(axis=0)
     padded = np.zeros(tuple(np.asarray(mask.shape) + 2 * extent), np.bool_)
@@ -343,6 +345,7 @@ def relabel_by_first_voxel(labels, backend="auto", keep=None):
     if keep is None:
         keep = xp.ones(int(labels.max()) + 1, bool)
     if backend == "numba":
+        start_numba_pool()
         out = np.empty_like(labels)
         lut = np.where(keep, 0, _DROPPED).astype(labels.dtype)
         _relabel_scan(labels, lut, out)

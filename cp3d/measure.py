@@ -14,7 +14,7 @@ import numba
 import numpy as np
 
 from ._backend import (as_triple, check_flows, check_foreground, check_labels, check_volume, is_cupy_array,
-                       resolve_backend)
+                       start_numba_pool)
 from .filters import check_targets, instance_statistics, volume_and_overlap
 
 __all__ = ["CellTable", "cell_table"]
@@ -181,7 +181,7 @@ def cell_table(labels, image=None, flows=None, foreground=None, voxel_size=None,
         voxel_size = as_triple(voxel_size, "voxel_size")
 
     index, ids = _index_labels(labels)
-    resolve_backend("numba")  # starts Numba's pool without touching torch's thread count
+    start_numba_pool()  # without touching torch's thread count, before numba.get_num_threads() would
     n_slabs = max(1, min(labels.shape[0], numba.get_num_threads()))
     sums, lo, hi = _sums_kernel(index, image if image is not None else np.zeros((1, 1, 1), np.float32),
                                 image is not None, len(ids), n_slabs)

@@ -18,7 +18,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._backend import MAX_ITER, as_triple, check_int, check_labels, get_array_module, resolve_backend
+from ._backend import (MAX_ITER, as_triple, check_int, check_labels, get_array_module, resolve_backend,
+                       start_numba_pool)
 
 __all__ = ["tanh_flows", "heat_flows"]
 
@@ -158,6 +159,7 @@ def _numba_tanh_flows(compact, n_labels, scale):
 
 def numba_centroids(compact, n_labels):
     """Centroids ``(n_labels + 1, 3)`` (z, y, x) of compact labels; row 0 unused."""
+    start_numba_pool()  # before numba.get_num_threads(), which would start it
     # Race-free sums: one partial table per z-slab (one slab per thread), then a reduction.
     n_slabs = max(1, min(compact.shape[0], numba.get_num_threads()))
     # The reduction stays in NumPy: array code inside a parallel kernel would
@@ -390,6 +392,7 @@ def _neighbour_table(labels, fg):
 
 
 def _numba_neighbour_table(labels, fg):
+    start_numba_pool()
     n = fg.size
     dtype = _index_dtype(n)
     position = np.full(labels.size, n, dtype=dtype)
