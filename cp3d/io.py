@@ -72,8 +72,18 @@ def read_image(path):
     FileNotFoundError
         If `path` does not exist.
     ValueError
-        If the file cannot be read as a TIFF, has several channels or time
-        points, or is not a 3D stack once singleton axes are dropped.
+        If the file cannot be read as a TIFF, is truncated or corrupt, holds
+        fewer or other planes than its ImageJ or tifffile metadata declare,
+        has several channels or time points, is not a 3D stack once singleton
+        axes are dropped (a file that declares a z axis of length 1 is a
+        one-slice stack), or its pixels would not fit in memory; checked
+        before the pixels are decoded, and the message names the file.
+
+    Warns
+    -----
+    UserWarning
+        When the ImageJ description cannot be parsed: the pages are read as
+        a plain stack and the voxel size is None.
 
     Examples
     --------
@@ -99,9 +109,7 @@ def read_image(path):
                           "pages, without a voxel size", stacklevel=2)
             data, axes, _, has_z = _read_tiff(path, is_imagej=False)
             voxel_size = None
-    except _FileProblem:
-        raise
-    except MemoryError:
+    except (_FileProblem, MemoryError):
         raise
     except Exception as err:  # tifffile and the codecs raise many types for a damaged file
         raise ValueError(f"cannot read {path!r} as a TIFF stack (corrupt or truncated?): "
