@@ -24,11 +24,13 @@ def test_readme_command_line_flags_exist():
     from cp3d.cli import build_parser
 
     block = re.search(r"## Command line\n\n```bash\n(.*?)```", README.read_text(), re.S).group(1)
-    commands = build_parser()._subparsers._group_actions[0].choices
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
     for line in block.splitlines():
         name = line.split()[1]
         if name == "train":  # parsed by cp3d.model.train.main, which builds its parser inline
             continue
         flags = set(re.findall(r"(--[a-z-]+|-o)\b", line))
-        known = {s for a in commands[name]._actions for s in a.option_strings}
+        actions = parser._actions if name.startswith("-") else commands[name]._actions  # cp3d --version
+        known = {s for a in actions for s in a.option_strings}
         assert flags <= known, (name, flags - known)
