@@ -24,7 +24,7 @@ def fake_segment(monkeypatch):
         labels = np.zeros(image.shape, np.uint32)
         labels[..., :2, :2] = 1
         return Segmentation(labels, np.zeros((3, *image.shape), np.float32), np.zeros(image.shape, np.float32),
-                            {"predict": 0.0, "reconstruct": 0.0})
+                            {"predict": 0.0, "reconstruct": 0.0}, 10.0)
 
     monkeypatch.setattr(SEGMENT_MODULE, "segment", spy)
     return calls
