@@ -267,7 +267,7 @@ def test_cli_segment_reads_the_voxel_size_from_the_tiff(tmp_path, monkeypatch, c
                      "--voxel-size", "1", "1", "1", "--overwrite"]) == 0
     assert seen["voxel_size"] == (1.0, 1.0, 1.0)
     assert cli.main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--quiet",
-                     "--diameter", "auto"]) == 0
+                     "--diameter", "auto", "--overwrite"]) == 0
     assert seen["diameter"] == "auto" and json.loads(capsys.readouterr().out.splitlines()[-1])["diameter"] == 10.0
     with pytest.raises(SystemExit):
         cli.main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--diameter", "huge"])
