@@ -289,6 +289,7 @@ def tanh_statistic_sums(labels, flows, foreground, centroid, tanh_scale, inward,
     ([0.0, 2.0], [0.0, 2.0], 0.924)
     """
     scale = np.asarray(as_triple(tanh_scale, "tanh_scale"))
+    start_numba_pool()  # before numba.get_num_threads(), which would start it
     n_slabs = max(1, min(labels.shape[0], numba.get_num_threads()))
     partial = _tanh_statistics_kernel(labels, flows, foreground, centroid, scale, np.float32(-1 if inward else 1),
                                       n_slabs, centroid.shape[0] - 1, np.asarray(origin, np.int64))

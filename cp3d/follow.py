@@ -236,6 +236,7 @@ def follow_in_window(flows, origin, shape, starts, step, n_iter):
     """
     out = np.empty((starts.size, 3), np.float32)
     escaped = np.zeros(starts.size, np.bool_)
+    start_numba_pool()
     _follow_window_kernel(flows, np.asarray(origin, np.int64), np.asarray(shape, np.int64),
                           np.asarray(starts, np.int64), np.float32(step), int(n_iter), out, escaped)
     return out, escaped

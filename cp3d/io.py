@@ -594,7 +594,9 @@ def _as_zyx(data, axes, path, has_z):
     return data
 
 
-def _voxel_size(tif, path):
+def _voxel_size(tif, path=None):
+    """Voxel size from OME or ImageJ metadata, or None; `path` names the file in warnings."""
+    path = tif.filehandle.path if path is None else path
     if tif.is_ome:
         size = _ome_voxel_size(tif.ome_metadata)
         if size is not None:
