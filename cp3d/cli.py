@@ -134,8 +134,7 @@ def _segment_chunked(args):
     chunks = _check_chunk_shape(args.chunks) or (128, 256, 256)
     if args.table or args.preview:
         raise ValueError("--table and --preview work on a stack in memory; drop --chunks (and .zarr paths) for them")
-    if not _is_zarr_path(args.output):
-        io.check_output_folder(args.output)
+    _check_chunked_outputs([args.output, args.save_flows], [args.input], args.overwrite)
     stack = io.open_image(args.input)
     voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
     start = time.perf_counter()
@@ -151,6 +150,17 @@ def _segment_chunked(args):
     print(json.dumps({"cells": cells, "output": str(args.output), "chunks": list(chunks),
                       "seconds": {**{k: round(v, 3) for k, v in result.seconds.items()},
                                   "total": round(time.perf_counter() - start, 3)}}))
+
+
+def _check_chunked_outputs(outputs, inputs, overwrite):
+    """The in-memory path's checks for TIFF outputs (never an input, never an existing file unasked); a .zarr
+    output is a new store or an existing OME-Zarr image that gains a labels group, never replaced."""
+    from . import io
+
+    io.check_outputs([p for p in outputs if p and not _is_zarr_path(p)], inputs=inputs, overwrite=overwrite)
+    for path in outputs:
+        if path and _is_zarr_path(path):
+            io.check_output_folder(path)
 
 
 def _save_maps(path, flows, foreground, voxel_size):
@@ -196,10 +206,7 @@ def _reconstruct(args):
     from . import dask as cp3d_dask
 
     chunks = _check_chunk_shape(args.chunks) or (128, 256, 256)
-    if not _is_zarr_path(args.output):
-        from . import io
-
-        io.check_output_folder(args.output)
+    _check_chunked_outputs([args.output], [args.flows], args.overwrite)
     flows, foreground, voxel_size = _open_maps(args.flows)
     chunks = tuple(min(c, n) for c, n in zip(chunks, foreground.shape))
     flows, foreground = flows.rechunk((3,) + chunks), foreground.rechunk(chunks)
@@ -325,6 +332,7 @@ def build_parser():
     p.add_argument("--tanh-scale", type=float, default=None, help="scale of the tanh flows (default diameter / 2)")
     p.add_argument("--max-flow-error", type=float, default=0.8)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_overwrite_option(p)
     _add_dask_options(p)
     p.set_defaults(run=_reconstruct)
 

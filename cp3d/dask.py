@@ -41,7 +41,7 @@ import weakref
 
 import numpy as np
 
-from ._backend import as_triple, check_flows, check_foreground, resolve_backend
+from ._backend import as_triple, check_flows, check_foreground
 from .filters import check_thresholds, keep_instances, sphere_volume, tanh_statistic_sums
 from .follow import check_step, follow_in_window, smooth_flows
 from .group import ball_offsets, close_and_label, merge_table, relabel_by_first_voxel
@@ -133,7 +133,6 @@ inward, sigma
     dask = _import_dask()
     if backend not in ("auto", "numba"):
         raise ValueError(f"backend must be 'auto' or 'numba' for chunked reconstruction, got {backend!r}")
-    resolve_backend("numba")
     flows, foreground = _check_inputs(flows, foreground)
     shape = foreground.shape
     params = reconstruction_parameters(diameter, targets, tanh_scale)

@@ -128,3 +128,20 @@ def test_absurd_rescaling_is_refused_before_allocating(tmp_path, image, option, 
     err = capsys.readouterr().err
     assert option[0][2:].replace("-", "_") in err and "more than this machine's memory" in err, err
     assert sorted(os.listdir(tmp_path)) == ["in.tif"]
+
+
+@pytest.mark.parametrize("command", ["segment", "reconstruct"])
+def test_chunked_path_never_writes_onto_its_input_or_an_existing_output(command, tmp_path):
+    """The dask path (--chunks) reads its input lazily while writing: it must refuse before any work."""
+    from cp3d.cli import main
+
+    source = tmp_path / "in.tif"
+    cp3d.io.write_image(source, np.zeros((8, 4, 16, 16) if command == "reconstruct" else (8, 16, 16),
+                                        np.float32).reshape(-1, 16, 16))
+    before = source.read_bytes()
+    assert main([command, str(source), "-o", str(source), "--chunks", "4", "8", "8", "--quiet"]) == 2
+    assert source.read_bytes() == before
+    existing = tmp_path / "labels.tif"
+    existing.write_bytes(b"keep me")
+    assert main([command, str(source), "-o", str(existing), "--chunks", "4", "8", "8", "--quiet"]) == 2
+    assert existing.read_bytes() == b"keep me"
