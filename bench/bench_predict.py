@@ -33,7 +33,7 @@ import torch
 import _machine
 from cp3d.data import synthetic_stack
 from cp3d.model import load_model, predict
-from cp3d.model.predict import _resolve_device
+from cp3d.model.predict import resolve_device
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -108,7 +108,7 @@ def main(argv=None):
     if args.memory_child:
         return memory_child(args.memory_child, tuple(args.shape), args.threads)
     torch.set_num_threads(args.threads)
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     model = load_model("tanh")
     shape = tuple(args.shape)
 

@@ -8,7 +8,7 @@ import numpy as np
 from ._backend import (as_triple, check_bool, check_flows, check_foreground, check_labels, check_scalar,
                        check_size_range, get_array_module, resolve_backend, start_numba_pool)
 from .group import relabel_by_first_voxel
-from .targets import _compact_ids, heat_flows, numba_centroids, tanh_component, tanh_flows
+from .targets import compact_ids, heat_flows, numba_centroids, tanh_component, tanh_flows
 
 TARGETS = ("tanh", "heat")
 
@@ -109,13 +109,13 @@ def filter_instances(labels, flows, foreground, *, volume_range=PAPER_VOLUME_RAN
     tanh_scale = as_triple(tanh_scale, "tanh_scale")
     if int(labels.max()) > _MAX_TABLE_ID:
         # Per-thread tables are indexed by id; the output is renumbered anyway.
-        labels = _compact_ids(labels)[0]
-    return _filter_instances(labels, flows, foreground, (lo, hi), min_overlap, max_flow_error, targets, tanh_scale,
-                             inward, backend)
+        labels = compact_ids(labels)[0]
+    return filter_validated(labels, flows, foreground, (lo, hi), min_overlap, max_flow_error, targets, tanh_scale,
+                            inward, backend)
 
 
-def _filter_instances(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, tanh_scale,
-                      inward, backend):
+def filter_validated(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, tanh_scale,
+                     inward, backend):
     """filter_instances on validated inputs (called by reconstruct too)."""
     if np.isinf(max_flow_error):
         # No flow-error limit: skip recomputing the flows (heat flows cost a diffusion).

@@ -70,7 +70,7 @@ def follow_flows(flows, foreground, *, step=4.0, n_iter=100, inward=False, sigma
         flows = smooth_flows(flows, sigma)
     signed_step = np.float32(-step if inward else step)
     starts = get_array_module(foreground).flatnonzero(foreground)
-    return _follow(flows, starts, signed_step, n_iter, backend)
+    return follow_starts(flows, starts, signed_step, n_iter, backend)
 
 
 def smooth_flows(flows, sigma):
@@ -87,7 +87,7 @@ def check_sigma(sigma, shape):
     return check_scalar(sigma, "sigma", 0, max(shape))
 
 
-def _follow(flows, starts, signed_step, n_iter, backend):
+def follow_starts(flows, starts, signed_step, n_iter, backend):
     """Dispatch to a backend; `starts` are C-order flat indices (int64)."""
     if backend == "numba":
         start_numba_pool()

@@ -15,8 +15,8 @@ import numpy as np
 
 from ._backend import (as_triple, check_bool, check_flows, check_foreground, check_memory, check_size_range,
                        check_step, get_array_module, resolve_backend)
-from .filters import PAPER_VOLUME_RANGE, _filter_instances, check_targets, check_thresholds, sphere_volume
-from .follow import _follow, check_sigma, smooth_flows
+from .filters import PAPER_VOLUME_RANGE, filter_validated, check_targets, check_thresholds, sphere_volume
+from .follow import follow_starts, check_sigma, smooth_flows
 from .group import ball_bytes, ball_offsets, close_and_label
 
 PAPER_DIAMETER = 10.0
@@ -225,7 +225,7 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     _warn_on_flow_convention(flows, foreground, inward)
     # Only foreground voxels are tracked, and each large buffer is released as
     # soon as the next stage has what it needs (see the README's memory table).
-    end = _follow(flows, starts, np.float32(-step if inward else step), n_iter, backend)
+    end = follow_starts(flows, starts, np.float32(-step if inward else step), n_iter, backend)
     end_index = _nearest_voxel_index(end, foreground.shape, backend, out=starts)
     del end, starts
     gathered = xp.zeros(foreground.shape, bool)
@@ -235,8 +235,8 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     labels = _labels_at_end(foreground, groups, end_index, backend)
     del groups, end_index
     found = int(labels.max())
-    labels = _filter_instances(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, scale,
-                               inward, backend)
+    labels = filter_validated(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, scale,
+                              inward, backend)
     if found and not int(labels.max()):
         warnings.warn(f"reconstruct found {found} groups but the filters dropped them all (volume range "
                       f"{volume_range[0]:.0f}-{volume_range[1]:.0f} voxels, max_flow_error {max_flow_error}, "

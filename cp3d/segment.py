@@ -162,12 +162,12 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     10.1
     """
     from .model import UNet3D, load_model
-    from .model.predict import _resolve_device, _validate_image
+    from .model.predict import resolve_device, check_image
 
-    image = _validate_image(image)
+    image = check_image(image)
     if resolve_backend(backend) == "cuda":
         import_cupy()
-    _resolve_device(device)  # a bad device fails here, not after loading the model
+    resolve_device(device)  # a bad device fails here, not after loading the model
     _check_diameter(diameter)
     if not isinstance(model, UNet3D):
         model = load_model("tanh" if model is None else model)
@@ -231,9 +231,9 @@ def _segment_auto(image, model, voxel_size, augment, **options):
 def _check_cell_size(shape, config, extent, what):
     """Fail before the minutes of predicting when cells of `extent` ask for more memory than there is: the
     stack rescaled for the network, or the reconstruction's closing ball (both ``ValueError`` naming `what`)."""
-    from .model.predict import _rescaled_shape
+    from .model.predict import rescaled_shape
 
-    _rescaled_shape(shape, [config.train_diameter / e for e in extent], what)
+    rescaled_shape(shape, [config.train_diameter / e for e in extent], what)
     reconstruction_parameters(extent, config.targets, model_tanh_scale(config, extent))
 
 

@@ -36,7 +36,7 @@ _GRAD_SLOTS = ((22, 4), (16, 10), (14, 12))
 # ---------------------------------------------------------------------------
 
 
-def _compact_ids(values):
+def compact_ids(values):
     """Renumber integer ids to ``1..K`` in increasing id order, keeping 0 as 0.
 
     Parameters
@@ -126,7 +126,7 @@ def tanh_flows(labels, scale=5.0, *, backend="auto"):
     labels = check_labels(labels)
     scale = as_triple(scale, "scale")
     backend = resolve_backend(backend, labels)
-    compact, n_labels = _compact_ids(labels)
+    compact, n_labels = compact_ids(labels)
     if backend == "numpy":
         return _numpy_tanh_flows(compact, n_labels, scale)
     if backend == "numba":
@@ -337,7 +337,7 @@ def _heat_sources(labels):
     fg = xp.flatnonzero(labels.ravel())
     if fg.size == 0:
         return None
-    compact, n_labels = _compact_ids(labels.ravel()[fg])
+    compact, n_labels = compact_ids(labels.ravel()[fg])
     inst = compact.astype(np.int64) - 1  # 0..K-1 per foreground voxel
     counts = xp.bincount(inst, minlength=n_labels)
     starts = xp.cumsum(counts) - counts

@@ -309,22 +309,22 @@ def test_inference_copy_needs_eval_mode():
 
 
 def test_auto_device_prefers_a_gpu(monkeypatch):
-    from cp3d.model.predict import _resolve_device
+    from cp3d.model.predict import resolve_device
 
-    assert _resolve_device("auto", tiny_net()) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto", tiny_net()) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     # a model loaded on the CPU (as segment and load_model do) still predicts on the GPU when there is one
-    assert _resolve_device("auto", tiny_net()).type == "cuda"
+    assert resolve_device("auto", tiny_net()).type == "cuda"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_unavailable_or_unknown_device_is_a_clear_error():
-    from cp3d.model.predict import _resolve_device
+    from cp3d.model.predict import resolve_device
 
     with pytest.raises(ValueError, match="no CUDA GPU"):
         predict(np.zeros((8, 8, 8)), tiny_net(), device="cuda")
     with pytest.raises(ValueError, match="device must be"):
-        _resolve_device("gpu please")
+        resolve_device("gpu please")
 
 
 # --------------------------------------------------------------------------- training pieces

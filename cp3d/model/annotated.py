@@ -22,7 +22,7 @@ from .._backend import as_triple
 from ..io import read_image
 from ..metrics import median_diameter
 from ..segment import cell_extent
-from .predict import _zoom_to_shape
+from .predict import zoom_to_shape
 
 __all__ = ["AnnotatedStack", "find_pairs", "read_annotated", "to_model_grid"]
 
@@ -217,8 +217,8 @@ def to_model_grid(stack, config, *, diameter=None, voxel_size=None):
     shape = tuple(max(1, int(round(s * z))) for s, z in zip(stack.image.shape, zoom))
     image, labels = stack.image, stack.labels
     if shape != image.shape:
-        image = _zoom_to_shape(image, shape, order=1)
-        labels = _zoom_to_shape(labels, shape, order=0)
+        image = zoom_to_shape(image, shape, order=1)
+        labels = zoom_to_shape(labels, shape, order=0)
     info = {"name": stack.name, "diameter": d, "voxel_size": list(vs), "zoom": list(zoom),
             "shape": list(stack.image.shape), "model_grid_shape": list(shape), "cells": int(len(np.unique(labels)) - 1)}
     return image, labels, info

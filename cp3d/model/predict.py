@@ -43,7 +43,8 @@ class Prediction(NamedTuple):
     foreground: np.ndarray
 
 
-def _validate_image(image):
+def check_image(image):
+    """Validate a one-channel 3D stack for prediction (shared by segment, train and the dask layer); return it as an array."""
     if isinstance(image, (str, bytes, os.PathLike)):
         raise TypeError(f"image must be an array, got the path {image!r}; read it with cp3d.io.read_image(path).data")
     if is_cupy_array(image):
@@ -209,7 +210,7 @@ def _blended_tiles(x, model, dev, plans, batch_size, pad_mode, bar):
     return out
 
 
-def _resolve_device(device, model=None):
+def resolve_device(device, model=None):
     """The torch device prediction runs on; "auto": a given model's GPU, else CUDA when available, else the CPU."""
     if device == "auto":
         p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
@@ -229,7 +230,7 @@ def _resolve_device(device, model=None):
 _MAPS_PER_VOXEL = 1 + 4 + 4
 
 
-def _rescaled_shape(shape, factors, what):
+def rescaled_shape(shape, factors, what):
     """`shape` scaled by `factors`; ``ValueError`` naming `what` when prediction there would not fit in memory."""
     scaled = np.asarray(shape, np.float64) * np.asarray(factors, np.float64)
     needed = math.prod(max(1.0, round(float(v))) if np.isfinite(v) else math.inf for v in scaled) * 4 * _MAPS_PER_VOXEL
@@ -238,7 +239,7 @@ def _rescaled_shape(shape, factors, what):
     return tuple(max(1, int(round(v))) for v in scaled)
 
 
-def _zoom_to_shape(arr, shape, order):
+def zoom_to_shape(arr, shape, order):
     """Zoom a 3D array to exactly `shape`."""
     factors = [t / s for t, s in zip(shape, arr.shape)]
     out = ndimage.zoom(arr, factors, order=order, mode="nearest", grid_mode=False)
@@ -356,10 +357,10 @@ def predict(
     >>> p.flows.shape, p.foreground.shape
     ((3, 20, 30, 30), (20, 30, 30))
     """
-    image = _validate_image(image)
+    image = check_image(image)
     if model is None:
         model = "tanh"
-    dev = _resolve_device(device, model)
+    dev = resolve_device(device, model)
     if not isinstance(model, UNet3D):
         model = load_model(model)
     net = model.for_inference(dev)
@@ -387,8 +388,8 @@ def predict(
     if voxel_size is not None:
         factors = np.asarray(as_triple(voxel_size, "voxel_size")) / np.asarray(cfg.voxel_size)
         if not np.allclose(factors, 1.0):
-            new_shape = _rescaled_shape(x.shape, factors, f"voxel_size={voxel_size!r}")
-            x = _zoom_to_shape(x, new_shape, order=1)
+            new_shape = rescaled_shape(x.shape, factors, f"voxel_size={voxel_size!r}")
+            x = zoom_to_shape(x, new_shape, order=1)
 
     if tiles is None and cfg.tile_size is not None:
         if all(map(_tile_count, x.shape, cfg.tile_size, context, ramps, [m] * 3)):
@@ -414,7 +415,7 @@ def predict(
                 acc += out
     acc /= len(mirrors)
     if acc.shape[1:] != original_shape:
-        acc = np.stack([_zoom_to_shape(a, original_shape, order=1) for a in acc])
+        acc = np.stack([zoom_to_shape(a, original_shape, order=1) for a in acc])
     flows = np.ascontiguousarray(acc[:3], dtype=np.float32)
     foreground = np.clip(np.ascontiguousarray(acc[3], dtype=np.float32), 0.0, 1.0)
     return Prediction(flows, foreground)

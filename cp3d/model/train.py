@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from .._backend import as_triple, start_numba_pool
 from ..io import atomic_write
-from .predict import _resolve_device, normalize_percentile, predict
-from .unet import UNet3D, UNetConfig, _resolve_model_dir, load_model, save_model
+from .predict import resolve_device, normalize_percentile, predict
+from .unet import UNet3D, UNetConfig, resolve_model_dir, load_model, save_model
 
 __all__ = ["train", "validate", "validate_annotated", "augment_geometry", "flow_targets"]
 
@@ -478,7 +478,7 @@ def train(
         torch.set_num_threads(int(num_threads))
     if not (isinstance(steps, int) and steps >= 1 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError("steps and batch_size must be positive ints")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     config = UNetConfig(
         targets=targets,
         base_features=base_features,
@@ -522,7 +522,7 @@ def train(
     else:
         pool.fill()
     if init is not None:
-        init_dir = _resolve_model_dir(init)
+        init_dir = resolve_model_dir(init)
         start = load_model(init_dir)
         _check_same_network(start.config, config, f"model {init_dir}")
         model.load_state_dict(start.state_dict())

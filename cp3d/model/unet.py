@@ -365,7 +365,8 @@ def available_models():
     return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / CONFIG_NAME).is_file())
 
 
-def _resolve_model_dir(name_or_path):
+def resolve_model_dir(name_or_path):
+    """The folder of a bundled model name or a model folder path; TypeError/ValueError naming what is wrong."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"model must be a UNet3D, a bundled model name ({', '.join(available_models()) or 'none'}) "
                         f"or a model folder, got {name_or_path!r}")
@@ -410,7 +411,7 @@ def load_model(name_or_path="tanh", device="cpu"):
         file, or do not fit the configuration (missing keys, shape mismatch);
         the message names the path.
     """
-    d = _resolve_model_dir(name_or_path)
+    d = resolve_model_dir(name_or_path)
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
     if not cfg_path.is_file():
         raise ValueError(f"model directory {d} has no {CONFIG_NAME}")
