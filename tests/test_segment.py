@@ -24,6 +24,20 @@ def tiny_model_dir(tmp_path_factory, tiny_model):
     return save_model(tiny_model, tmp_path_factory.mktemp("model"))
 
 
+@pytest.fixture
+def predict_kwargs(monkeypatch):
+    """The keywords segment passes to predict, recorded while predict runs as usual."""
+    seen = {}
+    real_predict = cp3d.model.predict
+
+    def spy(image, model, **kwargs):
+        seen.update(kwargs)
+        return real_predict(image, model, **kwargs)
+
+    monkeypatch.setattr(cp3d.model, "predict", spy)
+    return seen
+
+
 def test_cell_extent_follows_voxel_size():
     assert cell_extent(None, None, 10) == (10, 10, 10)
     assert cell_extent(8, (2.0, 0.5, 0.5), 10) == (2.0, 8.0, 8.0)
@@ -42,30 +56,16 @@ def test_segment_returns_maps_on_the_original_grid(tiny_model):
     assert set(result.seconds) == {"predict", "reconstruct"}
 
 
-def test_segment_rescales_cells_to_the_training_size(tiny_model, monkeypatch):
-    seen = {}
-    real_predict = cp3d.model.predict
-
-    def spy(image, model, **kwargs):
-        seen.update(kwargs)
-        return real_predict(image, model, **kwargs)
-
-    monkeypatch.setattr(cp3d.model, "predict", spy)
+def test_segment_rescales_cells_to_the_training_size(tiny_model, predict_kwargs):
+    seen = predict_kwargs
     image = np.random.default_rng(0).random((12, 24, 24)).astype(np.float32)
     segment(image, tiny_model, diameter=20, voxel_size=(2, 1, 1))
     # cells 20 voxels across in x and 10 in z must become 10 model voxels: zoom 0.5 in x, 1 in z
     assert seen["voxel_size"] == pytest.approx((1.0, 0.5, 0.5))
 
 
-def test_segment_takes_a_diameter_triple(tiny_model, monkeypatch):
-    seen = {}
-    real_predict = cp3d.model.predict
-
-    def spy(image, model, **kwargs):
-        seen.update(kwargs)
-        return real_predict(image, model, **kwargs)
-
-    monkeypatch.setattr(cp3d.model, "predict", spy)
+def test_segment_takes_a_diameter_triple(tiny_model, predict_kwargs):
+    seen = predict_kwargs
     image = np.random.default_rng(0).random((12, 24, 24)).astype(np.float32)
     result = segment(image, tiny_model, diameter=(10, 20, 20))
     # the same cells as diameter=20 with voxels twice as long in z
