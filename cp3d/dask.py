@@ -22,20 +22,25 @@ stage needs:
    added up over the volume, then :func:`cp3d.filters.keep_instances`, the
    verdict of the in-memory filters.
 
-The global steps between the stages need the earlier stages' results, so the
-call computes stages 1-5 on the active dask scheduler (a
-``dask.distributed`` client when one is running), keeping the intermediate
-volumes in a temporary Zarr store on disk, and returns a lazy array that
-renumbers the stored instances. This module needs the ``dask`` extra
-(``pip install 'cp3d[dask]'``).
+The returned labels are lazy: nothing runs until they are computed. The
+global steps between the stages need the earlier stages' results, so one
+task of the labels' graph, the plan, runs stages 1-5 as stage-wide batches
+of tasks on the scheduler that computes the labels (from a
+``dask.distributed`` worker through its ``worker_client``, so that every
+worker takes part), keeping the intermediate volumes in a temporary Zarr
+store on disk; the labels' blocks then read the stored instances through the
+plan's renumbering table. The table is saved beside them, so a second
+computation only reads. A worker that dies is replaced and its tasks rerun
+by dask: every task writes whole chunks, so a rerun writes the same bytes.
+This module needs the ``dask`` extra (``pip install 'cp3d[dask]'``).
 """
 
+import inspect
 import itertools
 import math
 import os
 import shutil
 import tempfile
-import time
 import warnings
 import weakref
 
@@ -103,6 +108,9 @@ inward, sigma
     labels : dask.array.Array, shape (Z, Y, X), uint32
         Lazy instances 1..N, equal to
         ``cp3d.reconstruct(flows.compute(), foreground.compute(), ...)``.
+        Computing them runs the reconstruction (see the module's
+        docstring); warnings about the filters are raised then, where the
+        plan runs (on a worker under ``dask.distributed``).
 
     Notes
     -----
@@ -130,92 +138,176 @@ inward, sigma
     >>> bool((labels.compute() == cp3d.reconstruct(flows.compute(), truth > 0)).all())
     True
     """
-    dask = _import_dask()
-    if backend not in ("auto", "numba"):
-        raise ValueError(f"backend must be 'auto' or 'numba' for chunked reconstruction, got {backend!r}")
-    flows, foreground = _check_inputs(flows, foreground)
-    shape = foreground.shape
-    params = reconstruction_parameters(diameter, targets, tanh_scale)
-    step, n_iter = check_step(params.step if step is None else step, params.n_iter if n_iter is None else n_iter)
-    radius = params.closing_radius if closing_radius is None else closing_radius
-    extent = np.abs(ball_offsets(radius)).max(axis=0)
-    if diameter_range is not None and not 0 <= diameter_range[0] <= diameter_range[1]:
-        raise ValueError(f"diameter_range must be (min, max) with 0 <= min <= max, got {diameter_range!r}")
-    volume_range = params.volume_range if diameter_range is None else tuple(map(sphere_volume, diameter_range))
-    min_overlap, max_flow_error = check_thresholds(min_overlap, max_flow_error)
-    if not np.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be a non-negative number, got {sigma!r}")
-    grid = _Grid(shape, foreground.chunksize if chunks is None else chunks)
-    if halo is None:
-        halo = np.ceil(as_triple(10.0 if diameter is None else diameter, "diameter"))
-    halo = np.maximum(1, np.asarray(as_triple(halo, "halo"), float)).astype(np.int64)
-    if sigma > 0:
-        flows = _smooth(flows, sigma)
+    plan = _Plan(flows, foreground, step=step, n_iter=n_iter, closing_radius=closing_radius,
+                 diameter_range=diameter_range, min_overlap=min_overlap, max_flow_error=max_flow_error,
+                 diameter=diameter, targets=targets, tanh_scale=tanh_scale, inward=inward, sigma=sigma,
+                 backend=backend, chunks=chunks, halo=halo, temporary_directory=temporary_directory,
+                 progress=progress)
+    return plan.labels()
 
-    scratch = _Scratch(temporary_directory)
-    run = _Runner(dask, progress)
-    ends = scratch.create("ends", grid, np.int64, -1)
-    signed = -step if inward else step
 
-    # 1. follow, widening the halo for the chunks whose trajectories escaped.
-    reach = np.zeros(3, np.int64)
-    todo, redo = list(range(len(grid))), False
-    while todo:
-        tasks = []
-        for b in todo:
-            window = grid.grow(grid.block(b), halo)
-            tasks.append(dask.delayed(_follow_block, pure=False)(
-                flows[(slice(None),) + window], foreground[grid.block(b)], ends, grid.block(b), window, shape,
-                signed, n_iter, redo))
-        results = run(tasks, "follow" if not redo else f"follow (halo {tuple(halo.tolist())})")
-        for escaped, moved in results:
-            reach = np.maximum(reach, moved)
-        todo = [b for b, (escaped, _) in zip(todo, results) if escaped]
-        halo, redo = 2 * halo, True
+class _Plan:
+    """The validated settings of one chunked reconstruction, and the stages that carry it out.
 
-    # 2. group, each chunk with the ends that can land within twice the ball's extent.
-    groups = scratch.create("groups", grid, np.uint32, 0)
-    counts = run([dask.delayed(_group_block, pure=False)(ends, groups, grid, b, reach, extent, radius)
-                  for b in range(len(grid))], "group")
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    Calling the plan (as one task of the returned array's graph) runs the
+    stages on the active scheduler and returns the table from stored group
+    ids to final labels; it is saved in the temporary store, so that a
+    second computation of the labels only reads them.
+    """
 
-    # 3. merge groups across chunk faces.
-    pairs = run([dask.delayed(_face_pairs, pure=False)(groups, grid, b, offsets) for b in range(len(grid))],
-                "merge")
-    merged = merge_table(pairs, int(offsets[-1]))
-    merged_d = dask.delayed(merged, pure=True)
-    offsets_d = dask.delayed(offsets, pure=True)
+    def __init__(self, flows, foreground, *, step, n_iter, closing_radius, diameter_range, min_overlap,
+                 max_flow_error, diameter, targets, tanh_scale, inward, sigma, backend, chunks, halo,
+                 temporary_directory, progress):
+        self.dask = _import_dask()
+        if backend not in ("auto", "numba"):
+            raise ValueError(f"backend must be 'auto' or 'numba' for chunked reconstruction, got {backend!r}")
+        flows, foreground = _check_inputs(flows, foreground)
+        self.params = params = reconstruction_parameters(diameter, targets, tanh_scale)
+        step, self.n_iter = check_step(params.step if step is None else step,
+                                       params.n_iter if n_iter is None else n_iter)
+        self.radius = params.closing_radius if closing_radius is None else closing_radius
+        self.extent = np.abs(ball_offsets(self.radius)).max(axis=0)
+        if diameter_range is not None and not 0 <= diameter_range[0] <= diameter_range[1]:
+            raise ValueError(f"diameter_range must be (min, max) with 0 <= min <= max, got {diameter_range!r}")
+        self.volume_range = (params.volume_range if diameter_range is None
+                             else tuple(map(sphere_volume, diameter_range)))
+        self.min_overlap, self.max_flow_error = check_thresholds(min_overlap, max_flow_error)
+        if not np.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"sigma must be a non-negative number, got {sigma!r}")
+        self.grid = _Grid(foreground.shape, foreground.chunksize if chunks is None else chunks)
+        if halo is None:
+            halo = np.ceil(as_triple(10.0 if diameter is None else diameter, "diameter"))
+        self.halo = np.maximum(1, np.asarray(as_triple(halo, "halo"), float)).astype(np.int64)
+        self.flows = _smooth(flows, sigma) if sigma > 0 else flows
+        self.foreground = foreground
+        self.signed = -step if inward else step
+        self.targets, self.inward, self.progress = targets, inward, progress
+        self.scratch = _Scratch(temporary_directory)
+        self.folder = self.scratch.path
 
-    # 4. each voxel takes the group at its end voxel; per-chunk sums.
-    instances = scratch.create("instances", grid, np.uint32, 0)
-    need_box = targets == "heat" and np.isfinite(max_flow_error)
-    blocks = run([dask.delayed(_instance_block, pure=False)(ends, groups, instances, grid, b, reach, offsets_d,
-                                                            merged_d, need_box)
-                  for b in range(len(grid))], "label")
-    stats = _Statistics(blocks, int(merged.max()) if merged.size else 0, need_box)
+    def __getstate__(self):
+        # Workers get the folder's path; the folder itself is removed by the client's copy alone.
+        return {k: v for k, v in self.__dict__.items() if k not in ("dask", "scratch")}
 
-    # 5. filter.
-    flow_error = None
-    if np.isfinite(max_flow_error) and stats.n:
-        if targets == "tanh":
-            error = _tanh_error(dask, run, flows, foreground, instances, grid, blocks, stats, params, inward)
-        else:
-            error = _heat_error(dask, run, flows, instances, grid, stats, inward)
-        flow_error = error / (3 * np.maximum(stats.volume, 1))
-    overlap = stats.inside / np.maximum(stats.volume, 1)
-    keep = keep_instances(stats.volume, overlap, flow_error, stats.on_border, volume_range, min_overlap,
-                          max_flow_error)
-    if stats.n and not keep.any():
-        warnings.warn(f"reconstruct found {stats.n} groups but the filters dropped them all (volume range "
-                      f"{volume_range[0]:.0f}-{volume_range[1]:.0f} voxels, max_flow_error {max_flow_error}, "
-                      f"targets={targets!r}, inward={inward}); check that the flows' convention matches these "
-                      "settings, or relax the filters (diameter_range, max_flow_error=None)", stacklevel=2)
-    # Kept instances numbered in C order of their first voxel, as on the whole volume.
-    kept = np.flatnonzero(keep)
-    lut = np.zeros(stats.n + 1, np.uint32)
-    lut[kept[np.argsort(stats.first[kept])]] = np.arange(1, kept.size + 1, dtype=np.uint32)
-    renumber = _Renumber(lut, scratch)
-    return dask.array.from_zarr(instances, chunks=grid.chunks).map_blocks(renumber, dtype=np.uint32)
+    def __setstate__(self, state):
+        self.__dict__.update(state, dask=_import_dask(), scratch=None)
+
+    def labels(self, after=()):
+        """The lazy labels: blocks of the stored instances renumbered by the plan's table.
+
+        `after` are delayed objects the plan waits for (the prediction that
+        writes the maps it reads).
+        """
+        da = self.dask.array
+        lut = self.dask.delayed(self, pure=False)(*after)
+        chunks = da.core.normalize_chunks(self.grid.chunks, self.grid.shape)
+        return da.map_blocks(_Stored(os.path.join(self.folder, "instances.zarr"), self.scratch, renumber=True),
+                             after=lut, chunks=chunks, dtype=np.uint32, meta=np.empty((0, 0, 0), np.uint32))
+
+    def __call__(self, *after):
+        done = os.path.join(self.folder, "labels.npy")
+        if os.path.exists(done):
+            return np.load(done)
+        lut = self.run(_Runner(self.dask, self.progress))
+        _save_atomically(done, lut)
+        return lut
+
+    def run(self, run):
+        """Stages 1-5 (see the module's docstring); the table from stored ids to final labels."""
+        dask, grid, flows, foreground = self.dask, self.grid, self.flows, self.foreground
+        ends = _create_store(self.folder, "ends", grid, np.int64, -1)
+
+        # 1. follow, widening the halo for the chunks whose trajectories escaped.
+        reach = np.zeros(3, np.int64)
+        halo, todo, redo = self.halo, list(range(len(grid))), False
+        while todo:
+            tasks = []
+            for b in todo:
+                window = grid.grow(grid.block(b), halo)
+                tasks.append(dask.delayed(_follow_block, pure=False)(
+                    flows[(slice(None),) + window], foreground[grid.block(b)], ends, grid.block(b), window,
+                    grid.shape, self.signed, self.n_iter, redo))
+            results = run(tasks, "follow" if not redo else f"follow (halo {tuple(halo.tolist())})")
+            for escaped, moved in results:
+                reach = np.maximum(reach, moved)
+            todo = [b for b, (escaped, _) in zip(todo, results) if escaped]
+            halo, redo = 2 * halo, True
+
+        # 2. group, each chunk with the ends that can land within twice the ball's extent.
+        groups = _create_store(self.folder, "groups", grid, np.uint32, 0)
+        counts = run([dask.delayed(_group_block, pure=False)(ends, groups, grid, b, reach, self.extent, self.radius)
+                      for b in range(len(grid))], "group")
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+        # 3. merge groups across chunk faces.
+        pairs = run([dask.delayed(_face_pairs, pure=False)(groups, grid, b, offsets) for b in range(len(grid))],
+                    "merge")
+        merged = merge_table(pairs, int(offsets[-1]))
+        merged_d = dask.delayed(merged, pure=True)
+        offsets_d = dask.delayed(offsets, pure=True)
+
+        # 4. each voxel takes the group at its end voxel; per-chunk sums.
+        instances = _create_store(self.folder, "instances", grid, np.uint32, 0)
+        need_box = self.targets == "heat" and np.isfinite(self.max_flow_error)
+        blocks = run([dask.delayed(_instance_block, pure=False)(ends, groups, instances, grid, b, reach, offsets_d,
+                                                                merged_d, need_box)
+                      for b in range(len(grid))], "label")
+        stats = _Statistics(blocks, int(merged.max()) if merged.size else 0, need_box)
+
+        # 5. filter.
+        flow_error = None
+        if np.isfinite(self.max_flow_error) and stats.n:
+            if self.targets == "tanh":
+                error = _tanh_error(dask, run, flows, foreground, instances, grid, blocks, stats, self.params,
+                                    self.inward)
+            else:
+                error = _heat_error(dask, run, flows, instances, grid, stats, self.inward)
+            flow_error = error / (3 * np.maximum(stats.volume, 1))
+        overlap = stats.inside / np.maximum(stats.volume, 1)
+        keep = keep_instances(stats.volume, overlap, flow_error, stats.on_border, self.volume_range,
+                              self.min_overlap, self.max_flow_error)
+        if stats.n and not keep.any():
+            low, high = self.volume_range
+            warnings.warn(f"reconstruct found {stats.n} groups but the filters dropped them all (volume range "
+                          f"{low:.0f}-{high:.0f} voxels, max_flow_error {self.max_flow_error}, "
+                          f"targets={self.targets!r}, inward={self.inward}); check that the flows' convention "
+                          "matches these settings, or relax the filters (diameter_range, max_flow_error=None)",
+                          stacklevel=2)
+        # Kept instances numbered in C order of their first voxel, as on the whole volume.
+        kept = np.flatnonzero(keep)
+        lut = np.zeros(stats.n + 1, np.uint32)
+        lut[kept[np.argsort(stats.first[kept])]] = np.arange(1, kept.size + 1, dtype=np.uint32)
+        return lut
+
+
+def _save_atomically(path, array):
+    """np.save under a temporary name, then renamed: a reader never sees half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+class _Stored:
+    """Blocks read from a Zarr array of the temporary store once the task `after` is done.
+
+    `lead` indexes the axes before the block's own (a channel); with
+    `renumber`, `after` is the plan's table and the block its stored ids
+    through it. Holds the temporary store (client side only), so that it
+    lives as long as the array.
+    """
+
+    def __init__(self, path, scratch, lead=(), renumber=False):
+        self.path, self.scratch, self.lead, self.renumber = path, scratch, lead, renumber
+
+    def __call__(self, after=None, block_info=None):
+        import zarr
+
+        box = self.lead + tuple(slice(a, b) for a, b in block_info[None]["array-location"])
+        block = zarr.open_array(self.path, mode="r")[box]
+        return after[block] if self.renumber else block
+
+    def __reduce__(self):
+        return _Stored, (self.path, None, self.lead, self.renumber)
 
 
 def _check_inputs(flows, foreground):
@@ -292,26 +384,13 @@ class _Scratch:
         self.path = tempfile.mkdtemp(prefix="cp3d-dask-", dir=folder)
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
 
-    def create(self, name, grid, dtype, fill):
-        import zarr
 
-        return zarr.create_array(os.path.join(self.path, f"{name}.zarr"), shape=grid.shape, chunks=grid.chunks,
-                                 dtype=dtype, fill_value=fill, compressors=None)
+def _create_store(folder, name, grid, dtype, fill):
+    """An uncompressed Zarr array of the grid's chunks in `folder` (replacing one a failed run left)."""
+    import zarr
 
-
-class _Renumber:
-    """Map stored instance ids to the final labels; owns the temporary store the ids live in."""
-
-    def __init__(self, lut, scratch):
-        self.lut = lut
-        self.scratch = scratch
-
-    def __call__(self, block):
-        return self.lut[block]
-
-    def __reduce__(self):
-        # Workers get the table only: the store is removed by the client's copy alone.
-        return _Renumber, (self.lut, None)
+    return zarr.create_array(os.path.join(folder, f"{name}.zarr"), shape=grid.shape, chunks=grid.chunks,
+                             dtype=dtype, fill_value=fill, compressors=None, overwrite=True)
 
 
 class _Runner:
@@ -325,25 +404,28 @@ class _Runner:
         if not tasks:
             return []
         try:
-            from distributed import as_completed, get_client
+            from distributed import get_worker, worker_client
 
-            client = get_client()
+            get_worker()
         except (ImportError, ValueError):
-            client = None
-        if client is None:
+            # A local scheduler: a nested compute runs on a pool of its own.
+            if not self.progress:
+                return list(self.dask.compute(*tasks))
             from dask.diagnostics import ProgressBar
 
-            if self.progress:
-                with ProgressBar():
-                    return list(self.dask.compute(*tasks))
-            return list(self.dask.compute(*tasks))
+            with ProgressBar():
+                return list(self.dask.compute(*tasks))
+        from distributed import as_completed
         from tqdm.auto import tqdm
 
-        futures = client.compute(tasks)
-        with tqdm(total=len(futures), desc=desc, unit="chunk", disable=not self.progress) as bar:
-            for _ in as_completed(futures):
-                bar.update()
-        return client.gather(futures)
+        # The plan runs as a task on a worker: the client it gets there leaves the worker's thread pool while it
+        # waits, so the stage's tasks can run on every worker, this one included.
+        with worker_client() as client:
+            futures = client.compute(tasks)
+            with tqdm(total=len(futures), desc=desc, unit="chunk", disable=not self.progress) as bar:
+                for _ in as_completed(futures):
+                    bar.update()
+            return client.gather(futures)
 
 
 def _follow_block(flows, foreground, ends, block, window, shape, step, n_iter, redo):
@@ -607,8 +689,10 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     -------
     cp3d.Segmentation
         ``labels`` (lazy uint32), ``flows`` and ``foreground`` (lazy float32,
-        read from the temporary store), ``seconds`` per stage and the
-        ``diameter`` used.
+        read from the temporary store once predicted), ``seconds`` empty
+        (nothing has run yet) and the ``diameter`` used. The network runs
+        once, when the first of them is computed; later computations read
+        its stored maps.
 
     Notes
     -----
@@ -655,14 +739,11 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     chunks = np.broadcast_to(np.asarray(image.chunksize if chunks is None else chunks), (3,))
     if not all(float(c).is_integer() and c >= 1 for c in chunks):
         raise ValueError(f"chunks must be positive integers (z, y, x), got {chunks.tolist()!r}")
-    start = time.perf_counter()
-    scratch = _Scratch(temporary_directory)
-    run = _Runner(dask, progress)
+    import zarr
 
-    lo, hi = _percentiles(image)
-    x = image.astype(np.float32)
-    constant = not hi - lo > 1e-12 * max(1.0, abs(hi))
-    x = (x * 0) if constant else (x - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    scratch = _Scratch(temporary_directory)
+    bounds = dask.delayed(_percentiles, pure=True)(_percentile_sample(image))
+    x = image.map_blocks(_normalize, bounds=bounds, dtype=np.float32)
     factors = model_voxel / np.asarray(config.voxel_size)
     model_shape = tuple(max(1, int(round(n * f))) for n, f in zip(image.shape, factors))
     rescale = not np.allclose(factors, 1.0)
@@ -672,34 +753,52 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     maps = _predict_chunks(dask, x, model, pred_chunks, context, augment, device)
     if rescale:
         maps = da.stack([_zoom(maps[c], image.shape, tuple(int(c) for c in chunks)) for c in range(4)])
-    maps = maps.rechunk((1,) + tuple(int(min(c, n)) for c, n in zip(chunks, image.shape)))
-    store = scratch.path + "/maps.zarr"
-    run([da.to_zarr(maps, store, compute=False)], "predict")
-    stored = da.from_zarr(store)
-    keep = _Keep(scratch)  # the maps' store lives as long as any array read from it
-    flows = stored[:3].rechunk((3,) + stored.chunksize[1:]).map_blocks(keep, dtype=np.float32)
-    foreground = da.clip(stored[3], 0.0, 1.0).map_blocks(keep, dtype=np.float32)
-    predicted = time.perf_counter()
+    image_chunks = tuple(int(min(c, n)) for c, n in zip(chunks, image.shape))
+    path = os.path.join(scratch.path, "maps.zarr")
+    store = zarr.create_array(path, shape=maps.shape, chunks=(4,) + image_chunks, dtype=np.float32, fill_value=0.0)
+    predicted = dask.delayed(_Prediction(maps.rechunk((4,) + image_chunks), store, progress), pure=False)()
+    grid = da.core.normalize_chunks(image_chunks, image.shape)
+
+    def stored(after=None, channels=slice(0, 3)):
+        # The maps' store lives as long as any array read from it; the arrays handed back wait for the
+        # prediction, the reconstruction's plan waits for it once (`after`) and then reads the store.
+        lead = () if isinstance(channels, slice) else (channels,)
+        chunks = ((3,),) + grid if isinstance(channels, slice) else grid
+        return da.map_blocks(_Stored(path, scratch, lead), after=after, chunks=chunks, dtype=np.float32,
+                             meta=np.empty((0,) * len(chunks), np.float32))
+
+    flows, foreground = stored(), da.clip(stored(channels=3), 0.0, 1.0)
     scale = tuple(config.tanh_scale * e / config.train_diameter for e in extent)
-    labels = reconstruct(flows, foreground, diameter=extent, targets=config.targets, tanh_scale=scale,
-                         temporary_directory=temporary_directory, progress=progress, **kwargs)
-    labels = labels.map_blocks(keep, dtype=np.uint32)
-    seconds = {"predict": predicted - start, "reconstruct": time.perf_counter() - predicted}
-    return Segmentation(labels, flows, foreground, seconds,
+    settings = inspect.signature(reconstruct).bind(
+        flows, foreground, **{**dict(diameter=extent, targets=config.targets, tanh_scale=scale,
+                                     temporary_directory=temporary_directory, progress=progress), **kwargs})
+    settings.apply_defaults()
+    plan = _Plan(**settings.arguments)
+    labels = plan.labels(after=(predicted,))
+    return Segmentation(labels, stored(predicted), da.clip(stored(predicted, 3), 0.0, 1.0), {},
                         float(config.train_diameter if diameter is None else diameter))
 
 
-class _Keep:
-    """Identity on blocks that keeps an object (a temporary store) alive with the graph."""
+class _Prediction:
+    """The task that predicts the maps chunk by chunk into the store, once (a marker file records it)."""
 
-    def __init__(self, keep):
-        self.keep = keep
+    def __init__(self, maps, store, progress):
+        self.maps, self.store, self.progress = maps, store, progress
 
-    def __call__(self, block):
-        return block
+    def __call__(self):
+        dask = _import_dask()
+        done = os.path.join(str(self.store.store.root), "complete")
+        if os.path.exists(done):
+            return
+        slices = dask.array.core.slices_from_chunks(self.maps.chunks)
+        blocks = self.maps.to_delayed().ravel()
+        _Runner(dask, self.progress)([dask.delayed(_store_block, pure=False)(block, self.store, box)
+                                      for block, box in zip(blocks, slices)], "predict")
+        open(done, "w").close()
 
-    def __reduce__(self):
-        return _Keep, (None,)
+
+def _store_block(block, store, box):
+    store[box] = block
 
 
 # Stacks above this many voxels estimate their percentiles from a strided sample, as cp3d.predict does.
@@ -707,16 +806,30 @@ _EXACT_PERCENTILES = 8_000_000
 _SAMPLE = 4_000_000
 
 
-def _percentiles(image, lower=1.0, upper=99.8):
-    """The normalisation percentiles of the whole stack, computed once."""
+def _percentile_sample(image):
+    """The voxels the normalisation percentiles are taken from: all, or a strided subsample of a large stack."""
     if image.size > _EXACT_PERCENTILES:
         stride = max(1, round((image.size / _SAMPLE) ** (1 / 3)))
         image = image[::stride, ::stride, ::stride]
-    sample = np.asarray(image.compute(), np.float32)
+    return image
+
+
+def _percentiles(sample, lower=1.0, upper=99.8):
+    """The normalisation percentiles of the whole stack, computed once."""
+    sample = np.asarray(sample, np.float32)
     if not np.isfinite(sample).all():
         raise ValueError("image contains NaN or inf values")
     lo, hi = np.percentile(sample.ravel(), [lower, upper])
     return float(lo), float(hi)
+
+
+def _normalize(block, bounds):
+    """A block scaled by the stack's percentiles (0 where the stack is constant), as cp3d.predict does."""
+    lo, hi = bounds
+    x = block.astype(np.float32)
+    if not hi - lo > 1e-12 * max(1.0, abs(hi)):
+        return x * 0
+    return (x - np.float32(lo)) * np.float32(1.0 / (hi - lo))
 
 
 def _zoom(x, shape, chunks):

@@ -187,3 +187,63 @@ def test_cli_reconstruct_from_saved_maps(tmp_path):
     assert main(["reconstruct", str(tmp_path / "maps.tif"), "-o", str(out), "--diameter", "8", "--chunks", "6", "12",
                  "12", "--quiet"]) == 0
     np.testing.assert_array_equal(io.read_image(out).data, cp3d.reconstruct(flows, foreground, diameter=8))
+
+
+def test_outputs_are_lazy_and_computed_once(tmp_path):
+    flows, foreground = _maps("tanh", shape=(12, 24, 24))
+    labels = _chunked(flows, foreground, (6, 12, 12), diameter=8, temporary_directory=tmp_path)
+    (scratch,) = os.listdir(tmp_path)
+    assert os.listdir(tmp_path / scratch) == []  # nothing computed by the call
+    whole = cp3d.reconstruct(flows, foreground, diameter=8)
+    np.testing.assert_array_equal(labels.compute(), whole)
+    stored = sorted(os.listdir(tmp_path / scratch))
+    assert "labels.npy" in stored and "instances.zarr" in stored
+    # A second computation reads the stored instances through the saved table instead of reconstructing again.
+    (tmp_path / scratch / "ends.zarr").rename(tmp_path / scratch / "moved.zarr")
+    np.testing.assert_array_equal(labels[:, 3:20].compute(), whole[:, 3:20])
+    del labels
+    assert os.listdir(tmp_path) == []  # the store goes with the array
+
+
+def test_segment_is_lazy(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from cp3d.model import UNet3D
+
+    torch.manual_seed(0)
+    net = UNet3D(base_features=4, depth=2).eval()
+    calls = []
+    forward = net.forward
+    monkeypatch.setattr(net, "forward", lambda x: calls.append(x.shape) or forward(x))
+    image, _ = cp3d.data.synthetic_stack((16, 32, 32), 8, seed=1)
+    result = cp3d_dask.segment(da.from_array(image, chunks=(8, 16, 16)), net, temporary_directory=tmp_path)
+    assert calls == [] and isinstance(result.labels, da.Array)
+    labels, flows = da.compute(result.labels, result.flows)
+    n = len(calls)
+    assert n > 0
+    np.testing.assert_array_equal(result.labels.compute(), labels)
+    np.testing.assert_array_equal(result.flows.compute(), flows)
+    assert len(calls) == n  # the network ran once: later computations read the stored maps
+
+
+def test_killed_worker_is_retried(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    flows, foreground = _maps("tanh")
+    whole = cp3d.reconstruct(flows, foreground, diameter=8)
+    marker = str(tmp_path / "killed")
+
+    def die_once(block):
+        # The first worker to read a foreground chunk dies at once, as under kill -9.
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return block
+
+    chunks = (8, 16, 16)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, distributed.Client(cluster):
+        fg = da.from_array(foreground, chunks=chunks).map_blocks(die_once, dtype=bool, meta=np.empty((0, 0, 0), bool))
+        labels = cp3d_dask.reconstruct(da.from_array(flows, chunks=(3,) + chunks), fg, diameter=8,
+                                       temporary_directory=tmp_path)
+        out = labels.compute()
+    assert os.path.exists(marker)
+    np.testing.assert_array_equal(out, whole)
