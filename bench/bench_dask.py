@@ -159,6 +159,34 @@ def segment_end_to_end(folder, shape, chunks):
     return {"shape": list(shape), "voxels": int(np.prod(shape)), "chunks": list(chunks), **result}
 
 
+def make_image(path, shape, diameter, chunks, seed=0):
+    """A synthetic stack with cells `diameter` voxels across, tiled to `shape`, written as an OME-Zarr image."""
+    import dask.array as da
+
+    import cp3d
+
+    base_shape = tuple(min(n, int(round(12 * diameter))) for n in shape)
+    image, _ = cp3d.data.synthetic_stack(base_shape, diameter, seed=seed)
+    reps = [-(-n // b) for n, b in zip(shape, base_shape)]
+    tiled = da.tile(da.from_array(image, chunks=image.shape), reps)[: shape[0], : shape[1], : shape[2]]
+    cp3d.io.write_ome_zarr(path, tiled.rechunk(chunks), chunks=chunks)
+
+
+def segment_large(folder, shape, diameter, chunks, workers):
+    """`cp3d segment` end to end on an OME-Zarr stack of `shape` (one network pass), in a fresh process."""
+    path = os.path.join(folder, "image.ome.zarr")
+    start = time.perf_counter()
+    make_image(path, shape, diameter, chunks)
+    made = time.perf_counter() - start
+    print(f"image {shape} written in {made:.0f} s", file=sys.stderr)
+    out = os.path.join(folder, "labels.zarr")
+    args = ["-m", "cp3d.cli", "segment", path, "-o", out, "--chunks", *map(str, chunks), "--no-augment",
+            "--diameter", str(diameter), "--workers", str(workers), "--quiet"]
+    result = measured(["_cli", *args])
+    return {"shape": list(shape), "voxels": int(np.prod(shape)), "diameter": diameter, "chunks": list(chunks),
+            "workers": workers, "make_image_s": round(made, 1), "command": "cp3d " + " ".join(args[2:]), **result}
+
+
 def plot(results, path):
     import matplotlib
 
@@ -192,7 +220,24 @@ def main(argv=None):
     parser.add_argument("--segment", type=float, default=3.4e7, help="voxels of the segment run (0: skip)")
     parser.add_argument("--folder", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", default=str(HERE / "results" / "dask.json"))
+    parser.add_argument("--segment-shape", nargs=3, type=int, metavar=("Z", "Y", "X"),
+                        help="only run `cp3d segment` end to end on a stack of this shape (e.g. 392 1500 1800)")
+    parser.add_argument("--segment-diameter", type=float, default=20.0,
+                        help="cell diameter of that stack, in voxels (default 20)")
     args = parser.parse_args(argv)
+    if args.segment_shape:
+        folder = tempfile.mkdtemp(prefix="cp3d-bench-dask-", dir=args.folder)
+        try:
+            row = segment_large(folder, tuple(args.segment_shape), args.segment_diameter, CHUNKS, args.workers[0])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        results = {"benchmark": "cp3d segment (chunked, end to end)", "segment": row,
+                   "machine": machine_info(packages=("numpy", "numba", "dask", "distributed", "zarr", "ome-zarr",
+                                                     "torch"))}
+        results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        return
     folder = tempfile.mkdtemp(prefix="cp3d-bench-dask-", dir=args.folder)
     results = {"benchmark": "cp3d.dask", "machine": machine_info(packages=("numpy", "numba", "dask", "distributed",
                                                                              "zarr", "ome-zarr", "torch")),
