@@ -5,12 +5,15 @@ noise) are written to a Zarr store at each size; each run then starts in a
 fresh Python process that reads them, and the resident memory of that
 process and all its children (the dask workers) is sampled every 0.2 s:
 
-- ``memory``: ``cp3d.reconstruct`` on the whole volume loaded from the store;
-- ``dask``: ``cp3d.dask.reconstruct`` on a ``LocalCluster`` of 1 or 2 worker
-  processes (one thread each; Numba's threads split between them), labels
-  written to a Zarr store;
+- ``memory``: ``cp3d.reconstruct`` on the whole volume loaded from the store
+  (its seconds alone, and from store to store: load, reconstruct, write the
+  labels to a Zarr store);
+- ``dask_WxT``: ``cp3d.dask.reconstruct`` on a ``LocalCluster`` of W worker
+  processes of T threads (Numba's threads split between the workers), from the
+  flows store to a labels Zarr store;
 - ``segment``: ``cp3d segment IN.ome.zarr -o OUT.zarr --chunks ... --no-augment``
-  end to end with the bundled model.
+  end to end with the bundled model (``--segment-shape Z Y X`` runs only this,
+  on a stack of that shape, e.g. the 392x1500x1800 of the issue).
 
 The chunked labels are checked against the in-memory labels at every size
 where both ran. Writes ``results/dask.json`` and ``results/dask.png``.
@@ -77,11 +80,16 @@ def run_memory(store, out):
     loaded = time.perf_counter()
     labels = cp3d.reconstruct(flows, foreground)
     seconds = time.perf_counter() - loaded
+    # Written as the chunked run writes its labels, so that both runs go from the same store to a store.
+    written = time.perf_counter()
+    zarr.create_array(out.replace(".npy", ".zarr"), shape=labels.shape, chunks=CHUNKS, dtype=labels.dtype)[:] = labels
+    write_seconds = time.perf_counter() - written
     np.save(out, labels)
-    return {"seconds": seconds, "load_seconds": loaded - start, "cells": int(labels.max())}
+    return {"seconds": seconds, "load_seconds": loaded - start, "write_seconds": write_seconds,
+            "cells": int(labels.max())}
 
 
-def run_dask(store, out, workers, chunks):
+def run_dask(store, out, workers, chunks, threads_per_worker=1):
     import dask.array as da
     from distributed import Client, LocalCluster
 
@@ -89,7 +97,8 @@ def run_dask(store, out, workers, chunks):
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     os.environ["NUMBA_NUM_THREADS"] = str(threads)  # inherited by the worker processes
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster):
+    with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, dashboard_address=None) as cluster, \
+            Client(cluster):
         flows = da.from_zarr(store, component="flows")
         foreground = da.from_zarr(store, component="foreground")
         start = time.perf_counter()
@@ -97,7 +106,8 @@ def run_dask(store, out, workers, chunks):
         da.to_zarr(labels, out)
         seconds = time.perf_counter() - start
         cells = int(da.from_zarr(out).max().compute())
-    return {"seconds": seconds, "cells": cells, "workers": workers, "numba_threads_per_worker": threads}
+    return {"seconds": seconds, "cells": cells, "workers": workers, "threads_per_worker": threads_per_worker,
+            "numba_threads_per_worker": threads}
 
 
 def measured(args):
@@ -197,10 +207,14 @@ def plot(results, path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     labels = [f"{r['voxels']:.1e}" for r in rows]
     x = np.arange(len(rows))
-    series = [("memory", "in memory"), ("dask_1", "dask, 1 worker"), ("dask_2", "dask, 2 workers")]
+    series = [("memory", "in memory"), ("dask_1x2", "dask, 1 worker x 2 threads"),
+              ("dask_2x1", "dask, 2 workers x 1 thread"), ("dask_1x1", "dask, 1 worker x 1 thread")]
+    width = 0.8 / len(series)
     for k, (key, name) in enumerate(series):
-        a.bar(x + (k - 1) * 0.27, [r.get(key, {}).get("s_per_1e6", 0) for r in rows], 0.27, label=name)
-        b.bar(x + (k - 1) * 0.27, [r.get(key, {}).get("peak_rss_gb", 0) for r in rows], 0.27, label=name)
+        a.bar(x + (k - 1.5) * width, [r.get(key, {}).get("s_per_1e6", 0) for r in rows], width, label=name)
+        b.bar(x + (k - 1.5) * width, [r.get(key, {}).get("peak_rss_gb", 0) for r in rows], width, label=name)
+    a.scatter(x - 1.5 * width, [r.get("memory", {}).get("store_to_store_s_per_1e6", np.nan) for r in rows],
+              marker="_", s=300, color="k", label="in memory, with store read and write")
     for ax, title in ((a, "seconds per 1e6 voxels"), (b, "peak resident memory, GB")):
         ax.set_xticks(x, labels)
         ax.set_xlabel("voxels")
@@ -214,8 +228,10 @@ def plot(results, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["1e8", "3e8"], choices=sorted(SHAPES))
-    parser.add_argument("--two-workers", nargs="+", default=["1e8"], help="sizes also run with 2 workers")
-    parser.add_argument("--workers", nargs="+", type=int, default=[1], help="worker counts for the other sizes")
+    parser.add_argument("--configs", nargs="+", default=["1x2", "2x1", "1x1"],
+                        help="local clusters to run, WORKERSxTHREADS per worker; the first at every size")
+    parser.add_argument("--two-workers", nargs="+", default=["1e8"], help="sizes that run every --configs entry")
+    parser.add_argument("--workers", nargs="+", type=int, default=[1], help="workers of the --segment-shape run")
     parser.add_argument("--memory-sizes", nargs="+", default=["1e8", "3e8"], help="sizes also run in memory")
     parser.add_argument("--segment", type=float, default=3.4e7, help="voxels of the segment run (0: skip)")
     parser.add_argument("--folder", default=None, help="scratch folder (default: a temporary one)")
@@ -255,17 +271,27 @@ def main(argv=None):
             npy = os.path.join(size_folder, "memory.npy")
             if size in args.memory_sizes:
                 row["memory"] = measured(["_memory", store, npy])
-            for workers in (1, 2) if size in args.two_workers else args.workers:
-                out = os.path.join(size_folder, f"labels_{workers}.zarr")
-                row[f"dask_{workers}"] = measured(["_dask", store, out, str(workers)])
+            for config in args.configs if size in args.two_workers else args.configs[:1]:
+                workers, threads = map(int, config.split("x"))
+                out = os.path.join(size_folder, f"labels_{config}.zarr")
+                key = f"dask_{config}"
+                row[key] = measured(["_dask", store, out, str(workers), str(threads)])
+                row[key]["s_per_1e6"] = round(row[key]["seconds"] / row["voxels"] * 1e6, 4)
                 if "memory" in row:
-                    row[f"dask_{workers}"]["equals_memory"] = same_labels(npy, out)
+                    row[key]["equals_memory"] = same_labels(npy, out)
                 shutil.rmtree(out)
-            for key in ("memory", "dask_1", "dask_2"):  # reconstruction alone (the in-memory load is apart)
-                if key in row:
-                    row[key]["s_per_1e6"] = round(row[key]["seconds"] / row["voxels"] * 1e6, 4)
-            if "memory" in row and "dask_1" in row:
-                row["dask_1_over_memory"] = round(row["dask_1"]["seconds"] / row["memory"]["seconds"], 3)
+            if "memory" in row:
+                memory = row["memory"]
+                memory["s_per_1e6"] = round(memory["seconds"] / row["voxels"] * 1e6, 4)
+                # From the flows store to a labels store, as the chunked runs go.
+                memory["store_to_store_seconds"] = memory["load_seconds"] + memory["seconds"] + memory["write_seconds"]
+                memory["store_to_store_s_per_1e6"] = round(memory["store_to_store_seconds"] / row["voxels"] * 1e6, 4)
+                best = min((k for k in row if k.startswith("dask_")), key=lambda k: row[k]["seconds"], default=None)
+                if best:
+                    row["best_dask"] = best
+                    row["best_over_memory"] = round(row[best]["seconds"] / memory["seconds"], 3)
+                    row["best_over_memory_store_to_store"] = round(row[best]["seconds"]
+                                                                   / memory["store_to_store_seconds"], 3)
             results["reconstruct"].append(row)
             print(json.dumps(row), file=sys.stderr)
             if args.segment and size == args.sizes[0]:
@@ -285,7 +311,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["_memory"]:
         print(json.dumps(run_memory(*sys.argv[2:4])))
     elif sys.argv[1:2] == ["_dask"]:
-        print(json.dumps(run_dask(sys.argv[2], sys.argv[3], int(sys.argv[4]), CHUNKS)))
+        print(json.dumps(run_dask(sys.argv[2], sys.argv[3], int(sys.argv[4]), CHUNKS, int(sys.argv[5]))))
     elif sys.argv[1:2] == ["_cli"]:
         start = time.perf_counter()
         done = subprocess.run([sys.executable, *sys.argv[2:]], capture_output=True, text=True)

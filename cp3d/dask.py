@@ -50,7 +50,7 @@ from ._backend import as_triple, check_flows, check_foreground
 from .filters import check_thresholds, keep_instances, sphere_volume, tanh_statistic_sums
 from .follow import check_step, follow_in_window, smooth_flows
 from .group import ball_offsets, close_and_label, merge_table, relabel_by_first_voxel
-from .reconstruct import reconstruction_parameters
+from .reconstruct import reconstruction_parameters, warn_on_flow_convention
 from .targets import heat_flows
 
 __all__ = ["reconstruct", "segment"]
@@ -125,7 +125,7 @@ inward, sigma
     targets and a flow filter, each instance's heat flows are recomputed from
     its bounding box, so a task also holds the boxes of the instances whose
     first voxel lies in its chunk. The in-memory warnings about the flows'
-    scale and sign are not repeated here.
+    scale and sign are given at the call, from the middle chunk.
 
     Examples
     --------
@@ -143,6 +143,11 @@ inward, sigma
                  diameter=diameter, targets=targets, tanh_scale=tanh_scale, inward=inward, sigma=sigma,
                  backend=backend, chunks=chunks, halo=halo, temporary_directory=temporary_directory,
                  progress=progress)
+    # The in-memory checks of the flows' scale and sign, on the middle chunk: cheap, and at the call.
+    middle = plan.grid.block(len(plan.grid) // 2)
+    sample_flows, sample_foreground = plan.dask.compute(plan.flows[(slice(None),) + middle], plan.foreground[middle])
+    warn_on_flow_convention(check_flows(np.asarray(sample_flows)),
+                            check_foreground(np.asarray(sample_foreground), sample_foreground.shape), inward)
     return plan.labels()
 
 

@@ -222,7 +222,7 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     starts = xp.flatnonzero(foreground)
     if starts.size == 0:
         return xp.zeros(foreground.shape, np.uint32)
-    _warn_on_flow_convention(flows, foreground, inward)
+    warn_on_flow_convention(flows, foreground, inward)
     # Only foreground voxels are tracked, and each large buffer is released as
     # soon as the next stage has what it needs (see the README's memory table).
     end = follow_starts(flows, starts, np.float32(-step if inward else step), n_iter, backend)
@@ -252,7 +252,7 @@ _MAX_FLOW = 1.5
 _SIGN_SAMPLE_SLICES = 8
 
 
-def _warn_on_flow_convention(flows, foreground, inward):
+def warn_on_flow_convention(flows, foreground, inward):
     """Warn when the flows look scaled or signed otherwise than the call says.
 
     Flows pointing away from the centres grow along their own axis inside a

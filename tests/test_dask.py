@@ -247,3 +247,11 @@ def test_killed_worker_is_retried(tmp_path):
         out = labels.compute()
     assert os.path.exists(marker)
     np.testing.assert_array_equal(out, whole)
+
+
+def test_flow_convention_warnings_at_the_call():
+    flows, foreground = _maps("tanh", shape=(12, 24, 24))
+    with pytest.warns(UserWarning, match="Cellpose's dP is 5 times"):
+        _chunked(5 * flows, foreground, (6, 12, 12), diameter=8)
+    with pytest.warns(UserWarning, match="pass inward=True"):
+        _chunked(-flows, foreground, (6, 12, 12), diameter=8)
