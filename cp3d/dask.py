@@ -667,10 +667,12 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     diameter, voxel_size
         As in :func:`cp3d.segment`.
     chunks : int or (int, int, int), optional
-        Chunk shape of the prediction on the model's grid (after rescaling)
-        and of the reconstruction on the image's grid; default the chunks of
-        `image`. Prediction chunks are rounded up to multiples of the
-        network's pooling size ``2**depth``.
+        Chunk shape of the stored maps and of the reconstruction, on the
+        image's grid; default the chunks of `image`. The network runs on
+        cubes of the model's grid sized so that a cube and its context make
+        one tile of :func:`cp3d.predict`'s memory budget
+        (:data:`cp3d.model.predict.TILE_ELEMENTS`): each task is one network
+        call, and no voxel is predicted twice within a task.
     augment : bool
         Test-time mirroring (see :func:`cp3d.predict`): four network passes.
         Off by default here, where stacks are large.
@@ -754,7 +756,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     rescale = not np.allclose(factors, 1.0)
     if rescale:
         x = _zoom(x, model_shape, tuple(-(-int(c) // m) * m for c in chunks))
-    pred_chunks = tuple(int(min(-(-int(c) // m) * m, -(-n // m) * m)) for c, n in zip(chunks, model_shape))
+    pred_chunks = _prediction_chunks(model, model_shape, context, device)
     maps = _predict_chunks(dask, x, model, pred_chunks, context, augment, device)
     if rescale:
         maps = da.stack([_zoom(maps[c], image.shape, tuple(int(c) for c in chunks)) for c in range(4)])
@@ -855,6 +857,21 @@ def _zoom(x, shape, chunks):
         blocks[index] = da.map_blocks(ndimage.affine_transform, source.rechunk(-1), factor, offset=offset,
                                       output_shape=size, order=1, mode="nearest", chunks=size, dtype=np.float32)
     return da.block(blocks.tolist())
+
+
+def _prediction_chunks(model, model_shape, context, device):
+    """Cubes (multiples of ``2**depth``) whose tile, with `context` on each side, fits predict's budget."""
+    import torch
+
+    from .model.predict import TILE_ELEMENTS
+
+    gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    config = model.config
+    budget = TILE_ELEMENTS["cuda" if gpu else "cpu"] // (2 * config.base_features)
+    m = config.multiple
+    side = int(budget ** (1 / 3) + 1e-9)
+    core = max(m, (side - 2 * context) // m * m)
+    return tuple(min(core, -(-n // m) * m) for n in model_shape)
 
 
 def _predict_chunks(dask, x, model, chunks, context, augment, device):
