@@ -669,10 +669,9 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     chunks : int or (int, int, int), optional
         Chunk shape of the stored maps and of the reconstruction, on the
         image's grid; default the chunks of `image`. The network runs on
-        cubes of the model's grid sized so that a cube and its context make
-        one tile of :func:`cp3d.predict`'s memory budget
-        (:data:`cp3d.model.predict.TILE_ELEMENTS`): each task is one network
-        call, and no voxel is predicted twice within a task.
+        the tiles :func:`cp3d.predict` would choose for the whole stack
+        within its memory budget (:data:`cp3d.model.predict.TILE_ELEMENTS`),
+        one task per tile, each predicting its core with `context` around it.
     augment : bool
         Test-time mirroring (see :func:`cp3d.predict`): four network passes.
         Off by default here, where stacks are large.
@@ -860,18 +859,22 @@ def _zoom(x, shape, chunks):
 
 
 def _prediction_chunks(model, model_shape, context, device):
-    """Cubes (multiples of ``2**depth``) whose tile, with `context` on each side, fits predict's budget."""
+    """Prediction chunks: the cores of the tiles cp3d.predict would choose for the whole stack.
+
+    Each chunk with `context` on each side is then one tile within predict's
+    memory budget, the tiling that computes the fewest voxels.
+    """
     import torch
 
-    from .model.predict import TILE_ELEMENTS
+    from .model.predict import TILE_ELEMENTS, cheapest_tiles
 
     gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     config = model.config
     budget = TILE_ELEMENTS["cuda" if gpu else "cpu"] // (2 * config.base_features)
     m = config.multiple
-    side = int(budget ** (1 / 3) + 1e-9)
-    core = max(m, (side - 2 * context) // m * m)
-    return tuple(min(core, -(-n // m) * m) for n in model_shape)
+    tiles = cheapest_tiles(model_shape, budget, (context,) * 3, (0,) * 3, m)
+    padded = [-(-n // m) * m for n in model_shape]
+    return tuple(int(n if t >= n else t - 2 * context) for n, t in zip(padded, tiles))
 
 
 def _predict_chunks(dask, x, model, chunks, context, augment, device):

@@ -107,19 +107,20 @@ def test_chunked_prediction_equals_whole(monkeypatch):
 
     torch.manual_seed(0)
     net = UNet3D(base_features=4, depth=2).eval()
-    image, _ = cp3d.data.synthetic_stack((16, 40, 40), 8, seed=1)
+    image, _ = cp3d.data.synthetic_stack((16, 96, 96), 8, seed=1)
     m = net.config.multiple
     context = -(-net.config.receptive_radius // m) * m
-    # A tile budget that leaves cubes of one pooling unit inside their context: many prediction chunks.
-    budget = (2 * context + m) ** 3 * 2 * net.config.base_features
+    # A tile budget of half the stack: several prediction chunks, each predicted with its context.
+    budget = image.size // 2 * 2 * net.config.base_features
     for voxel_size in (None, (1.0, 1.3, 1.3)):
         # cp3d.dask.segment predicts at the voxel size that brings cells to the training size.
         model_voxel = None if voxel_size is None else (voxel_size[0] / voxel_size[2], 1.0, 1.0)
         whole = predict(image, net, augment=False, voxel_size=model_voxel)
         with monkeypatch.context() as patch:
             patch.setitem(TILE_ELEMENTS, "cpu", budget)
-            assert cp3d_dask._prediction_chunks(net, image.shape, context, "cpu") == (m, m, m)
-            result = cp3d_dask.segment(da.from_array(image, chunks=(8, 16, 16)), net, voxel_size=voxel_size,
+            chunks = cp3d_dask._prediction_chunks(net, image.shape, context, "cpu")
+            assert np.prod([-(-n // c) for n, c in zip(image.shape, chunks)]) >= 4
+            result = cp3d_dask.segment(da.from_array(image, chunks=(8, 32, 32)), net, voxel_size=voxel_size,
                                        device="cpu")
         np.testing.assert_allclose(result.flows.compute(), whole.flows, atol=1e-5)
         np.testing.assert_allclose(result.foreground.compute(), whole.foreground, atol=1e-5)
