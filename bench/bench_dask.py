@@ -37,11 +37,13 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+if sys.argv[1:2] == ["_cpu"]:
+    os.environ["NUMBA_NUM_THREADS"] = "1"  # before anything imports Numba
 from _machine import machine_info  # noqa: E402
 
 CHUNKS = (128, 256, 256)
 # (Z, Y, X) per size: 896 x 896 planes, the depth sets the voxel count.
-SHAPES = {"6e6": (32, 448, 448), "1e8": (128, 896, 896), "3e8": (384, 896, 896), "1e9": (1280, 896, 896)}
+SHAPES = {"6e6": (32, 448, 448), "3e7": (128, 512, 512), "1e8": (128, 896, 896), "3e8": (384, 896, 896), "1e9": (1280, 896, 896)}
 
 
 def make_maps(folder, shape, seed=0):
@@ -169,6 +171,38 @@ def segment_end_to_end(folder, shape, chunks):
     return {"shape": list(shape), "voxels": int(np.prod(shape)), "chunks": list(chunks), **result}
 
 
+def cpu_seconds(store, chunks):
+    """Process CPU seconds of the in-memory run (load + reconstruct) and the chunked one, both single-threaded.
+
+    The synchronous scheduler and one Numba thread make CPU seconds the work each
+    pipeline does, whatever else the machine runs; their ratio is the cost of
+    working chunk by chunk (halos, the stores, the per-chunk NumPy steps).
+    """
+    import dask
+    import dask.array as da
+    import zarr
+
+    import cp3d
+    import cp3d.dask
+
+    cp3d.reconstruct(np.zeros((3, 8, 8, 8), np.float32), np.ones((8, 8, 8), bool))  # compile outside the timing
+    start = time.process_time()
+    root = zarr.open_group(store, mode="r")
+    flows, foreground = root["flows"][:], root["foreground"][:]
+    loaded = time.process_time()
+    whole = cp3d.reconstruct(flows, foreground)
+    memory = {"load": loaded - start, "reconstruct": time.process_time() - loaded}
+    del flows, foreground
+    start = time.process_time()
+    with dask.config.set(scheduler="synchronous"):
+        labels = cp3d.dask.reconstruct(da.from_zarr(store, component="flows"),
+                                       da.from_zarr(store, component="foreground"), chunks=chunks).compute()
+    chunked = time.process_time() - start
+    return {"memory_cpu_s": memory, "dask_cpu_s": chunked, "equal": bool((labels == whole).all()),
+            "dask_over_memory_with_load": round(chunked / (memory["load"] + memory["reconstruct"]), 3),
+            "dask_over_memory_reconstruct_only": round(chunked / memory["reconstruct"], 3)}
+
+
 def make_image(path, shape, diameter, chunks, seed=0):
     """A synthetic stack with cells `diameter` voxels across, tiled to `shape`, written as an OME-Zarr image."""
     import dask.array as da
@@ -240,7 +274,22 @@ def main(argv=None):
                         help="only run `cp3d segment` end to end on a stack of this shape (e.g. 392 1500 1800)")
     parser.add_argument("--segment-diameter", type=float, default=20.0,
                         help="cell diameter of that stack, in voxels (default 20)")
+    parser.add_argument("--cpu-seconds", choices=sorted(SHAPES),
+                        help="only compare CPU seconds, single-threaded, of the in-memory and chunked runs at this size")
     args = parser.parse_args(argv)
+    if args.cpu_seconds:
+        folder = tempfile.mkdtemp(prefix="cp3d-bench-dask-", dir=args.folder)
+        try:
+            shape = SHAPES[args.cpu_seconds]
+            row = {"shape": list(shape), "voxels": int(np.prod(shape)), "chunks": list(CHUNKS),
+                   **measured(["_cpu", make_maps(folder, shape)])}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        results = {"benchmark": "cp3d.dask CPU seconds (synchronous scheduler, one Numba thread)", "cpu": row,
+                   "machine": machine_info(packages=("numpy", "numba", "dask", "zarr"))}
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        return
     if args.segment_shape:
         folder = tempfile.mkdtemp(prefix="cp3d-bench-dask-", dir=args.folder)
         try:
@@ -312,6 +361,8 @@ if __name__ == "__main__":
         print(json.dumps(run_memory(*sys.argv[2:4])))
     elif sys.argv[1:2] == ["_dask"]:
         print(json.dumps(run_dask(sys.argv[2], sys.argv[3], int(sys.argv[4]), CHUNKS, int(sys.argv[5]))))
+    elif sys.argv[1:2] == ["_cpu"]:
+        print(json.dumps(cpu_seconds(sys.argv[2], CHUNKS)))
     elif sys.argv[1:2] == ["_cli"]:
         start = time.perf_counter()
         done = subprocess.run([sys.executable, *sys.argv[2:]], capture_output=True, text=True)
