@@ -45,9 +45,10 @@ def follow_flows(flows, foreground, *, step=4.0, n_iter=100, inward=False, sigma
     Only foreground voxels are tracked, so memory is ``12 N`` bytes for the
     positions plus ``8 N`` for their indices. The NumPy, Numba and CUDA
     backends round identically (float32, no fused multiply-add), so they
-    return the same positions bit for bit. The Numba backend runs in slices
-    of iterations, so Ctrl-C interrupts a long run. The CUDA backend returns
-    once its kernel is queued; it does not synchronise the device.
+    return the same positions bit for bit. The Numba and CUDA backends run
+    a long follow in slices of iterations, so Ctrl-C interrupts it. The CUDA
+    backend waits for the device between slices; a follow of one slice
+    returns once its kernel is queued.
 
     Examples
     --------
@@ -171,23 +172,30 @@ def _follow_kernel(flows, positions, step, n_iter):
                 out[first + k, 2] = px[k]
 
 
+# The GPU takes this many point-steps per slice (a fraction of a second on
+# current cards); the host waits for each slice, so Ctrl-C lands between them.
+_CUDA_SLICE_STEPS = 1 << 31
+
+
 def _cuda_follow(flows, starts, step, n_iter):
     import cupy
 
     from ._cuda import get_kernel
 
-    nz, ny, nx = flows.shape[1:]
+    nz, ny, nx = (np.int64(n) for n in flows.shape[1:])
     out = cupy.empty((starts.size, 3), cupy.float32)
-    if starts.size:
-        kernel = get_kernel("follow.cu", "follow_flows")
-        threads = 256
-        blocks = (starts.size + threads - 1) // threads
-        kernel(
-            (blocks,),
-            (threads,),
-            (flows, starts.astype(cupy.int64, copy=False), np.int64(starts.size), np.int64(nz), np.int64(ny),
-             np.int64(nx), step, np.int32(n_iter), out),
-        )
+    if starts.size == 0:
+        return out
+    n = np.int64(starts.size)
+    grid = ((starts.size + 255) // 256,), (256,)
+    per_slice = max(1, _CUDA_SLICE_STEPS // starts.size)
+    first = min(per_slice, n_iter)
+    get_kernel("follow.cu", "follow_flows")(
+        *grid, (flows, starts.astype(cupy.int64, copy=False), n, nz, ny, nx, step, np.int32(first), out))
+    more = get_kernel("follow.cu", "follow_positions")
+    for done in range(first, n_iter, per_slice):
+        cupy.cuda.get_current_stream().synchronize()  # Python sees a pending Ctrl-C here
+        more(*grid, (flows, n, nz, ny, nx, step, np.int32(min(per_slice, n_iter - done)), out))
     return out
 
 

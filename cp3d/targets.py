@@ -470,17 +470,27 @@ def _cuda_heat_flows(nbr, sources, n_iter):
     return out
 
 
+# Python handles Ctrl-C only between kernel calls, so the diffusion runs in
+# slices of iterations of about this many neighbour reads (a fraction of a
+# second). The temperatures stay float64 in memory between slices: same result.
+_HEAT_SLICE_READS = 1 << 27
+
+
 def _numba_heat_flows(nbr, sources, n_iter):
-    out = np.empty((3, nbr.shape[1]), dtype=np.float32)
-    _numba_heat_kernel(nbr, sources, n_iter, np.asarray(_GRAD_SLOTS, dtype=np.int64), out)
+    n = nbr.shape[1]
+    temp, new = np.zeros(n + 1), np.zeros(n + 1)
+    per_slice = max(1, _HEAT_SLICE_READS // (27 * max(n, 1)))
+    for done in range(0, n_iter, per_slice):
+        temp, new = _numba_heat_steps(nbr, sources, min(per_slice, n_iter - done), temp, new)
+    out = np.empty((3, n), dtype=np.float32)
+    _numba_heat_gradient(nbr, temp, np.asarray(_GRAD_SLOTS, dtype=np.int64), out)
     return out
 
 
-@njit(parallel=True, cache=True)
-def _numba_heat_kernel(nbr, sources, n_iter, grad_slots, out):
+@njit(parallel=True, cache=True, nogil=True)
+def _numba_heat_steps(nbr, sources, n_iter, temp, new):
+    """`n_iter` diffusion steps from `temp`; returns (temperatures, spare buffer)."""
     n = nbr.shape[1]
-    temp = np.zeros(n + 1)
-    new = np.zeros(n + 1)
     for _ in range(n_iter):
         for s in sources:
             temp[s] += 1.0
@@ -490,6 +500,12 @@ def _numba_heat_kernel(nbr, sources, n_iter, grad_slots, out):
                 acc += temp[nbr[k, i]]
             new[i] = acc / 27.0
         temp, new = new, temp
+    return temp, new
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _numba_heat_gradient(nbr, temp, grad_slots, out):
+    n = nbr.shape[1]
     for i in prange(n):
         dz = temp[nbr[grad_slots[0, 1], i]] - temp[nbr[grad_slots[0, 0], i]]
         dy = temp[nbr[grad_slots[1, 1], i]] - temp[nbr[grad_slots[1, 0], i]]

@@ -70,3 +70,28 @@ def membrane_cells():
 def random_flows(shape, seed=0):
     rng = np.random.default_rng(seed)
     return rng.uniform(-1, 1, (3, *shape)).astype(np.float32)
+
+
+@pytest.fixture
+def assert_ctrl_c_interrupts():
+    """Run `code` in a child Python; once it prints 'running', send SIGINT after 1 s: it must end by
+    KeyboardInterrupt within `within` seconds (a kernel that ignores Ctrl-C runs on for minutes)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def check(code, within=60):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=env)
+        try:
+            assert child.stdout.readline().strip() == "running", child.communicate(timeout=60)[1][-2000:]
+            time.sleep(1.0)
+            child.send_signal(signal.SIGINT)
+            _, err = child.communicate(timeout=within)
+        finally:
+            child.kill()
+        assert "KeyboardInterrupt" in err, err[-2000:]
+
+    return check

@@ -178,6 +178,26 @@ def test_heat_numpy_numba_agree(n_iter):
     assert np.all(ref[:, ~fg] == 0)
 
 
+def test_heat_in_slices_of_iterations_is_the_same(monkeypatch):
+    import cp3d.targets
+
+    labels = voronoi_labels(seed=1)
+    whole = heat_flows(labels, n_iter=23, backend="numba")
+    # slices of 4 iterations, the last of 3: an odd count, so the buffers swap across calls
+    monkeypatch.setattr(cp3d.targets, "_HEAT_SLICE_READS", 4 * 27 * int((labels > 0).sum()))
+    np.testing.assert_array_equal(heat_flows(labels, n_iter=23, backend="numba"), whole)
+
+
+def test_ctrl_c_interrupts_a_long_numba_heat_diffusion(assert_ctrl_c_interrupts):
+    assert_ctrl_c_interrupts(
+        "import numpy as np, cp3d\n"
+        "labels = np.ones((32, 64, 64), np.uint32)\n"
+        "cp3d.heat_flows(labels, n_iter=2)  # compiled (or loaded from the cache) first\n"
+        "print('running', flush=True)\n"
+        "cp3d.heat_flows(labels, n_iter=10**7)\n"
+    )
+
+
 def test_heat_neighbour_tables_agree():
     from cp3d.targets import _heat_sources, _neighbour_table, _numba_neighbour_table
 
