@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ def _demo(args):
     start = time.perf_counter()
     scores = metrics.evaluate(truth, result.labels)
     seconds["evaluate"] = time.perf_counter() - start
-    with io.written_together():
+    with io.written_together(overwrite=args.overwrite):
         io.write_image(out / "image.tif", image)
         io.write_labels(out / "truth.tif", truth)
         io.write_labels(out / "labels.tif", result.labels)
@@ -64,7 +65,7 @@ def _segment(args):
     result = segment(stack.data, model, diameter=args.diameter, voxel_size=voxel_size, backend=args.backend,
                      device=args.device, augment=args.augment, tile_size=args.tile_size, context=args.context,
                      progress=not args.quiet)
-    with io.written_together():
+    with io.written_together(overwrite=args.overwrite):
         io.write_labels(args.output, result.labels, voxel_size=voxel_size)
         if args.save_flows:
             maps = np.concatenate([result.flows, result.foreground[None]])
@@ -143,9 +144,10 @@ def _segment_chunked(args):
                                    chunks=chunks, augment=args.augment, context=args.context,
                                    device=args.device,
                                    temporary_directory=args.temporary_directory, progress=not args.quiet)
-        _write_labels_any(args.output, result.labels, voxel_size, args.quiet)
-        if args.save_flows:
-            _save_maps(args.save_flows, result.flows, result.foreground, voxel_size)
+        with io.written_together(overwrite=args.overwrite):
+            _write_labels_any(args.output, result.labels, voxel_size, args.quiet)
+            if args.save_flows:
+                _save_maps(args.save_flows, result.flows, result.foreground, voxel_size)
         cells = int(result.labels.max().compute())
     print(json.dumps({"cells": cells, "output": str(args.output), "chunks": list(chunks),
                       "seconds": {**{k: round(v, 3) for k, v in result.seconds.items()},
@@ -174,8 +176,11 @@ def _save_maps(path, flows, foreground, voxel_size):
         if os.path.exists(path):
             raise FileExistsError(f"{path!r} exists; cp3d does not overwrite it")
         tmp = f"{path}.{secrets.token_hex(4)}.tmp"  # renamed once complete
-        da.to_zarr(maps.rechunk((4,) + maps.chunksize[1:]), tmp, component="maps")
-        os.replace(tmp, path)
+        try:
+            da.to_zarr(maps.rechunk((4,) + maps.chunksize[1:]), tmp, component="maps")
+            io.place_new_folder(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     else:
         io.write_tiff_chunked(path, maps.reshape((-1,) + maps.shape[2:]), voxel_size)
 
@@ -244,7 +249,7 @@ def _synth(args):
     if folder.is_dir():  # a new folder holds nothing to overwrite
         names = [f"{kind}_{i:03d}.tif" for i in range(max(args.count, 0)) for kind in ("image", "labels")]
         io.check_outputs([folder / name for name in names], overwrite=args.overwrite)
-    with io.written_together():
+    with io.written_together(overwrite=args.overwrite):
         pairs = write_synthetic_dataset(args.out_dir, shape=tuple(args.shape), diameter=args.diameter,
                                         count=args.count, seed=args.seed, kind=args.kind)
     for image_path, labels_path in pairs:

@@ -7,6 +7,7 @@ folder, which replaces the target only once it is complete.
 
 import contextlib
 import contextvars
+import errno
 import logging
 import os
 import re
@@ -377,14 +378,15 @@ _STAGED = contextvars.ContextVar("cp3d_io_staged", default=None)
 
 
 @contextlib.contextmanager
-def written_together():
+def written_together(*, overwrite=True):
     """Make the files written inside the block land together, or not at all.
 
     Each :func:`atomic_write` in the block (so each :func:`write_image` and
     :func:`write_labels`) fills its temporary file as usual, but the
     temporary files replace their destinations only when the block ends
     without an error. An error removes them all and leaves every destination
-    as it was. Nested blocks join the outermost one.
+    as it was. Nested blocks join the outermost one. With `overwrite` False,
+    none of them replaces a file (see :func:`atomic_write`).
 
     Examples
     --------
@@ -401,18 +403,18 @@ def written_together():
         yield
         return
     staged = []
-    token = _STAGED.set(staged)
+    token = _STAGED.set((staged, bool(overwrite)))
     try:
         yield
     except BaseException:
-        _remove_all(tmp for tmp, _ in staged)
+        _remove_all(tmp for tmp, _, _ in staged)
         raise
     finally:
         _STAGED.reset(token)
     _commit(staged)
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, *, overwrite=True):
     """Write a file whole or not at all: ``write(binary_file)`` fills a temporary file beside `path`, which
     then replaces `path`.
 
@@ -423,18 +425,30 @@ def atomic_write(path, write):
     the next write into the same folder. Inside :func:`written_together`,
     the replacement waits for the end of the block.
 
+    With `overwrite` False an existing `path` is an error, and so is a file
+    that appears at `path` while `write` runs: the temporary file is then
+    hard-linked to `path`, which fails rather than replace anything (on a
+    file system without hard links, a warning says that the final rename
+    is not protected).
+
     Raises
     ------
     FileNotFoundError
         If the folder of `path` does not exist.
     IsADirectoryError
         If `path` is a folder.
+    FileExistsError
+        If `overwrite` is False and `path` exists, or appears before the end.
     """
     path = os.fspath(path)
     target = os.path.realpath(path)
     if os.path.isdir(target):
         raise IsADirectoryError(f"output {path!r} is a folder; give a file name")
     folder = check_output_folder(target)
+    block = _STAGED.get()
+    overwrite = bool(overwrite) and (block is None or block[1])
+    if not overwrite and os.path.lexists(target):
+        raise FileExistsError(f"output {path!r} exists; pass overwrite=True to replace it")
     _remove_stale_temporaries(folder)
     tmp = _new_temporary(folder, os.path.basename(target), "tmp")
     try:
@@ -448,11 +462,10 @@ def atomic_write(path, write):
     except BaseException:
         _remove_all([tmp])
         raise
-    staged = _STAGED.get()
-    if staged is None:
-        _commit([(tmp, target)])
+    if block is None:
+        _commit([(tmp, target, overwrite)])
     else:
-        staged.append((tmp, target))
+        block[0].append((tmp, target, overwrite))
 
 
 def _imagej_kwargs(shape, voxel_size):
@@ -491,17 +504,25 @@ def _new_temporary(folder, base, suffix):
 
 
 def _commit(staged):
-    """Move each (temporary, destination) into place; on a failure, undo the moves already made.
+    """Move each (temporary, destination, overwrite) into place; on a failure, undo the moves already made.
 
     With several files, each existing destination is first hard-linked to a
     ``.old`` name so that it can be put back.
     """
     done = []
     try:
-        for tmp, target in staged:
+        for tmp, target, overwrite in staged:
             existed = os.path.exists(target)
-            backup = _link_aside(target) if existed and len(staged) > 1 else None
-            os.replace(tmp, target)
+            # only a replaced file needs putting back; no-overwrite replaces nothing
+            backup = _link_aside(target) if overwrite and existed and len(staged) > 1 else None
+            try:
+                if overwrite:
+                    os.replace(tmp, target)
+                else:
+                    _place_new(tmp, target)
+            except BaseException:
+                _remove_all([backup] if backup else [])
+                raise
             done.append((target, existed, backup))
             logger.debug("wrote %s", target)
     except BaseException:
@@ -510,10 +531,52 @@ def _commit(staged):
                 os.replace(backup, target)
             elif not existed:
                 _remove_all([target])
-        _remove_all(tmp for tmp, _ in staged)
+        _remove_all(tmp for tmp, _, _ in staged)
         raise
     finally:
         _remove_all(backup for _, _, backup in done if backup is not None)
+
+
+def _place_new(tmp, target):
+    """Move the file `tmp` to `target`, which must not exist: never replaces a file that appeared meanwhile.
+
+    A hard link is created with ``O_EXCL`` semantics (it fails if `target`
+    exists), unlike a rename, which would silently replace it.
+    """
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise FileExistsError(f"{target!r} appeared while cp3d was writing it; it was left as it is "
+                              "and cp3d's output was not written") from None
+    except OSError as err:  # no hard links on this file system (FAT, some network shares)
+        if os.path.lexists(target):
+            raise FileExistsError(f"{target!r} appeared while cp3d was writing it; it was left as it is") from None
+        warnings.warn(f"{os.path.dirname(target)!r} has no hard links ({err.strerror}): {target!r} is placed by a "
+                      "rename, which would replace a file created there at the same moment", stacklevel=4)
+        os.replace(tmp, target)
+        return
+    os.remove(tmp)
+
+
+def place_new_folder(tmp, target):
+    """Rename the folder `tmp` (a finished Zarr store) to `target`, which must not exist.
+
+    `target` is first created empty with ``mkdir`` (which fails if it
+    exists); the rename then replaces only that empty folder, and fails if
+    anything was put into it meanwhile. ``FileExistsError`` either way, with
+    `tmp` left for the caller to remove.
+    """
+    try:
+        os.mkdir(target)
+    except FileExistsError:
+        raise FileExistsError(f"{target!r} exists; cp3d does not overwrite it") from None
+    try:
+        os.rename(tmp, target)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            os.rmdir(target)
+            raise
+        raise FileExistsError(f"{target!r} was filled while cp3d was writing it; it was left as it is") from None
 
 
 def _link_aside(path):
@@ -869,7 +932,7 @@ def write_ome_zarr(path, data, voxel_size=None, chunks=None, labels=None, progre
             group = root.require_group("labels")
             _write_ngff(group.create_group("cells"), labels, voxel_size, chunks, "cells", progress, label=True)
             group.attrs["ome"] = {"version": "0.5", "labels": ["cells"]}
-        os.replace(tmp, path)
+        place_new_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -905,7 +968,7 @@ def write_ome_zarr_labels(image_path, labels, name="cells", chunks=None, progres
     tmp = f".{name}.{secrets.token_hex(6)}.tmp"
     try:
         _write_ngff(group.create_group(tmp), labels, voxel_size, chunks, name, progress, label=True)
-        os.replace(os.path.join(image_path, "labels", tmp), os.path.join(image_path, "labels", name))
+        place_new_folder(os.path.join(image_path, "labels", tmp), os.path.join(image_path, "labels", name))
     except BaseException:
         shutil.rmtree(os.path.join(image_path, "labels", tmp), ignore_errors=True)
         raise

@@ -262,6 +262,70 @@ def test_written_together_lands_all_files_or_none(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["old.tif"] and old.read_bytes() == before
 
 
+def test_no_overwrite_never_replaces_a_file_that_appears_while_writing(tmp_path):
+    from cp3d.io import atomic_write, written_together
+
+    dest = tmp_path / "out.tif"
+
+    def write_while_someone_creates_dest(fh):
+        fh.write(b"ours")
+        dest.write_bytes(b"foreign")  # after the existence check, before the final move
+
+    with pytest.raises(FileExistsError, match="appeared while cp3d was writing"):
+        atomic_write(dest, write_while_someone_creates_dest, overwrite=False)
+    assert dest.read_bytes() == b"foreign" and os.listdir(tmp_path) == ["out.tif"]
+
+    # the same inside a block: the other file of the block does not land either
+    dest.unlink()
+    with pytest.raises(FileExistsError, match="appeared while cp3d was writing"):
+        with written_together(overwrite=False):
+            atomic_write(tmp_path / "first.tif", lambda fh: fh.write(b"first"))
+            atomic_write(dest, write_while_someone_creates_dest)
+    assert dest.read_bytes() == b"foreign" and os.listdir(tmp_path) == ["out.tif"]
+
+    # asked to overwrite, the file is replaced as before
+    atomic_write(dest, write_while_someone_creates_dest, overwrite=True)
+    assert dest.read_bytes() == b"ours"
+    with pytest.raises(FileExistsError, match="exists"):
+        atomic_write(dest, lambda fh: fh.write(b"x"), overwrite=False)
+
+
+def test_no_overwrite_without_hard_links_warns_and_renames(tmp_path, monkeypatch):
+    from cp3d.io import atomic_write
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with pytest.warns(UserWarning, match="no hard links"):
+        atomic_write(tmp_path / "out.bin", lambda fh: fh.write(b"ours"), overwrite=False)
+    assert (tmp_path / "out.bin").read_bytes() == b"ours" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_new_folder_never_replaces_a_folder_filled_meanwhile(tmp_path, monkeypatch):
+    from cp3d.io import place_new_folder
+
+    tmp = tmp_path / "store.tmp"
+    tmp.mkdir()
+    (tmp / "data").write_text("ours")
+    dest = tmp_path / "store.zarr"
+    real_rename = os.rename
+
+    def fill_then_rename(src, dst):
+        (dest / "foreign").write_text("theirs")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", fill_then_rename)
+    with pytest.raises(FileExistsError, match="filled while cp3d was writing"):
+        place_new_folder(tmp, dest)
+    assert os.listdir(dest) == ["foreign"] and (tmp / "data").exists()
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match="exists"):
+        place_new_folder(tmp, dest)
+    place_new_folder(tmp, tmp_path / "new.zarr")
+    assert (tmp_path / "new.zarr" / "data").read_text() == "ours" and not tmp.exists()
+
+
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     """A write killed with SIGKILL leaves its temporary file; the next run's write removes it."""
     import signal
