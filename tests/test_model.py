@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -565,3 +566,38 @@ def test_cli_train_on_a_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["train", str(tmp_path / "x"), "--data", str(tmp_path / "empty")]) == 2
     assert "no annotated stacks" in capsys.readouterr().err
+
+
+def test_cli_train_checks_out_dir_before_any_work(tmp_path, monkeypatch, capsys):
+    from cp3d import cli
+    from cp3d.model.unet import WEIGHTS_DIR
+
+    train_module = importlib.import_module("cp3d.model.train")  # the module, not cp3d.model's train function
+
+    started = []
+    monkeypatch.setattr(train_module, "train", lambda out_dir, **kwargs: started.append(out_dir))
+
+    def run(*args):
+        return cli.main(["train", *map(str, args)]), capsys.readouterr().err
+
+    (tmp_path / "file").write_text("")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.pt").write_bytes(b"trained")
+    bundled = WEIGHTS_DIR / "tanh"
+    for args, match in [((tmp_path / "file",), "is a file"),
+                        ((bundled,), "bundled models' folder"),
+                        ((WEIGHTS_DIR / "new",), "bundled models' folder"),
+                        ((model, "--init", model, "--overwrite"), "folder of --init"),
+                        ((model,), "holds a trained model")]:
+        rc, err = run(*args)
+        assert rc == 2 and match in err, (args, err)
+    assert started == [] and (model / "weights.pt").read_bytes() == b"trained"
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        rc, err = run(locked / "run")
+        assert rc == 2 and "not writable" in err
+    for args in [(model, "--overwrite"), (model, "--resume", model), (tmp_path / "new" / "run",)]:
+        assert run(*args)[0] == 0
+    assert started == [str(model), str(model), str(tmp_path / "new" / "run")]

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from .._backend import as_triple, start_numba_pool
 from ..io import atomic_write
 from .predict import resolve_device, normalize_percentile, predict
-from .unet import UNet3D, UNetConfig, resolve_model_dir, load_model, save_model
+from .unet import CONFIG_NAME, WEIGHTS_DIR, WEIGHTS_NAME, UNet3D, UNetConfig, resolve_model_dir, load_model, save_model
 
 __all__ = ["train", "validate", "validate_annotated", "augment_geometry", "flow_targets"]
 
@@ -730,6 +731,37 @@ def validate_annotated(model, stacks, *, diameter=None, voxel_size=None):
 # --------------------------------------------------------------------------- command line
 
 
+def check_out_dir(out_dir, *, init=None, resume=None, overwrite=False):
+    """Check, before any work, that a training run may write its model into `out_dir`.
+
+    Never a file, never a bundled model's folder nor the folder of `init`,
+    always writable; a folder that holds a trained model (or a checkpoint)
+    only with `overwrite` or when the run resumes. The files themselves are
+    checked as :func:`cp3d.io.check_outputs` checks any output.
+    """
+    from ..io import check_outputs
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"OUT_DIR {str(out)!r} is a file; give a folder for the trained model")
+    real = Path(os.path.realpath(out))
+    if real == WEIGHTS_DIR or WEIGHTS_DIR in real.parents:
+        raise ValueError(f"OUT_DIR {str(out)!r} is inside the bundled models' folder; train into a folder of your own")
+    if init is not None and real == Path(os.path.realpath(resolve_model_dir(init))):
+        raise ValueError(f"OUT_DIR {str(out)!r} is the folder of --init {init!r}; train into another folder")
+    if not out.exists():
+        parent = next(p for p in real.parents if p.exists())
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot create OUT_DIR {str(out)!r}: {str(parent)!r} is not writable")
+        return
+    trained = [name for name in (WEIGHTS_NAME, CONFIG_NAME, CHECKPOINT_NAME) if (out / name).exists()]
+    if trained and not overwrite and resume is None:
+        raise FileExistsError(f"OUT_DIR {str(out)!r} holds a trained model ({', '.join(trained)}); pass --overwrite "
+                              "to replace it or --resume to continue its training")
+    check_outputs([out / name for name in (WEIGHTS_NAME, CONFIG_NAME, CHECKPOINT_NAME, "model_card.json")],
+                  overwrite=True)
+
+
 def _parse_pair(s, typ=float):
     vals = [typ(v) for v in s.split(",")]
     return tuple(vals)
@@ -750,6 +782,7 @@ def main(argv=None, prog="cp3d train"):
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", default=None, help="continue the run whose checkpoint is in this folder")
     p.add_argument("--init", default=None, help="fine-tune: start from this trained model (bundled name or folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already trained in OUT_DIR")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="train on the annotated stacks of DIR: NAME.tif beside NAME_masks.tif, and/or HDF5 files "
                         "with 'raw' and 'label' datasets")
@@ -786,6 +819,7 @@ def main(argv=None, prog="cp3d train"):
         _write_card(a.out_dir, card)
         print(json.dumps(scores, indent=2))
         return
+    check_out_dir(a.out_dir, init=a.init, resume=a.resume, overwrite=a.overwrite)
     train(
         a.out_dir, targets=a.targets, steps=a.steps, batch_size=a.batch_size, patch_size=a.patch_size,
         lr=a.lr, seed=a.seed, device=a.device, checkpoint_every=a.checkpoint_every, resume=a.resume, init=a.init,
