@@ -25,6 +25,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from ._backend import as_triple
+from .group import relabel_by_first_voxel
 
 logger = logging.getLogger(__name__)
 
@@ -429,7 +430,7 @@ def _clean_labels(labels, cell_diameter, merge):
         labels[orphan] = 0
         if merge:
             _merge_orphans(labels, orphan)
-    return _relabel_sequential(labels)
+    return relabel_by_first_voxel(labels)
 
 
 def _merge_orphans(labels, orphan):
@@ -458,17 +459,6 @@ def _merge_orphans(labels, orphan):
         flat[todo[done]] = best[done]
         todo = todo[~done]
         coords = tuple(c[~done] for c in coords)
-
-
-def _relabel_sequential(labels):
-    """Renumber ids to 1..N in order of each cell's first voxel (C order)."""
-    flat = labels.reshape(-1)
-    nonzero = np.flatnonzero(flat)
-    ids, first = np.unique(flat[nonzero], return_index=True)
-    order = ids[np.argsort(first, kind="stable")]
-    lut = np.zeros(int(labels.max()) + 1, dtype=np.uint32)
-    lut[order] = np.arange(1, order.size + 1, dtype=np.uint32)
-    return lut[labels]
 
 
 def _cell_brightness(n_cells, dim_fraction, rng):
