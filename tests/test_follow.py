@@ -86,6 +86,34 @@ def test_long_runs_in_slices_give_the_same_positions(monkeypatch):
     np.testing.assert_array_equal(follow_flows(flows, fg, step=4.0, n_iter=37, backend="numpy"), whole)
 
 
+@pytest.mark.gpu
+def test_cuda_follow_in_slices_gives_the_same_positions(monkeypatch):
+    import cupy
+
+    import cp3d.follow
+
+    flows = random_flows((9, 17, 23), seed=2)
+    fg = np.random.default_rng(3).random((9, 17, 23)) > 0.4
+    ref = follow_flows(flows, fg, step=4.0, n_iter=37, backend="numpy")
+    monkeypatch.setattr(cp3d.follow, "_CUDA_SLICE_STEPS", 5 * int(fg.sum()))  # slices of 5 iterations, the last of 2
+    out = follow_flows(cupy.asarray(flows), cupy.asarray(fg), step=4.0, n_iter=37)
+    np.testing.assert_array_equal(out.get(), ref)
+
+
+@pytest.mark.gpu
+def test_ctrl_c_interrupts_a_long_cuda_follow(assert_ctrl_c_interrupts):
+    assert_ctrl_c_interrupts(
+        "import cupy, cp3d\n"
+        "flows = cupy.random.default_rng(0).uniform(-1, 1, (3, 64, 256, 256), dtype=cupy.float32)\n"
+        "fg = cupy.ones((64, 256, 256), bool)\n"
+        "cp3d.follow_flows(flows, fg, n_iter=1)\n"
+        "cupy.cuda.Device().synchronize()\n"
+        "print('running', flush=True)\n"
+        "cp3d.follow_flows(flows, fg, n_iter=2**31 - 1)\n"
+        "cupy.cuda.Device().synchronize()\n"
+    )
+
+
 def test_ctrl_c_interrupts_a_long_numba_follow(assert_ctrl_c_interrupts):
     """n_iter=10**7 would run for minutes; SIGINT must end it within seconds, not when the kernel ends."""
     assert_ctrl_c_interrupts(
