@@ -338,6 +338,22 @@ def relabel_by_first_voxel(labels, backend="auto", keep=None):
         Implementation.
     keep : ndarray of bool, shape (labels.max() + 1,), optional
         Ids to keep; the others become background.
+
+    Returns
+    -------
+    relabelled : ndarray, shape (Z, Y, X), the dtype of `labels`
+        Ids 1..N; the same numbering as ``scipy.ndimage.label`` gives its
+        components.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cp3d.group import relabel_by_first_voxel
+    >>> labels = np.array([[[0, 7, 3, 7, 9]]], np.uint32)
+    >>> relabel_by_first_voxel(labels).tolist()
+    [[[0, 1, 2, 1, 3]]]
+    >>> relabel_by_first_voxel(labels, keep=np.arange(10) != 3).tolist()
+    [[[0, 1, 0, 1, 2]]]
     """
     backend = resolve_backend(backend, labels)
     labels = check_labels(labels)
