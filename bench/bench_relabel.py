@@ -62,7 +62,8 @@ def voronoi_like_labels(n_voxels, n_ids, seed=0):
 
 
 def closed_mask(shape, diameter, seed=0):
-    """The closed mask reconstruct labels: ends of the followed true-label flows, closed with its ball."""
+    """The closed mask reconstruct labels (ends of the followed true-label flows, closed with its ball), and
+    the stack's foreground."""
     import cp3d
     from cp3d.data import synthetic_stack
     from cp3d.follow import follow_starts
@@ -82,7 +83,7 @@ def closed_mask(shape, diameter, seed=0):
     _paint_balls(np.flatnonzero(gathered), shape, extent, offsets, padded)
     closed = np.zeros(shape, bool)
     _erode_painted(padded, extent, offsets, closed)
-    return closed
+    return closed, truth > 0
 
 
 def renumbering(sizes, id_counts, repeat):
@@ -127,10 +128,12 @@ def component_labelling(shape, diameter, tiles, repeat):
         import cc3d
     except ImportError:
         cc3d = None
-    base = closed_mask(shape, diameter)
+    base, foreground = closed_mask(shape, diameter)
     rows = []
-    for n in tiles:
-        closed = np.ascontiguousarray(np.tile(base, (n, 1, 1)))
+    # "closed": reconstruct's mask (the followed ends gather in small blobs);
+    # "foreground": the worst case, flows that gather nothing (every voxel stays).
+    for kind, n in [(k, n) for n in tiles for k in ("closed", "foreground")]:
+        closed = np.ascontiguousarray(np.tile(base if kind == "closed" else foreground, (n, 1, 1)))
 
         def ours():
             out = np.zeros(closed.shape, np.uint32)
@@ -143,14 +146,14 @@ def component_labelling(shape, diameter, tiles, repeat):
             return out.view(np.uint32)
 
         assert np.array_equal(ours(), scipy_label())
-        row = {"voxels": int(closed.size), "components": int(ndimage.label(closed)[1]),
+        row = {"mask": kind, "voxels": int(closed.size), "components": int(ndimage.label(closed)[1]),
                "closed_fraction": round(float(closed.mean()), 3)}
         calls = {"cp3d._label_components": ours, "scipy.ndimage.label": scipy_label}
         if cc3d is not None:
             calls["cc3d.connected_components"] = lambda: cc3d.connected_components(closed, connectivity=6)
         for name, call in calls.items():
             row[name] = round(best_seconds(call, repeat), 4)
-            print(row["voxels"], name, row[name], flush=True)
+            print(kind, row["voxels"], name, row[name], flush=True)
         rows.append(row)
     return rows
 
@@ -159,9 +162,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=(10_000_000, 50_000_000))
     parser.add_argument("--ids", type=int, nargs="+", default=(1_000, 100_000))
-    parser.add_argument("--stack", type=int, nargs=3, default=(96, 192, 192), metavar=("Z", "Y", "X"))
-    parser.add_argument("--diameter", type=float, default=12.0)
-    parser.add_argument("--tiles", type=int, nargs="+", default=(3, 12), help="z-tilings of the closed mask")
+    parser.add_argument("--stack", type=int, nargs=3, default=(64, 128, 128), metavar=("Z", "Y", "X"))
+    parser.add_argument("--diameter", type=float, default=10.0)
+    parser.add_argument("--tiles", type=int, nargs="+", default=(10, 50), help="z-tilings of the closed mask")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

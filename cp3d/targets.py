@@ -36,6 +36,10 @@ _GRAD_SLOTS = ((22, 4), (16, 10), (14, 12))
 # ---------------------------------------------------------------------------
 
 
+# The one id-order renumbering of cp3d (the first-voxel one is
+# group.relabel_by_first_voxel). Kept over skimage.segmentation.relabel_sequential,
+# which numbers the same way: bench/bench_relabel.py measures it 2-3x faster,
+# and it runs on CuPy arrays and on any shape.
 def compact_ids(values):
     """Renumber integer ids to ``1..K`` in increasing id order, keeping 0 as 0.
 
