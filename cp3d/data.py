@@ -430,7 +430,7 @@ def _clean_labels(labels, cell_diameter, merge):
         labels[orphan] = 0
         if merge:
             _merge_orphans(labels, orphan)
-    return relabel_by_first_voxel(labels)
+    return relabel_by_first_voxel(labels, backend="numpy")  # synthesis starts no Numba pool
 
 
 def _merge_orphans(labels, orphan):

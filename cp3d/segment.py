@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._backend import as_triple, import_cupy, resolve_backend
+from ._backend import as_int_triple, as_triple, import_cupy, resolve_backend
 from .filters import border_ids
 from .metrics import median_diameter
 from .reconstruct import reconstruct, reconstruction_parameters
@@ -169,6 +169,8 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
         import_cupy()
     resolve_device(device)  # a bad device fails here, not after loading the model
     _check_diameter(diameter)
+    if tile_size is not None:
+        as_int_triple(tile_size, "tile_size")  # checked here too: a constant stack never reaches predict
     if not isinstance(model, UNet3D):
         model = load_model("tanh" if model is None else model)
     config = model.config

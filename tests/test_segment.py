@@ -169,6 +169,7 @@ def test_segment_bad_input(tiny_model):
     ({"diameter": (4, 8, 8), "voxel_size": (2, 1, 1)}, "not both"),
     ({"voxel_size": (1, 2)}, "voxel_size"),
     ({"device": "gpu please"}, "device"),
+    ({"tile_size": (8, 8)}, "tile_size"),
 ])
 def test_segment_checks_options_before_any_work(tiny_model, option, match, monkeypatch):
     def no_prediction(*args, **kwargs):
