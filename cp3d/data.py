@@ -7,10 +7,13 @@ benchmarks and training without downloading data:
   dome-shaped specimen; their walls are bright, interiors faint, the
   background empty.
 * ``kind="nuclei"``: packed, touching ellipsoidal nuclei with filled, bright
-  interiors.
+  interiors; optionally elongated, irregular, sparser or denser, with
+  chromatin texture and dim nucleoli.
 
 Both share one imaging model: an anisotropic Gaussian PSF (wider in z),
-intensity falling with depth, some dim cells, Poisson + Gaussian noise.
+intensity falling with depth, some dim cells, an optional uneven background
+haze, Poisson + Gaussian noise. :func:`random_nuclei_options` draws the
+varied nuclei settings the bundled nuclei model is trained on.
 Only NumPy and SciPy are used.
 """
 
@@ -50,6 +53,18 @@ _INTERIOR_LEVEL = 0.08
 _FACES = ndimage.generate_binary_structure(3, 1)
 # Gaussian read noise relative to the Poisson noise at peak intensity.
 _READ_NOISE_RATIO = 0.5
+# Nuclei: spread (standard deviation of the log) of the semi-axes by default.
+_NUCLEI_ELONGATION = 0.12
+# Smooth random fields, their correlation length in cell diameters: the
+# outline of an irregular nucleus, chromatin texture, background haze.
+_OUTLINE_SCALE = 0.2
+_CHROMATIN_SCALE = 0.06
+_HAZE_SCALE = 1.0
+# Nucleoli: radius in cell diameters, number per nucleus, brightness left at
+# full texture.
+_NUCLEOLUS_RADIUS = 0.13
+_NUCLEOLI_PER_NUCLEUS = 1.5
+_NUCLEOLUS_LEVEL = 0.35
 
 
 class SyntheticStack(NamedTuple):
@@ -78,6 +93,11 @@ def synthetic_stack(
     psf_sigma=(2.0, 0.8, 0.8),
     depth_attenuation=0.5,
     dim_fraction=0.15,
+    background=0.0,
+    elongation=None,
+    irregularity=0.0,
+    density=1.0,
+    texture=0.0,
 ):
     """Draw a synthetic 3D stack of cells and its instance labels.
 
@@ -112,6 +132,27 @@ def synthetic_stack(
         relative to the top one, in [0, 1).
     dim_fraction : float, optional
         Fraction of cells, in [0, 1], shown at 30 % of the usual brightness.
+    background : float, optional
+        Brightness, in [0, 1), of an uneven haze outside the cells relative
+        to a typical cell (out-of-focus light, autofluorescence). 0 leaves
+        the background dark.
+    elongation : float, optional
+        Nuclei only: standard deviation of the log of a nucleus' three
+        semi-axes (their product stays fixed), default 0.12. 0.3 gives many
+        nuclei twice as long as wide. Nuclei are oriented at random.
+    irregularity : float, optional
+        Nuclei only: roughness of the outlines in [0, 1); a smooth random
+        field bends each ellipsoid into a lobed, irregular shape. 0 keeps
+        plain ellipsoids.
+    density : float, optional
+        Nuclei only: number of nuclei per volume relative to the default
+        packing, in [0.2, 1.5]. Below 1 the nuclei keep their size and
+        stand apart more; above 1 they are packed tighter, flattened
+        against each other and smaller than `cell_diameter`.
+    texture : float, optional
+        Nuclei only: strength in [0, 1] of the chromatin texture (a grainy,
+        bright-spotted interior) and of the dim nucleoli inside the
+        nuclei. 0 gives evenly filled nuclei.
 
     Returns
     -------
@@ -124,7 +165,8 @@ def synthetic_stack(
     ------
     ValueError
         For a shape that is not 3 positive integers, a diameter below 3 or
-        too large for the shape, an unknown kind, or an out-of-range option.
+        too large for the shape, an unknown kind, an out-of-range option,
+        or a nuclei-only option given with ``kind="membrane"``.
 
     Notes
     -----
@@ -136,6 +178,13 @@ def synthetic_stack(
     specimen's outer surface included. A nucleus is its seed's Voronoi
     region intersected with a randomly oriented ellipsoid a little larger
     than the region, so that neighbours touch along part of their surface.
+
+    Irregular nuclei compare the ellipsoid's quadratic form with ``1 + g``
+    instead of 1, where ``g`` is smooth Gaussian noise of standard deviation
+    `irregularity`. With the defaults of the new options (``background=0``,
+    ``elongation=None``, ``irregularity=0``, ``density=1``, ``texture=0``)
+    no extra random numbers are drawn: a seed gives the same stack as
+    before they existed.
 
     Every cell is one 6-connected component of at least ``1/8`` of the
     typical cell volume: stray fragments and smaller cells are merged into
@@ -156,19 +205,70 @@ def synthetic_stack(
     shape, cell_diameter, stretch, psf_sigma = _validate(
         shape, cell_diameter, anisotropy, kind, noise, psf_sigma, depth_attenuation, dim_fraction
     )
+    nuclei = _validate_nuclei_options(kind, background, elongation, irregularity, density, texture)
     rng = np.random.default_rng(seed)
     if kind == "membrane":
         labels = _membrane_labels(shape, cell_diameter, stretch, rng)
     else:
-        labels = _nuclei_labels(shape, cell_diameter, stretch, rng)
+        labels = _nuclei_labels(shape, cell_diameter, stretch, rng, **nuclei)
     labels = _clean_labels(labels, cell_diameter, merge=kind == "membrane")
     brightness = _cell_brightness(int(labels.max()), dim_fraction, rng)
     if kind == "membrane":
         signal = _membrane_signal(labels, brightness)
     else:
         signal = brightness[labels]
+        if texture > 0:
+            signal *= _nuclear_texture(labels, cell_diameter, texture, rng)
+    if background > 0:
+        signal += np.where(labels == 0, _haze(shape, cell_diameter, background, rng), np.float32(0))
     image = _microscope(signal, psf_sigma, depth_attenuation, noise, rng)
     return SyntheticStack(image, labels)
+
+
+def random_nuclei_options(rng):
+    """Draw varied nuclei settings for `synthetic_stack`, as the nuclei model is trained on.
+
+    Everything but the shape, diameter and seed is drawn: anisotropy,
+    noise, PSF, depth attenuation, dim nuclei, background haze, elongation,
+    irregular outlines, packing density and chromatin texture, each from a
+    range around what confocal nuclei stacks show.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of the random draws.
+
+    Returns
+    -------
+    dict
+        Keyword arguments for ``synthetic_stack(..., kind="nuclei")``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cp3d.data import random_nuclei_options, synthetic_stack
+    >>> options = random_nuclei_options(np.random.default_rng(0))
+    >>> sorted(options)[:4]
+    ['anisotropy', 'background', 'density', 'depth_attenuation']
+    >>> image, labels = synthetic_stack((24, 48, 48), 9, kind="nuclei", seed=0, **options)
+    >>> bool(labels.max() > 10)
+    True
+    """
+    z_psf = rng.uniform(0.8, 3.0)
+    xy_psf = rng.uniform(0.5, 1.2)
+    return {
+        # nuclei a little flattened or drawn out along z, as in tissue
+        "anisotropy": (float(np.exp(rng.uniform(np.log(0.7), np.log(1.5)))), 1.0, 1.0),
+        "noise": float(rng.uniform(0.02, 0.25)),
+        "psf_sigma": (float(z_psf), float(xy_psf), float(xy_psf)),
+        "depth_attenuation": float(rng.uniform(0.0, 0.7)),
+        "dim_fraction": float(rng.uniform(0.0, 0.3)),
+        "background": float(rng.uniform(0.0, 0.15)) if rng.random() < 0.6 else 0.0,
+        "elongation": float(rng.uniform(0.06, 0.3)),
+        "irregularity": float(rng.uniform(0.0, 0.35)),
+        "density": float(rng.uniform(0.5, 1.25)),
+        "texture": float(rng.uniform(0.0, 1.0)),
+    }
 
 
 def write_synthetic_dataset(out_dir, *, shape, diameter, count, seed=0, kind="membrane", **options):
@@ -272,6 +372,37 @@ def _validate(shape, cell_diameter, anisotropy, kind, noise, psf_sigma, depth_at
     return shape, float(cell_diameter), stretch, tuple(float(s) for s in sigma)
 
 
+def _validate_nuclei_options(kind, background, elongation, irregularity, density, texture):
+    """Check the texture and shape options; return the nuclei-shape ones as keywords."""
+    if not isinstance(background, numbers.Real) or not 0 <= background < 1:
+        raise ValueError(f"background must be in [0, 1), got {background!r}")
+    if kind == "membrane":
+        given = [name for name, value, default in (
+            ("elongation", elongation, None), ("irregularity", irregularity, 0.0),
+            ("density", density, 1.0), ("texture", texture, 0.0)) if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)}: options of kind='nuclei' only, not of kind='membrane'")
+    if elongation is None:
+        elongation = _NUCLEI_ELONGATION
+    if not isinstance(elongation, numbers.Real) or not 0 <= elongation <= 1:
+        raise ValueError(f"elongation must be in [0, 1], got {elongation!r}")
+    if not isinstance(irregularity, numbers.Real) or not 0 <= irregularity < 1:
+        raise ValueError(f"irregularity must be in [0, 1), got {irregularity!r}")
+    if not isinstance(density, numbers.Real) or not 0.2 <= density <= 1.5:
+        raise ValueError(f"density must be in [0.2, 1.5], got {density!r}")
+    if not isinstance(texture, numbers.Real) or not 0 <= texture <= 1:
+        raise ValueError(f"texture must be in [0, 1], got {texture!r}")
+    return {"elongation": float(elongation), "irregularity": float(irregularity), "density": float(density)}
+
+
+def _smooth_noise(shape, correlation, rng):
+    """Gaussian random field of unit standard deviation, smooth over `correlation` voxels."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), max(correlation, 0.5) / 2)
+    field -= field.mean()
+    std = float(field.std())
+    return field / np.float32(std) if std > 0 else field
+
+
 def _dome_mask(shape):
     """Dome-shaped specimen: base on the bottom plane, apex near z = 0.
 
@@ -357,16 +488,16 @@ def _random_rotations(n, rng):
     ).transpose(2, 0, 1)
 
 
-def _nuclei_labels(shape, cell_diameter, stretch, rng):
+def _nuclei_labels(shape, cell_diameter, stretch, rng, elongation, irregularity, density):
     """Voronoi regions of the seeds clipped to one random ellipsoid each."""
     cell_volume = math.pi / 6 * cell_diameter**3
-    n_seeds = max(1, round(math.prod(shape) / (_NUCLEI_CELL_VOLUME * cell_volume)))
+    n_seeds = max(1, round(density * math.prod(shape) / (_NUCLEI_CELL_VOLUME * cell_volume)))
     seeds = _relaxed_seeds(np.arange(math.prod(shape)), shape, stretch, n_seeds, rng)
     owner = _voronoi_edt(shape, seeds, stretch)
     # Semi-axes vary around the mean radius (unit product keeps the volume),
     # then get a random orientation: the quadratic form A = R D R^T.
     radius = _NUCLEI_RADIUS * cell_diameter * rng.lognormal(0.0, 0.08, n_seeds)
-    axes = rng.lognormal(0.0, 0.12, (n_seeds, 3))
+    axes = rng.lognormal(0.0, elongation, (n_seeds, 3))
     axes /= np.prod(axes, axis=1, keepdims=True) ** (1 / 3)
     rot = _random_rotations(n_seeds, rng)
     form = np.einsum("nij,nj,nkj->nik", rot, 1.0 / (axes * radius[:, None]) ** 2, rot)
@@ -382,7 +513,10 @@ def _nuclei_labels(shape, cell_diameter, stretch, rng):
         for j in range(i, 3):
             coef = ((1.0 if i == j else 2.0) * form[:, i, j]).astype(np.float32)
             quad += coef[owner] * offset[i] * offset[j]
-    return np.where(quad <= 1, owner + 1, 0).astype(np.uint32)
+    limit = np.float32(1)
+    if irregularity > 0:
+        limit = 1 + np.float32(irregularity) * _smooth_noise(shape, _OUTLINE_SCALE * cell_diameter, rng)
+    return np.where(quad <= limit, owner + 1, 0).astype(np.uint32)
 
 
 def _voronoi_edt(shape, seeds, stretch):
@@ -472,6 +606,34 @@ def _cell_brightness(n_cells, dim_fraction, rng):
     brightness[dim] = 0.3
     brightness[0] = 0.0
     return brightness.astype(np.float32)
+
+
+def _nuclear_texture(labels, cell_diameter, texture, rng):
+    """Brightness factor inside the nuclei: grainy chromatin and dim nucleoli.
+
+    Chromatin is a fine Gaussian random field (bright clumps and darker
+    gaps); nucleoli are balls about a quarter of the nucleus across, placed
+    at random voxels well inside the nuclei, that keep only part of the
+    brightness. Both scale with `texture`; the mean brightness stays near 1.
+    """
+    chromatin = _smooth_noise(labels.shape, _CHROMATIN_SCALE * cell_diameter + 1, rng)
+    factor = np.exp(np.float32(0.35 * texture) * chromatin)
+    radius = _NUCLEOLUS_RADIUS * cell_diameter
+    depth = ndimage.distance_transform_edt(labels > 0)
+    inner = np.flatnonzero(depth.reshape(-1) > 1.5 * radius)
+    n = min(inner.size, rng.poisson(_NUCLEOLI_PER_NUCLEUS * int(labels.max())))
+    if n:
+        centres = np.zeros(labels.shape, dtype=bool)
+        centres.reshape(-1)[rng.choice(inner, n, replace=False)] = True
+        nucleoli = ndimage.distance_transform_edt(~centres) <= radius
+        factor[nucleoli] *= np.float32(1 - texture * (1 - _NUCLEOLUS_LEVEL))
+    return factor / np.float32(np.mean(factor[labels > 0])) if (labels > 0).any() else factor
+
+
+def _haze(shape, cell_diameter, level, rng):
+    """Uneven background haze of mean `level`, varying over a cell diameter or more."""
+    field = _smooth_noise(shape, _HAZE_SCALE * cell_diameter, rng)
+    return np.clip(np.float32(level) * (1 + np.float32(0.5) * field), 0, None)
 
 
 def _membrane_signal(labels, brightness):

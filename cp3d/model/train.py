@@ -1,8 +1,9 @@
-"""Training on synthetic membrane stacks or annotated ones: data pools, augmentation, losses, checkpoints.
+"""Training on synthetic membrane or nuclei stacks, or annotated ones: data pools, augmentation, losses, checkpoints.
 
 Run from the command line (the arguments are those of :func:`train`)::
 
     cp3d train OUT_DIR --targets tanh --steps 1500 --num-threads 1
+    cp3d train OUT_DIR --kind nuclei --init tanh --steps 3000   # the nuclei model: varied synthetic nuclei
     cp3d train OUT_DIR --data DIR --init tanh --steps 300   # fine-tune on NAME.tif + NAME_masks.tif pairs
     cp3d train OUT_DIR --validate-only     # re-score a finished run
 
@@ -35,6 +36,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .._backend import as_triple, start_numba_pool
+from ..data import KINDS
 from ..io import atomic_write
 from .predict import resolve_device, normalize_percentile, predict
 from .unet import CONFIG_NAME, WEIGHTS_DIR, WEIGHTS_NAME, UNet3D, UNetConfig, resolve_model_dir, load_model, save_model
@@ -122,8 +124,8 @@ class _StackPool:
     exactly from its list of stack ids when training resumes.
     """
 
-    def __init__(self, config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every):
-        self.config, self.seed, self.diameters = config, seed, diameters
+    def __init__(self, config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every, kind):
+        self.config, self.seed, self.diameters, self.kind = config, seed, diameters, kind
         self.stack_shape, self.noise, self.stretch = stack_shape, noise, stretch
         self.n_stacks, self.refresh_every = n_stacks, refresh_every
         self.ids, self.stacks, self.next_id = [], [], 0
@@ -149,8 +151,11 @@ class _StackPool:
         factor = float(np.exp(rng.uniform(np.log(self.stretch[0]), np.log(self.stretch[1])))) if rng.random() < 0.5 else 1.0
         shape = (max(8, int(math.ceil(self.stack_shape[0] / factor))),) + tuple(self.stack_shape[1:])
         noise = float(rng.uniform(*self.noise))
+        # nuclei vary in every rendering setting; the membrane stacks keep their defaults
+        options = cp3d.data.random_nuclei_options(rng) if self.kind == "nuclei" else {}
+        options["noise"] = noise
         image, labels = cp3d.data.synthetic_stack(
-            shape, diameter, kind="membrane", seed=int(self.seed * 1_000_003 + k) % VALIDATION_SEED, noise=noise
+            shape, diameter, kind=self.kind, seed=int(self.seed * 1_000_003 + k) % VALIDATION_SEED, **options
         )
         image = np.asarray(image, np.float32)
         labels = np.asarray(labels).astype(np.uint32, copy=False)
@@ -365,8 +370,9 @@ def train(
     validate_stacks=4,
     log_every=10,
     command=None,
+    kind="membrane",
 ):
-    """Train a :class:`UNet3D` on synthetic membrane stacks or on annotated stacks of your own.
+    """Train a :class:`UNet3D` on synthetic membrane or nuclei stacks, or on annotated stacks of your own.
 
     Parameters
     ----------
@@ -450,6 +456,11 @@ def train(
         Steps between lines of ``train_log.jsonl``.
     command : str, optional
         The command line that started the run, recorded in the model card.
+    kind : {"membrane", "nuclei"}
+        Kind of synthetic stack trained and validated on (without `data`).
+        Nuclei stacks draw every rendering setting at random
+        (:func:`cp3d.data.random_nuclei_options`, the noise from `noise`);
+        membrane stacks use the generator's defaults but for the noise.
 
     Returns
     -------
@@ -466,6 +477,10 @@ def train(
         raise ValueError("pass init (start a new run from trained weights) or resume (continue a run), not both")
     if validate_data is not None and data is None:
         raise ValueError("validate_data needs data: the synthetic runs validate on synthetic stacks")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if data is not None and kind != "membrane":
+        raise ValueError(f"kind={kind!r} chooses synthetic stacks; with data the stacks are the annotated ones")
     if diameter is not None and not (np.isfinite(diameter) and diameter > 0):
         raise ValueError(f"diameter must be positive and finite, got {diameter!r}")
     if voxel_size is not None:
@@ -498,7 +513,7 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
     rng = np.random.default_rng([seed, 1])
     if data is None:
-        pool = _StackPool(config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every)
+        pool = _StackPool(config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every, kind)
     else:
         pool = _FolderPool(config, train_set, diameter, voxel_size)
     step, history = 0, []
@@ -590,7 +605,9 @@ def train(
         "arguments": arguments,
         "config": config.to_dict(),
         "data": {
-            "generator": "cp3d.data.synthetic_stack(kind='membrane')",
+            "generator": f"cp3d.data.synthetic_stack(kind={kind!r})",
+            "options": "cp3d.data.random_nuclei_options(rng), noise from 'noise'" if kind == "nuclei"
+            else "defaults, noise from 'noise'",
             "diameters": list(diameters), "n_stacks": n_stacks, "stack_shape": list(stack_shape),
             "refresh_every": refresh_every, "noise": list(noise), "z_stretch": list(stretch),
             "augmentation": "flips (flow channel negated), y<->x swap (flow channels swapped), z-stretch of "
@@ -619,7 +636,7 @@ def train(
         # score the saved (float16) weights, i.e. what users will load
         saved = load_model(out_dir, device=dev)
         if data is None:
-            card["validation"] = validate(saved, n_stacks=validate_stacks, progress=progress)
+            card["validation"] = validate(saved, n_stacks=validate_stacks, kind=kind, progress=progress)
         else:
             card["validation"] = validate_annotated(saved, validation_set, diameter=diameter, voxel_size=voxel_size)
         if lineage:
@@ -652,11 +669,14 @@ def _score(result, *names):
     raise KeyError(f"cp3d.metrics.evaluate result has none of {names}: {result!r}")
 
 
-def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=(0.03, 0.17), progress=False):
-    """Score `model` on held-out synthetic membrane stacks.
+def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=(0.03, 0.17), kind="membrane",
+             progress=False):
+    """Score `model` on held-out synthetic membrane (or nuclei) stacks.
 
     Stack ``i`` has seed ``10**9 + i`` (never used in training), a diameter
     evenly spaced in `diameters` and a noise level evenly spaced in `noise`.
+    Nuclei stacks (``kind="nuclei"``) draw their other rendering settings
+    with :func:`cp3d.data.random_nuclei_options` from the same seed.
     The network output (one pass, no test-time augmentation) goes through
     :func:`cp3d.reconstruct` with the true diameter and is scored by :func:`cp3d.metrics.evaluate`.
 
@@ -674,7 +694,11 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
         t = i / max(1, n_stacks - 1)
         d = float(diameters[0] + t * (diameters[1] - diameters[0]))
         nz = float(noise[0] + t * (noise[1] - noise[0]))
-        image, gt = cp3d.data.synthetic_stack(shape, d, kind="membrane", seed=VALIDATION_SEED + i, noise=nz)
+        options = {}
+        if kind == "nuclei":
+            options = cp3d.data.random_nuclei_options(np.random.default_rng(VALIDATION_SEED + i))
+        options["noise"] = nz
+        image, gt = cp3d.data.synthetic_stack(shape, d, kind=kind, seed=VALIDATION_SEED + i, **options)
         # one network pass: the score follows the network itself, comparable across training runs
         pred = predict(image, model, augment=False, progress=progress)
         # the model's own formulation: reconstruct's default tanh scale (d / 2) assumes
@@ -693,7 +717,7 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
     return {
         "mean_dice": float(np.mean([s["dice"] for s in per_stack])),
         "mean_ap50": float(np.mean([s["ap50"] for s in per_stack])),
-        "shape": list(shape), "stacks": per_stack,
+        "shape": list(shape), "kind": kind, "stacks": per_stack,
     }
 
 
@@ -773,6 +797,8 @@ def main(argv=None, prog="cp3d train"):
                                 "stacks of your own (--data).")
     p.add_argument("out_dir")
     p.add_argument("--targets", choices=("tanh", "heat"), default="tanh")
+    p.add_argument("--kind", choices=("membrane", "nuclei"), default="membrane",
+                   help="synthetic stacks to train and validate on (default membrane)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--patch-size", type=lambda s: _parse_pair(s, int), default=(48, 48, 48), help="z,y,x")
@@ -812,7 +838,7 @@ def main(argv=None, prog="cp3d train"):
             _, stacks = _annotated_sets(a.data or a.validate_data, a.validate_data, a.mask_filter, 1)
             scores = validate_annotated(model, stacks, diameter=a.diameter, voxel_size=a.voxel_size)
         else:
-            scores = validate(model, n_stacks=a.validate_stacks or 4, progress=not a.no_progress)
+            scores = validate(model, n_stacks=a.validate_stacks or 4, kind=a.kind, progress=not a.no_progress)
         card_path = Path(a.out_dir, "model_card.json")
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
         card["validation"] = scores
@@ -827,7 +853,7 @@ def main(argv=None, prog="cp3d train"):
         validate_data=a.validate_data,
         progress=not a.no_progress, diameters=a.diameters, n_stacks=a.n_stacks,
         refresh_every=a.refresh_every, num_threads=a.num_threads, validate_stacks=a.validate_stacks,
-        command=" ".join([prog] + argv),
+        command=" ".join([prog] + argv), kind=a.kind,
     )
 
 
