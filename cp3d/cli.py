@@ -278,7 +278,7 @@ def _add_overwrite_option(parser):
 
 
 def _add_segment_options(parser):
-    parser.add_argument("--model", default=None, help="bundled model name (tanh, heat) or model folder")
+    parser.add_argument("--model", default=None, help="bundled model name (tanh, heat: membranes; nuclei) or model folder")
     parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "numba", "cuda"))
     parser.add_argument("--device", default="auto", help="torch device for prediction")
     parser.add_argument("--no-augment", dest="augment", action="store_false",

@@ -96,8 +96,9 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     image : ndarray, shape (Z, Y, X)
         One-channel stack.
     model : UNet3D or str or path-like, optional
-        A network, a bundled model name (``"tanh"``, ``"heat"``) or a model
-        directory; the bundled tanh model by default.
+        A network, a bundled model name (``"tanh"``, ``"heat"`` for membrane
+        stains, ``"nuclei"`` for nuclear stains) or a model directory; the
+        bundled tanh model by default.
     diameter : float or (float, float, float) or "auto", optional
         Typical cell diameter in voxels along x (Cellpose's convention), the
         other axes following from `voxel_size`. ``None`` assumes the

@@ -178,3 +178,107 @@ def test_write_synthetic_dataset(tmp_path):
 def test_write_synthetic_dataset_rejects_bad_count(tmp_path):
     with pytest.raises(ValueError, match="count"):
         write_synthetic_dataset(tmp_path, shape=(16, 32, 32), diameter=8, count=0)
+
+
+# --------------------------------------------------------------------------- varied nuclei
+
+NUCLEI_SHAPE = (32, 64, 64)
+
+
+def _nuclei(seed=6, **options):
+    return synthetic_stack(NUCLEI_SHAPE, DIAMETER, kind="nuclei", seed=seed, noise=0, **options)
+
+
+def _surface_to_volume(labels):
+    inner = ndimage.binary_erosion(labels > 0, structure=ndimage.generate_binary_structure(3, 1))
+    return np.sum((labels > 0) & ~inner) / np.sum(labels > 0)
+
+
+def test_new_options_at_their_defaults_change_nothing():
+    plain = _nuclei()
+    spelled = _nuclei(background=0.0, elongation=0.12, irregularity=0.0, density=1.0, texture=0.0)
+    np.testing.assert_array_equal(plain.image, spelled.image)
+    np.testing.assert_array_equal(plain.labels, spelled.labels)
+
+
+def test_elongation_draws_longer_nuclei():
+    def median_aspect(labels):
+        ratios = []
+        for i, box in enumerate(ndimage.find_objects(labels)):
+            coords = np.argwhere(labels[box] == i + 1).astype(float)
+            if len(coords) > 20:
+                eig = np.linalg.eigvalsh(np.cov(coords.T))
+                ratios.append(np.sqrt(eig[-1] / eig[0]))
+        return np.median(ratios)
+
+    # sparse nuclei, so that the neighbours clip few of them
+    long, round_ = _nuclei(elongation=0.35, density=0.6).labels, _nuclei(elongation=0.05, density=0.6).labels
+    assert median_aspect(long) > 1.2 * median_aspect(round_)
+
+
+def test_irregularity_roughens_the_outlines():
+    assert _surface_to_volume(_nuclei(irregularity=0.5).labels) > 1.1 * _surface_to_volume(_nuclei().labels)
+
+
+def test_density_sets_how_many_nuclei_and_how_packed():
+    sparse, dense = _nuclei(density=0.5).labels, _nuclei(density=1.4).labels
+    assert sparse.max() < 0.5 * dense.max()
+    assert np.mean(sparse == 0) > np.mean(dense == 0) + 0.1
+    # sparse nuclei keep the requested size
+    assert np.median(_equivalent_diameters(sparse)) == pytest.approx(DIAMETER, rel=0.15)
+
+
+def test_texture_varies_the_interiors_and_keeps_the_labels():
+    # a sharp PSF, so that the blur does not hide the texture it is meant to show
+    sharp = {"dim_fraction": 0, "psf_sigma": (1.0, 0.5, 0.5)}
+    plain, textured = _nuclei(**sharp), _nuclei(**sharp, texture=1.0)
+    np.testing.assert_array_equal(plain.labels, textured.labels)
+    inside = ndimage.binary_erosion(plain.labels > 0, iterations=2)
+
+    def spread(image):
+        return image[inside].std() / image[inside].mean()
+
+    assert spread(textured.image) > 1.3 * spread(plain.image)
+    # still bright nuclei on a dark background
+    outside = ndimage.distance_transform_edt(plain.labels == 0) > 2
+    assert textured.image[inside].mean() > 2 * textured.image[outside].mean()
+
+
+@pytest.mark.parametrize("kind", ["membrane", "nuclei"])
+def test_background_lights_the_space_outside_the_cells(kind):
+    plain = synthetic_stack(NUCLEI_SHAPE, DIAMETER, kind=kind, seed=2, noise=0)
+    hazy = synthetic_stack(NUCLEI_SHAPE, DIAMETER, kind=kind, seed=2, noise=0, background=0.3)
+    np.testing.assert_array_equal(plain.labels, hazy.labels)
+    far = ndimage.distance_transform_edt(plain.labels == 0) > 4
+    assert far.sum() > 100
+    assert hazy.image[far].mean() > 0.05 > plain.image[far].mean()
+
+
+def test_random_nuclei_options_render_varied_reproducible_stacks():
+    from cp3d.data import random_nuclei_options
+
+    a = random_nuclei_options(np.random.default_rng(1))
+    assert a == random_nuclei_options(np.random.default_rng(1))
+    assert a != random_nuclei_options(np.random.default_rng(2))
+    image, labels = synthetic_stack(NUCLEI_SHAPE, DIAMETER, kind="nuclei", seed=1, **a)
+    assert image.shape == labels.shape == NUCLEI_SHAPE and labels.max() > 10
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"background": 1.0}, "background"),
+        ({"background": -0.1}, "background"),
+        ({"elongation": -0.1}, "elongation"),
+        ({"irregularity": 1.0}, "irregularity"),
+        ({"density": 0.1}, "density"),
+        ({"density": 2.0}, "density"),
+        ({"texture": 1.5}, "texture"),
+        ({"kind": "membrane", "texture": 0.5}, "nuclei"),
+        ({"kind": "membrane", "elongation": 0.2, "density": 0.8}, "elongation, density"),
+    ],
+)
+def test_bad_nuclei_options_raise(kwargs, match):
+    kwargs = {"kind": "nuclei", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        synthetic_stack(SHAPE, DIAMETER, **kwargs)

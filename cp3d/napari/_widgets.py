@@ -18,7 +18,7 @@ from napari.utils.notifications import show_error
 from .._backend import BACKENDS
 from ..filters import TARGETS
 
-MODELS = ("tanh", "heat", "folder")
+MODELS = ("tanh", "heat", "nuclei", "folder")
 
 
 def _init_segment(widget):
@@ -31,7 +31,7 @@ def _init_segment(widget):
     call_button="Segment",
     widget_init=_init_segment,
     image={"tooltip": "a one-channel 3D stack; its scale is taken as the voxel size (z, y, x)"},
-    model={"choices": MODELS, "tooltip": "bundled model (tanh, heat) or a folder written by cp3d train"},
+    model={"choices": MODELS, "tooltip": "bundled model (tanh, heat: membranes; nuclei) or a folder written by cp3d train"},
     model_folder={"mode": "d", "label": "model folder"},
     diameter={"min": 0.0, "max": 1000.0, "step": 0.5,
               "tooltip": "typical cell diameter in voxels along x; 0: the model's training size"},
