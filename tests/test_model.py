@@ -466,6 +466,28 @@ def test_a_resumed_fine_tuning_run_keeps_its_lineage(tmp_path):
     assert card["steps"] == 4 and [run["steps"] for run in card["lineage"]] == ["0-2", "2-4"]
 
 
+def test_nuclei_pool_draws_varied_nuclei_stacks():
+    config = UNetConfig(**TINY, patch_size=(16, 16, 16))
+    pool = _StackPool(config, seed=0, diameters=(6, 8), n_stacks=1, stack_shape=(16, 32, 32), noise=(0.05, 0.1),
+                      stretch=(0.75, 1.33), refresh_every=0, kind="nuclei")
+    stacks = [pool.make(k) for k in range(3)]
+    for st in stacks:
+        assert 0.05 < st["fg"].mean() < 0.95  # nuclei with background between them, not a tissue
+        assert not st["flows"][:, st["fg"] == 0].any()
+    assert len({round(float(st["fg"].mean()), 3) for st in stacks}) == 3
+
+
+def test_training_on_nuclei_validates_on_nuclei(tmp_path):
+    train(tmp_path / "n", kind="nuclei", **_tiny_training(steps=1, validate_stacks=1))
+    card = json.loads((tmp_path / "n" / "model_card.json").read_text())
+    assert card["data"]["generator"] == "cp3d.data.synthetic_stack(kind='nuclei')"
+    assert card["arguments"]["kind"] == "nuclei" and card["validation"]["kind"] == "nuclei"
+    with pytest.raises(ValueError, match="kind"):
+        train(tmp_path / "x", kind="cytoplasm", **_tiny_training())
+    with pytest.raises(ValueError, match="annotated"):
+        train(tmp_path / "x", kind="nuclei", data=tmp_path, **_tiny_training())
+
+
 # --------------------------------------------------------------------------- training on annotated folders
 
 

@@ -124,7 +124,7 @@ class _StackPool:
     exactly from its list of stack ids when training resumes.
     """
 
-    def __init__(self, config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every, kind):
+    def __init__(self, config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every, kind="membrane"):
         self.config, self.seed, self.diameters, self.kind = config, seed, diameters, kind
         self.stack_shape, self.noise, self.stretch = stack_shape, noise, stretch
         self.n_stacks, self.refresh_every = n_stacks, refresh_every
