@@ -349,3 +349,10 @@ def test_cli_version(capsys):
         cli.main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out.strip() == f"cp3d {cp3d.__version__}"
+
+
+def test_bundled_nuclei_model_finds_most_nuclei():
+    image, truth = cp3d.data.synthetic_stack((32, 64, 64), 10, kind="nuclei", seed=21, noise=0.08)
+    labels = segment(image, "nuclei", diameter=10, augment=False).labels
+    scores = cp3d.metrics.evaluate(truth, labels)
+    assert scores["dice"] > 0.7 and scores["ap50"] > 0.6, scores
