@@ -15,14 +15,13 @@ Usage::
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 from scipy.spatial import cKDTree
 
 import cp3d
-from _machine import machine_info
+from _machine import best_seconds, machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "measure.json"
 
@@ -34,16 +33,6 @@ def voronoi_labels(shape, cells, seed=0):
     grid = np.stack(np.meshgrid(*(np.arange(s) for s in shape), indexing="ij"), -1).reshape(-1, 3)
     _, nearest = cKDTree(seeds).query(grid, workers=-1)
     return (nearest + 1).astype(np.uint32).reshape(shape)
-
-
-def best_seconds(call, repeat):
-    call()  # warm-up: Numba compiles (or loads its cache)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(argv=None):

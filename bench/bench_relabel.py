@@ -28,24 +28,13 @@ Usage::
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from _machine import machine_info, package_version
+from _machine import best_seconds, machine_info, package_version
 
 RESULTS = Path(__file__).resolve().parent / "results" / "relabel.json"
-
-
-def best_seconds(call, repeat):
-    call()  # warm-up: Numba compiles (or loads its cache)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def voronoi_like_labels(n_voxels, n_ids, seed=0):
