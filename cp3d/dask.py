@@ -41,7 +41,6 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
 import weakref
 
 import numpy as np
@@ -50,7 +49,7 @@ from ._backend import as_triple, check_flows, check_foreground
 from .filters import check_thresholds, keep_instances, sphere_volume, tanh_statistic_sums
 from .follow import check_step, follow_in_window, smooth_flows
 from .group import ball_offsets, close_and_label, merge_table, relabel_by_first_voxel
-from .reconstruct import reconstruction_parameters, warn_on_flow_convention
+from .reconstruct import reconstruction_parameters, warn_all_filtered, warn_on_flow_convention
 from .targets import heat_flows
 
 __all__ = ["reconstruct", "segment"]
@@ -272,12 +271,7 @@ class _Plan:
         keep = keep_instances(stats.volume, overlap, flow_error, stats.on_border, self.volume_range,
                               self.min_overlap, self.max_flow_error)
         if stats.n and not keep.any():
-            low, high = self.volume_range
-            warnings.warn(f"reconstruct found {stats.n} groups but the filters dropped them all (volume range "
-                          f"{low:.0f}-{high:.0f} voxels, max_flow_error {self.max_flow_error}, "
-                          f"targets={self.targets!r}, inward={self.inward}); check that the flows' convention "
-                          "matches these settings, or relax the filters (diameter_range, max_flow_error=None)",
-                          stacklevel=2)
+            warn_all_filtered(stats.n, self.volume_range, self.max_flow_error, self.targets, self.inward)
         # Kept instances numbered in C order of their first voxel, as on the whole volume.
         kept = np.flatnonzero(keep)
         lut = np.zeros(stats.n + 1, np.uint32)

@@ -238,11 +238,16 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     labels = filter_validated(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, scale,
                               inward, backend)
     if found and not int(labels.max()):
-        warnings.warn(f"reconstruct found {found} groups but the filters dropped them all (volume range "
-                      f"{volume_range[0]:.0f}-{volume_range[1]:.0f} voxels, max_flow_error {max_flow_error}, "
-                      f"targets={targets!r}, inward={inward}); check that the flows' convention matches these "
-                      "settings, or relax the filters (diameter_range, max_flow_error=None)", stacklevel=2)
+        warn_all_filtered(found, volume_range, max_flow_error, targets, inward)
     return labels
+
+
+def warn_all_filtered(found, volume_range, max_flow_error, targets, inward):
+    """Warn that the filters dropped every one of the `found` groups, naming the thresholds (no silent 0 cells)."""
+    warnings.warn(f"reconstruct found {found} groups but the filters dropped them all (volume range "
+                  f"{volume_range[0]:.0f}-{volume_range[1]:.0f} voxels, max_flow_error {max_flow_error}, "
+                  f"targets={targets!r}, inward={inward}); check that the flows' convention matches these "
+                  "settings, or relax the filters (diameter_range, max_flow_error=None)", stacklevel=3)
 
 
 # Flows of either formulation are at most 1 in magnitude; Cellpose's networks
