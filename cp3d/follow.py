@@ -108,17 +108,23 @@ def _numpy_follow(flows, starts, step, n_iter):
 
 
 # Python handles Ctrl-C only between kernel calls, so a long follow runs in
-# slices of iterations of about this many point-steps (a fraction of a second).
-# Positions are float32 in memory between slices as within one: same result.
+# slices of about this many point-steps (a fraction of a second). Positions are
+# float32 in memory between slices as within one: same result.
 _SLICE_STEPS = 1 << 26
 
 
 def _numba_follow(flows, starts, step, n_iter):
     out = np.empty((starts.size, 3), np.float32)
     _start_positions(starts, np.asarray(flows.shape[1:], np.int64), out)
-    per_slice = max(1, _SLICE_STEPS // max(starts.size, 1))
-    for done in range(0, n_iter, per_slice):
-        _follow_kernel(flows, out, step, min(per_slice, n_iter - done))
+    # Slices of points, each followed through all its iterations (slices of those only for a very long follow):
+    # the flows around a point stay in cache while it moves. Slices of iterations over all points read the flows
+    # from memory again in every slice: 3x slower on 5.8e7 voxels (2-core x86-64, 100 iterations).
+    points = max(_CHUNK, _SLICE_STEPS // max(n_iter, 1))
+    iterations = max(1, _SLICE_STEPS // points)
+    for first in range(0, starts.size, points):
+        part = out[first:first + points]
+        for done in range(0, n_iter, iterations):
+            _follow_kernel(flows, part, step, min(iterations, n_iter - done))
     return out
 
 

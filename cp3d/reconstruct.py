@@ -265,7 +265,7 @@ def warn_on_flow_convention(flows, foreground, inward):
     it costs little on any volume.
     """
     xp = get_array_module(flows)
-    largest = float(xp.abs(flows).max())
+    largest = max(float(flows.max()), -float(flows.min()))  # abs() would copy the flows: 4x slower
     if largest > _MAX_FLOW:
         warnings.warn(f"flows reach {largest:.3g} in magnitude, where tanh and heat flows are at most 1: "
                       "Cellpose's dP is 5 times the unit flows (divide by 5, or use cp3d.cellpose.compute_masks)",

@@ -81,7 +81,9 @@ def test_long_runs_in_slices_give_the_same_positions(monkeypatch):
     flows = random_flows((9, 17, 23), seed=2)
     fg = np.random.default_rng(3).random((9, 17, 23)) > 0.4
     whole = follow_flows(flows, fg, step=4.0, n_iter=37, backend="numba")
-    monkeypatch.setattr(cp3d.follow, "_SLICE_STEPS", 5 * int(fg.sum()))  # slices of 5 iterations, the last of 2
+    assert fg.sum() > 2 * cp3d.follow._CHUNK
+    # slices of 1024 points (the last one shorter), each in slices of 4 iterations (the last of 1)
+    monkeypatch.setattr(cp3d.follow, "_SLICE_STEPS", 4 * cp3d.follow._CHUNK)
     np.testing.assert_array_equal(follow_flows(flows, fg, step=4.0, n_iter=37, backend="numba"), whole)
     np.testing.assert_array_equal(follow_flows(flows, fg, step=4.0, n_iter=37, backend="numpy"), whole)
 
