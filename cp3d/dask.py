@@ -219,7 +219,8 @@ class _Plan:
     def run(self, run):
         """Stages 1-5 (see the module's docstring); the table from stored ids to final labels."""
         dask, grid, flows, foreground = self.dask, self.grid, self.flows, self.foreground
-        ends = _create_store(self.folder, "ends", grid, np.int64, -1)
+        # End voxels as flat indices: half the bytes to write and read where the volume allows.
+        ends = _create_store(self.folder, "ends", grid, np.int32 if math.prod(grid.shape) < 2**31 else np.int64, -1)
 
         # 1. follow, widening the halo for the chunks whose trajectories escaped.
         reach = np.zeros(3, np.int64)
@@ -385,11 +386,25 @@ class _Scratch:
 
 
 def _create_store(folder, name, grid, dtype, fill):
-    """An uncompressed Zarr array of the grid's chunks in `folder` (replacing one a failed run left)."""
+    """An uncompressed Zarr array in `folder` (replacing one a failed run left), stored in parts of the chunks."""
     import zarr
 
-    return zarr.create_array(os.path.join(folder, f"{name}.zarr"), shape=grid.shape, chunks=grid.chunks,
-                             dtype=dtype, fill_value=fill, compressors=None, overwrite=True)
+    return zarr.create_array(os.path.join(folder, f"{name}.zarr"), shape=grid.shape,
+                             chunks=tuple(_stored_part(c) for c in grid.chunks), dtype=dtype, fill_value=fill,
+                             compressors=None, overwrite=True)
+
+
+def _stored_part(chunk):
+    """Stored chunk length along one axis: a quarter or half of the work chunk's where that divides it evenly.
+
+    Zarr reads whole stored chunks, and the stages read each work chunk with a halo and thin slabs at its faces;
+    smaller stored chunks read less beyond them (20% less CPU for the reconstruction at 128x256x256). A stored
+    chunk never straddles two work chunks, so tasks that write neighbouring chunks never write the same file.
+    """
+    for parts in (4, 2):
+        if chunk % parts == 0 and chunk // parts >= 16:
+            return chunk // parts
+    return chunk
 
 
 class _Runner:
@@ -440,7 +455,7 @@ def _follow_block(flows, foreground, ends, block, window, shape, step, n_iter, r
         todo = stored == _ESCAPED
     else:
         todo = check_foreground(np.asarray(foreground), foreground.shape)
-        stored = np.full(todo.shape, -1, np.int64)
+        stored = np.full(todo.shape, -1, ends.dtype)
     coords = np.nonzero(todo)
     if coords[0].size == 0:
         if not redo:

@@ -37,8 +37,9 @@ def _straddles(labels, chunks):
 
 
 @pytest.mark.parametrize("targets", ["tanh", "heat"])
-@pytest.mark.parametrize("shape, chunks", [((16, 32, 32), (8, 16, 16)), ((12, 24, 24), (5, 6, 7))],
-                         ids=["four-chunk-cells", "chunks-smaller-than-cells"])
+@pytest.mark.parametrize("shape, chunks", [((16, 32, 32), (8, 16, 16)), ((12, 24, 24), (5, 6, 7)),
+                                           ((40, 72, 72), (32, 36, 64))],
+                         ids=["four-chunk-cells", "chunks-smaller-than-cells", "stored-in-parts-of-chunks"])
 def test_chunked_equals_whole(targets, shape, chunks):
     flows, foreground = _maps(targets, shape)
     whole = cp3d.reconstruct(flows, foreground, diameter=8, targets=targets)
@@ -49,6 +50,13 @@ def test_chunked_equals_whole(targets, shape, chunks):
     assert _straddles(whole, chunks)
     # Equal up to renumbering is the promise; the numbering (first voxel in C order) is the same too.
     np.testing.assert_array_equal(out, whole)
+
+
+def test_intermediate_stores_never_split_a_file_between_chunks():
+    from cp3d.dask import _stored_part
+
+    assert [_stored_part(c) for c in (128, 256, 36, 90, 17, 8)] == [32, 64, 18, 45, 17, 8]
+    assert all(c % _stored_part(c) == 0 for c in range(1, 300))
 
 
 def test_escaped_trajectories_are_recomputed():
