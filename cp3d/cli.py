@@ -5,6 +5,7 @@ public functions.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -92,8 +93,6 @@ def _dask_client(args):
         from distributed import Client, LocalCluster
     except ImportError as e:
         raise ImportError(f"chunked runs need dask.distributed ({e}); pip install 'cp3d[dask]'") from e
-    import contextlib
-
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     stack = contextlib.ExitStack()
@@ -101,11 +100,33 @@ def _dask_client(args):
         stack.enter_context(Client(args.scheduler))
         return stack
     memory = "auto" if args.memory_limit is None else int(args.memory_limit * 2**30)
-    # One thread per worker: the Numba kernels and torch use the cores within each task.
+    stack.enter_context(_worker_threads(args.workers))
     cluster = stack.enter_context(LocalCluster(n_workers=args.workers, threads_per_worker=1, memory_limit=memory,
                                                dashboard_address=None))
     stack.enter_context(Client(cluster))
     return stack
+
+
+@contextlib.contextmanager
+def _worker_threads(workers):
+    """Local workers start with this machine's cores / `workers` threads each, for torch, BLAS and Numba.
+
+    Each worker runs one task at a time, parallel inside. dask.distributed starts workers with
+    OMP_NUM_THREADS=1 (made for one single-threaded task per core), which leaves torch on one core, unless this
+    process's environment says otherwise when they start; the environment is restored afterwards.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    variables = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(dict.fromkeys(variables, str(max(1, cores // workers))))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _check_chunk_shape(chunks, name="--chunks"):

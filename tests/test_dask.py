@@ -273,3 +273,27 @@ def test_flow_convention_warnings_at_the_call():
         _chunked(5 * flows, foreground, (6, 12, 12), diameter=8)
     with pytest.warns(UserWarning, match="pass inward=True"):
         _chunked(-flows, foreground, (6, 12, 12), diameter=8)
+
+
+def _worker_thread_counts():
+    import numba
+    import torch
+
+    return torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cli_local_workers_share_the_cores(workers):
+    # dask starts workers with OMP_NUM_THREADS=1; the CLI's one-task workers must parallelise inside the task.
+    import argparse
+
+    from distributed import get_client
+
+    from cp3d.cli import _dask_client
+
+    share = max(1, len(os.sched_getaffinity(0)) // workers)
+    args = argparse.Namespace(workers=workers, scheduler=None, memory_limit=None)
+    with _dask_client(args):
+        counts = get_client().run(_worker_thread_counts)
+    assert len(counts) == workers
+    assert all(c == (share, share) for c in counts.values()), counts
