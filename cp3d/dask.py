@@ -41,6 +41,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 
 import numpy as np
@@ -182,6 +183,7 @@ class _Plan:
         if halo is None:
             halo = np.ceil(as_triple(10.0 if diameter is None else diameter, "diameter"))
         self.halo = np.maximum(1, np.asarray(as_triple(halo, "halo"), float)).astype(np.int64)
+        _warn_on_small_chunks(self.grid, self.halo)
         self.flows = _smooth(flows, sigma) if sigma > 0 else flows
         self.foreground = foreground
         self.signed = -step if inward else step
@@ -279,6 +281,17 @@ class _Plan:
         lut = np.zeros(stats.n + 1, np.uint32)
         lut[kept[np.argsort(stats.first[kept])]] = np.arange(1, kept.size + 1, dtype=np.uint32)
         return lut
+
+
+def _warn_on_small_chunks(grid, halo):
+    """Chunks thinner than the follow halo give the same labels, but each task reads many times its chunk."""
+    thin = [c < h and c < n for c, h, n in zip(grid.chunks, halo, grid.shape)]
+    if any(thin):
+        window = math.prod(min(c + 2 * h, n) for c, h, n in zip(grid.chunks, halo, grid.shape))
+        warnings.warn(f"chunks {grid.chunks} are thinner than the follow halo {tuple(halo.tolist())}: the labels are "
+                      f"exact, but each task reads up to {window / math.prod(grid.chunks):.0f}x its chunk's flows; "
+                      f"chunks of at least {tuple(int(max(c, h)) for c, h in zip(grid.chunks, halo))} voxels waste "
+                      "less", stacklevel=4)
 
 
 def _save_atomically(path, array):

@@ -297,3 +297,16 @@ def test_cli_local_workers_share_the_cores(workers):
         counts = get_client().run(_worker_thread_counts)
     assert len(counts) == workers
     assert all(c == (share, share) for c in counts.values()), counts
+
+
+def test_chunks_thinner_than_the_halo_warn_and_stay_exact():
+    import warnings
+
+    flows, foreground = _maps("tanh", shape=(12, 24, 24))
+    whole = cp3d.reconstruct(flows, foreground, diameter=8)
+    with pytest.warns(UserWarning, match=r"thinner than the follow halo \(8, 8, 8\).*at least \(8, 8, 8\)"):
+        labels = _chunked(flows, foreground, (4, 8, 8), diameter=8)
+    np.testing.assert_array_equal(labels.compute(), whole)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _chunked(flows, foreground, (8, 12, 12), diameter=8)  # as thick as the halo: no warning
