@@ -266,8 +266,8 @@ class _Plan:
         flow_error = None
         if np.isfinite(self.max_flow_error) and stats.n:
             if self.targets == "tanh":
-                error = _tanh_error(dask, run, flows, foreground, instances, grid, blocks, stats, self.params,
-                                    self.inward)
+                error = _tanh_error(dask, run, flows, foreground, instances, grid, stats, self.params, self.inward,
+                                    self.folder)
             else:
                 error = _heat_error(dask, run, flows, instances, grid, stats, self.inward)
             flow_error = error / (3 * np.maximum(stats.volume, 1))
@@ -620,30 +620,36 @@ class _Statistics:
         return self.coords / np.maximum(self.volume.astype(np.float64), 1.0)[:, None]
 
 
-def _tanh_error(dask, run, flows, foreground, instances, grid, blocks, stats, params, inward):
-    """Summed absolute tanh flow error per instance, with the centroids of the whole instances."""
-    centroid = stats.centroids()
-    tasks = []
-    for b, sums in enumerate(blocks):
-        block = grid.block(b)
-        table = np.concatenate([np.zeros((1, 3)), centroid[sums["ids"]]])
-        tasks.append(dask.delayed(_tanh_error_block, pure=False)(
-            instances, flows[(slice(None),) + block], foreground[block], block, sums["ids"], table,
-            params.tanh_scale, inward))
+def _tanh_error(dask, run, flows, foreground, instances, grid, stats, params, inward, folder):
+    """Summed absolute tanh flow error per instance, with the centroids of the whole instances.
+
+    The centroids go to the tasks through the temporary store, not the task
+    graph (24 bytes per instance: 24 MB for a million cells).
+    """
+    centroids = os.path.join(folder, "centroids.npy")
+    _save_atomically(centroids, stats.centroids())
+    tasks = [dask.delayed(_tanh_error_block, pure=False)(instances, flows[(slice(None),) + grid.block(b)],
+                                                         foreground[grid.block(b)], grid.block(b), centroids,
+                                                         params.tanh_scale, inward)
+             for b in range(len(grid))]
     error = np.zeros(stats.n + 1)
-    for sums, part in zip(blocks, run(tasks, "flow error")):
-        error[sums["ids"]] += part
+    for ids, part in run(tasks, "flow error"):
+        error[ids] += part
     return error
 
 
-def _tanh_error_block(instances, flows, foreground, block, ids, centroid, scale, inward):
+def _tanh_error_block(instances, flows, foreground, block, centroids, scale, inward):
+    """The chunk's instances and their summed flow errors over the chunk."""
     labels = instances[block]
+    ids = np.flatnonzero(np.bincount(labels.ravel()))
+    ids = ids[ids > 0]
     compact = np.searchsorted(ids, labels).astype(np.uint32) + 1
     compact[labels == 0] = 0
+    table = np.concatenate([np.zeros((1, 3)), np.load(centroids, mmap_mode="r")[ids]])
     fg = check_foreground(np.asarray(foreground), labels.shape)
-    _, _, error = tanh_statistic_sums(compact, np.ascontiguousarray(flows, np.float32), fg, centroid, scale, inward,
+    _, _, error = tanh_statistic_sums(compact, np.ascontiguousarray(flows, np.float32), fg, table, scale, inward,
                                       origin=[s.start for s in block])
-    return error[1:]
+    return ids, error[1:]
 
 
 def _heat_error(dask, run, flows, instances, grid, stats, inward):
