@@ -65,7 +65,8 @@ _CHROMATIN_SCALE = 0.06
 _HAZE_SCALE = 1.0
 _WALL_BEND_SCALE = 0.5
 _PATCH_SCALE = 0.4
-# Irregular membrane cells: largest shift of the walls, in seed spacings, at irregularity 1.
+# Irregular membrane cells: typical (one standard deviation) shift of the walls, in seed spacings, at
+# irregularity 1.
 _WALL_BEND = 0.35
 # Patchy walls: spread of the wall brightness at patchiness 1; where it falls
 # below zero (about a tenth of the wall) the wall has a gap.
@@ -73,7 +74,7 @@ _PATCH_SPREAD = 0.8
 # Cytoplasm: spread of the log of the interior brightness at texture 1;
 # organelles: radius in cell diameters (at least a voxel), number per cell,
 # brightness relative to the wall at texture 1.
-_CYTOPLASM_SPREAD = 0.8
+_CYTOPLASM_SPREAD = 0.5
 _ORGANELLE_RADIUS = 0.07
 _ORGANELLES_PER_CELL = 2.0
 _ORGANELLE_LEVEL = 0.6
@@ -232,8 +233,9 @@ def synthetic_stack(
     Irregular nuclei compare the ellipsoid's quadratic form with ``1 + g``
     instead of 1, where ``g`` is smooth Gaussian noise of standard deviation
     `irregularity`. Irregular membrane cells assign each voxel to the seed
-    nearest to the voxel moved by a smooth random displacement (up to about
-    a third of the seed spacing at ``irregularity=1``), which bends the walls.
+    nearest to the voxel moved by a smooth random displacement (of standard
+    deviation about a third of the seed spacing at ``irregularity=1``),
+    which bends the walls.
     Thick walls are the voxels within ``(wall_thickness - 1) / 2`` of a
     one-voxel wall. With the defaults of the newer options
     (``background=0``, ``elongation=None``, ``irregularity=0``,
@@ -594,7 +596,7 @@ def _membrane_labels(shape, cell_diameter, stretch, rng, irregularity=0.0):
         # bends the (flat) power-diagram faces; the labels stay a partition.
         for axis in range(3):
             bend = _smooth_noise(shape, _WALL_BEND_SCALE * cell_diameter, rng).reshape(-1)[domain]
-            points[:, axis] += irregularity * _WALL_BEND * spacing / 2 * bend
+            points[:, axis] += irregularity * _WALL_BEND * spacing * bend
     owner = _nearest_seed(points, seeds, weights)
     labels = np.zeros(math.prod(shape), dtype=np.uint32)
     labels[domain] = owner + 1
@@ -794,7 +796,8 @@ def _membrane_signal(labels, brightness, cell_diameter, thickness=1.0, patchines
     interior = np.float32(_INTERIOR_LEVEL)
     if texture > 0:
         grain = _smooth_noise(labels.shape, _CHROMATIN_SCALE * cell_diameter + 1, rng)
-        interior = interior * np.exp(np.float32(_CYTOPLASM_SPREAD * texture) * grain)
+        # clipped at 3 standard deviations: a rare bright grain would outshine the walls
+        interior = interior * np.exp(np.float32(_CYTOPLASM_SPREAD * texture) * np.clip(grain, -3, 3))
         radius = max(_ORGANELLE_RADIUS * cell_diameter, 1.0)
         organelles = _random_balls(~wall & (labels > 0), radius, _ORGANELLES_PER_CELL * int(labels.max()), rng)
         interior = np.where(organelles, np.float32(_ORGANELLE_LEVEL * texture), interior)
