@@ -775,7 +775,7 @@ def _haze(shape, cell_diameter, level, rng):
     return np.clip(np.float32(level) * (1 + np.float32(0.5) * field), 0, None)
 
 
-def _membrane_signal(labels, brightness, cell_diameter, thickness=1.0, patchiness=0.0, texture=0.0, rng=None):
+def _membrane_signal(labels, brightness, cell_diameter, thickness, patchiness, texture, rng):
     """Bright walls where a 6-neighbour has another id, faint interiors.
 
     Optionally thicker walls (every voxel within ``(thickness - 1) / 2`` of
