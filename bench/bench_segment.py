@@ -38,6 +38,12 @@ stack) on held-out synthetic nuclei: varied stacks (settings drawn by
 nuclei (40 voxels across, segmented with ``diameter=40``, as for a real
 confocal nuclei stack).
 
+``--generalise`` scores the bundled membrane model (``--base-model``) against
+another (``--tanh-model RUN_DIR``) on five sets: the standard and noise-above
+held-out sets above (default diameter), ``--finetune``'s new-kind test stacks,
+varied membranes drawn by ``cp3d.data.random_membrane_options`` and stacks
+rendered outside even those ranges (true diameter).
+
 A last measurement times the stages (predict, reconstruct) of the tanh model,
 with and without test-time augmentation, on one 64 x 256 x 256 stack with ``torch.set_num_threads(2)`` and Numba's
 default thread count.
@@ -48,6 +54,7 @@ Usage::
     python bench/bench_segment.py --tanh-model RUN_DIR --heat-model RUN_DIR2   # models from cp3d train
     python bench/bench_segment.py --quick    # smoke test on small stacks, a few minutes
     python bench/bench_segment.py --nuclei   # the nuclei model (bench/results/segment_nuclei.json)
+    python bench/bench_segment.py --generalise --tanh-model RUN_DIR   # bench/results/segment_generalise.json
 
 Results go to ``bench/results/segment.json`` and ``segment.md``
 (``segment_quick.*`` with ``--quick``).
@@ -642,6 +649,151 @@ def run_finetune(a, argv):
 
 
 # ---------------------------------------------------------------------------
+# Generalisation: the bundled membrane model against another one on four differently rendered sets (--generalise)
+# ---------------------------------------------------------------------------
+
+# "standard" and "noise_above" are the held-out sets of the main benchmark, "new_kind" the test stacks of
+# --finetune; "varied" draws every rendering setting with random_membrane_options (seeds far from training and
+# validation); "beyond" renders outside even the widened ranges of random_membrane_options.
+BEYOND = {"noise": 0.42, "psf_sigma": (4.0, 1.9, 1.9), "anisotropy": (2.4, 1.0, 1.0), "depth_attenuation": 0.9,
+          "dim_fraction": 0.5, "wall_thickness": 4.5, "patchiness": 1.0, "texture": 1.0, "gamma": 1.9}
+GENERALISE_SETS = {
+    "standard": {"stacks": 6, "shape": (64, 128, 128), "diameter": "default"},
+    "noise_above": {"stacks": 6, "shape": (64, 128, 128), "diameter": "default"},
+    "new_kind": {"stacks": len(FINETUNE["test_seeds"]), "diameter": "true"},
+    "varied": {"stacks": 6, "shape": (64, 128, 128), "seed": 14_000, "diameter": "true"},
+    "beyond": {"stacks": 3, "shape": (48, 112, 112), "seed": 14_100, "diameter": "true", "cell_diameter": 12.0},
+}
+GENERALISE_LABELS = {
+    "standard": "standard held-out set (plain renderer, noise 0.05/0.12/0.22, d 8..14), default diameter",
+    "noise_above": "noise above the first training range (0.25, 0.3), default diameter",
+    "new_kind": "`new_kind_stack` (bench --finetune's test stacks), true diameter",
+    "varied": "varied membranes (`random_membrane_options`, d 8..14), true diameter",
+    "beyond": "outside even the widened ranges (BEYOND), d 12, true diameter",
+}
+
+
+def generalise_stacks(name, quick):
+    """(seed, image, labels) of the held-out set `name` of GENERALISE_SETS."""
+    cfg = GENERALISE_SETS[name]
+    n = 1 if quick else cfg["stacks"]
+    shape = (32, 64, 64) if quick and name != "new_kind" else cfg.get("shape")
+    if name in ("standard", "noise_above"):
+        for spec in test_stacks(n, shape, **({} if name == "standard" else UNSEEN)):
+            yield (spec["seed"], *make_stack(spec))
+    elif name == "new_kind":
+        for seed in FINETUNE["test_seeds"][:n]:
+            yield (seed, *new_kind_stack(seed))
+    else:
+        from cp3d.data import random_membrane_options
+
+        diameters = np.linspace(*TEST_DIAMETERS, n) if n > 1 else [float(np.mean(TEST_DIAMETERS))]
+        for i in range(n):
+            seed = cfg["seed"] + i
+            if name == "varied":
+                options, d = random_membrane_options(np.random.default_rng(seed)), float(diameters[i])
+            else:
+                options, d = dict(BEYOND), cfg["cell_diameter"]
+            yield (seed, *synthetic_stack(shape, d, kind="membrane", seed=seed, **options))
+
+
+def generalise_bench(models, sets, quick):
+    """Every model of `models` on every stack of `sets`, with scores and seconds per stack."""
+    report = {}
+    for name in sets:
+        rows = []
+        for seed, image, gt in generalise_stacks(name, quick):
+            d_true = true_diameter(gt)
+            row = {"seed": seed, "true_diameter": d_true, "n_gt": int(gt.max()), "results": {}}
+            for key, model in models.items():
+                t0 = time.perf_counter()
+                diameter = d_true if GENERALISE_SETS[name]["diameter"] == "true" else None
+                labels = segment(image, model, diameter=diameter).labels
+                sc = _scores(gt, labels)
+                row["results"][key] = {"scores": sc, "seconds": time.perf_counter() - t0}
+                print(f"{name} seed {seed} (d {d_true:.1f}) {key:10s} dice {sc['dice']:.3f} ap50 {sc['ap50']:.3f} "
+                      f"n {sc['n_pred']}/{sc['n_gt']} {row['results'][key]['seconds']:.1f}s", flush=True)
+            rows.append(row)
+        summary = {key: {k: float(np.mean([r["results"][key]["scores"][k] for r in rows])) for k in SCORE_KEYS}
+                   | {"seconds": float(np.mean([r["results"][key]["seconds"] for r in rows]))} for key in models}
+        report[name] = {"config": {k: (list(v) if isinstance(v, tuple) else v)
+                                   for k, v in GENERALISE_SETS[name].items()},
+                        "summary": summary, "stacks": rows}
+    return report
+
+
+def generalise_markdown(report):
+    models = report["models"]
+    lines = [
+        "# Generalisation of the membrane model: bundled against fine-tuned on varied membranes",
+        "",
+        f"`{report['command']}`",
+        "",
+        _machine_line(report["machine"]),
+        "",
+        "Models: " + "; ".join(f"*{k}*: `{m['source']}` ({m.get('steps')} steps, {m.get('data_options', '?')})"
+                               for k, m in models.items()) + ".",
+        "",
+        "`cp3d.segment` defaults (test-time augmentation); means over stacks, seconds per stack:",
+        "",
+        "| set | stacks | model | Dice | AP@0.5 | AP@0.75 | arand | n_pred / n_gt | s / stack |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, res in report["sets"].items():
+        for key, row in res["summary"].items():
+            lines.append(f"| {GENERALISE_LABELS[name]} | {len(res['stacks'])} | {key} | {row['dice']:.3f} | "
+                         f"{row['ap50']:.3f} | {row['ap75']:.3f} | {row['arand']:.3f} | {row['n_pred']:.0f} / "
+                         f"{row['n_gt']:.0f} | {row['seconds']:.1f} |")
+    lines += ["", f"Goal on the standard set (default settings): Dice >= {GOAL['dice']}, AP@0.5 >= {GOAL['ap50']}.",
+              "", "Per stack (Dice / AP@0.5):", "",
+              "| set | seed | d (true) | n_gt | " + " | ".join(models) + " |",
+              "|---|---|---|---|" + "---|" * len(models)]
+    for name, res in report["sets"].items():
+        for r in res["stacks"]:
+            lines.append(f"| {name} | {r['seed']} | {r['true_diameter']:.1f} | {r['n_gt']} | " + " | ".join(
+                f"{x['scores']['dice']:.2f} / {x['scores']['ap50']:.2f}" for x in r["results"].values()) + " |")
+    if report.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines + [""])
+
+
+def run_generalise(a, argv):
+    torch.set_num_threads(a.threads)
+    sources = {"bundled": a.base_model, "candidate": a.tanh_model}
+    models = {k: load_model(v) for k, v in sources.items()}
+    for model in models.values():  # compile the kernels outside the timings
+        segment(synthetic_stack((24, 48, 48), 8.0, seed=99)[0], model, augment=False)
+    machine = machine_info()
+    t_start = time.perf_counter()
+    sets = generalise_bench(models, GENERALISE_SETS, a.quick)
+    info = {}
+    for k, v in sources.items():
+        info[k] = model_info(models[k], _model_dir(v))
+        card = Path(_model_dir(v), "model_card.json")
+        if card.is_file():
+            info[k]["data_options"] = json.loads(card.read_text()).get("data", {}).get(
+                "options", "generator defaults, noise varied")  # cards before the option was recorded
+    report = {
+        "command": " ".join(["python", "bench/bench_segment.py"] + [shlex.quote(x) for x in argv]),
+        "machine": machine, "wall_seconds": time.perf_counter() - t_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "config": {"sets": {k: {kk: (list(vv) if isinstance(vv, tuple) else vv) for kk, vv in v.items()}
+                            for k, v in GENERALISE_SETS.items()},
+                   "beyond": {k: (list(v) if isinstance(v, tuple) else v) for k, v in BEYOND.items()},
+                   "new_kind": NEW_KIND, "unseen_noise": list(UNSEEN["noise"]), "quick": a.quick},
+        "models": info, "sets": sets, "notes": list(a.note),
+    }
+    _write_report(report, Path(a.out) if a.out else RESULTS / ("segment_generalise_quick.json" if a.quick
+                                                               else "segment_generalise.json"), generalise_markdown)
+
+
+def _model_dir(source):
+    from cp3d.model.unet import resolve_model_dir
+
+    return resolve_model_dir(source)
+
+
+# ---------------------------------------------------------------------------
 # The nuclei model on held-out synthetic nuclei (--nuclei)
 # ---------------------------------------------------------------------------
 
@@ -872,7 +1024,14 @@ def main(argv=None):
     p.add_argument("--nuclei", action="store_true", help="only the nuclei model, the membrane model and a nuclei "
                                                          "watershed on held-out synthetic nuclei "
                                                          "(bench/results/segment_nuclei.json)")
+    p.add_argument("--generalise", action="store_true", help="only the bundled membrane model (--base-model) against "
+                                                             "--tanh-model on the standard, noise-above, new-kind, "
+                                                             "varied and beyond sets "
+                                                             "(bench/results/segment_generalise.json)")
+    p.add_argument("--base-model", default="tanh", help="the model --generalise compares --tanh-model with")
     a = p.parse_args(argv)
+    if a.generalise:
+        return run_generalise(a, argv)
     if a.nuclei:
         return run_nuclei(a, argv)
     if a.auto:

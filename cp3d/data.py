@@ -5,15 +5,17 @@ benchmarks and training without downloading data:
 
 * ``kind="membrane"``: a confocal-like shoot-meristem phantom. Cells tile a
   dome-shaped specimen; their walls are bright, interiors faint, the
-  background empty.
+  background empty; optionally thick, patchy or broken walls, wavy cell
+  outlines, cytoplasm texture with bright organelles.
 * ``kind="nuclei"``: packed, touching ellipsoidal nuclei with filled, bright
   interiors; optionally elongated, irregular, sparser or denser, with
   chromatin texture and dim nucleoli.
 
 Both share one imaging model: an anisotropic Gaussian PSF (wider in z),
 intensity falling with depth, some dim cells, an optional uneven background
-haze, Poisson + Gaussian noise. :func:`random_nuclei_options` draws the
-varied nuclei settings the bundled nuclei model is trained on.
+haze, an optional intensity non-linearity, Poisson + Gaussian noise.
+:func:`random_nuclei_options` and :func:`random_membrane_options` draw the
+varied settings the bundled nuclei and membrane models are trained on.
 Only NumPy and SciPy are used.
 """
 
@@ -56,15 +58,48 @@ _READ_NOISE_RATIO = 0.5
 # Nuclei: spread (standard deviation of the log) of the semi-axes by default.
 _NUCLEI_ELONGATION = 0.12
 # Smooth random fields, their correlation length in cell diameters: the
-# outline of an irregular nucleus, chromatin texture, background haze.
+# outline of an irregular nucleus, chromatin or cytoplasm grain, background
+# haze, the bends of irregular membrane walls, patches of wall brightness.
 _OUTLINE_SCALE = 0.2
 _CHROMATIN_SCALE = 0.06
 _HAZE_SCALE = 1.0
+_WALL_BEND_SCALE = 0.5
+_PATCH_SCALE = 0.4
+# Irregular membrane cells: typical (one standard deviation) shift of the walls, in seed spacings, at
+# irregularity 1.
+_WALL_BEND = 0.35
+# Patchy walls: spread of the wall brightness at patchiness 1; where it falls
+# below zero (about a tenth of the wall) the wall has a gap.
+_PATCH_SPREAD = 0.8
+# Cytoplasm: spread of the log of the interior brightness at texture 1;
+# organelles: radius in cell diameters (at least a voxel), number per cell,
+# brightness relative to the wall at texture 1.
+_CYTOPLASM_SPREAD = 0.5
+_ORGANELLE_RADIUS = 0.07
+_ORGANELLES_PER_CELL = 2.0
+_ORGANELLE_LEVEL = 0.6
 # Nucleoli: radius in cell diameters, number per nucleus, brightness left at
 # full texture.
 _NUCLEOLUS_RADIUS = 0.13
 _NUCLEOLI_PER_NUCLEUS = 1.5
 _NUCLEOLUS_LEVEL = 0.35
+
+
+# The ranges random_membrane_options draws from (recorded in the model card of a model trained on them).
+MEMBRANE_OPTION_RANGES = {
+    "anisotropy_z": (0.6, 2.0),
+    "noise": (0.02, 0.35),
+    "psf_sigma_z": (1.0, 3.5),
+    "psf_sigma_yx": (0.5, 1.6),
+    "depth_attenuation": (0.0, 0.85),
+    "dim_fraction": (0.0, 0.45),
+    "background": (0.0, 0.3),
+    "irregularity": (0.0, 0.6),
+    "texture": (0.0, 1.0),
+    "wall_thickness": (1.0, 3.5),
+    "patchiness": (0.0, 1.0),
+    "gamma": (0.5, 1.6),
+}
 
 
 class SyntheticStack(NamedTuple):
@@ -98,6 +133,9 @@ def synthetic_stack(
     irregularity=0.0,
     density=1.0,
     texture=0.0,
+    wall_thickness=1.0,
+    patchiness=0.0,
+    gamma=1.0,
 ):
     """Draw a synthetic 3D stack of cells and its instance labels.
 
@@ -141,18 +179,31 @@ def synthetic_stack(
         semi-axes (their product stays fixed), default 0.12. 0.3 gives many
         nuclei twice as long as wide. Nuclei are oriented at random.
     irregularity : float, optional
-        Nuclei only: roughness of the outlines in [0, 1); a smooth random
-        field bends each ellipsoid into a lobed, irregular shape. 0 keeps
-        plain ellipsoids.
+        Roughness of the outlines in [0, 1). Nuclei: a smooth random field
+        bends each ellipsoid into a lobed, irregular shape. Membranes: a
+        smooth random displacement bends the walls, giving wavy, less
+        convex cells. 0 keeps plain ellipsoids and flat walls.
     density : float, optional
         Nuclei only: number of nuclei per volume relative to the default
         packing, in [0.2, 1.5]. Below 1 the nuclei keep their size and
         stand apart more; above 1 they are packed tighter, flattened
         against each other and smaller than `cell_diameter`.
     texture : float, optional
-        Nuclei only: strength in [0, 1] of the chromatin texture (a grainy,
-        bright-spotted interior) and of the dim nucleoli inside the
-        nuclei. 0 gives evenly filled nuclei.
+        Strength in [0, 1] of the interior texture. Nuclei: chromatin (a
+        grainy, bright-spotted interior) and dim nucleoli. Membranes: a
+        grainy cytoplasm and bright organelle spots inside the cells. 0
+        gives even interiors.
+    wall_thickness : float, optional
+        Membranes only: thickness of the walls in voxels, in [1, 8], before
+        the PSF blur. 1 is the one-voxel wall on either side of a cell face.
+    patchiness : float, optional
+        Membranes only: in [0, 1], how unevenly bright the walls are along
+        their surface (a smooth random field); from about 0.6 on, the
+        faintest patches become gaps in the wall. 0 gives even walls.
+    gamma : float, optional
+        Intensity non-linearity in [0.2, 5]: the blurred, attenuated signal
+        (scaled to a peak of 1) is raised to `gamma` before the noise, as a
+        non-linear detector or display curve would. 1 leaves it linear.
 
     Returns
     -------
@@ -166,7 +217,7 @@ def synthetic_stack(
     ValueError
         For a shape that is not 3 positive integers, a diameter below 3 or
         too large for the shape, an unknown kind, an out-of-range option,
-        or a nuclei-only option given with ``kind="membrane"``.
+        or an option of one kind only given with the other.
 
     Notes
     -----
@@ -181,10 +232,16 @@ def synthetic_stack(
 
     Irregular nuclei compare the ellipsoid's quadratic form with ``1 + g``
     instead of 1, where ``g`` is smooth Gaussian noise of standard deviation
-    `irregularity`. With the defaults of the new options (``background=0``,
-    ``elongation=None``, ``irregularity=0``, ``density=1``, ``texture=0``)
-    no extra random numbers are drawn: a seed gives the same stack as
-    before they existed.
+    `irregularity`. Irregular membrane cells assign each voxel to the seed
+    nearest to the voxel moved by a smooth random displacement (of standard
+    deviation about a third of the seed spacing at ``irregularity=1``),
+    which bends the walls.
+    Thick walls are the voxels within ``(wall_thickness - 1) / 2`` of a
+    one-voxel wall. With the defaults of the newer options
+    (``background=0``, ``elongation=None``, ``irregularity=0``,
+    ``density=1``, ``texture=0``, ``wall_thickness=1``, ``patchiness=0``,
+    ``gamma=1``) no extra random numbers are drawn: a seed gives the same
+    stack as before they existed.
 
     Every cell is one 6-connected component of at least ``1/8`` of the
     typical cell volume: stray fragments and smaller cells are merged into
@@ -205,23 +262,24 @@ def synthetic_stack(
     shape, cell_diameter, stretch, psf_sigma = _validate(
         shape, cell_diameter, anisotropy, kind, noise, psf_sigma, depth_attenuation, dim_fraction
     )
-    nuclei = _validate_nuclei_options(kind, background, elongation, irregularity, density, texture)
+    nuclei = _validate_options(kind, background, elongation, irregularity, density, texture, wall_thickness,
+                               patchiness, gamma)
     rng = np.random.default_rng(seed)
     if kind == "membrane":
-        labels = _membrane_labels(shape, cell_diameter, stretch, rng)
+        labels = _membrane_labels(shape, cell_diameter, stretch, rng, irregularity)
     else:
         labels = _nuclei_labels(shape, cell_diameter, stretch, rng, **nuclei)
     labels = _clean_labels(labels, cell_diameter, merge=kind == "membrane")
     brightness = _cell_brightness(int(labels.max()), dim_fraction, rng)
     if kind == "membrane":
-        signal = _membrane_signal(labels, brightness)
+        signal = _membrane_signal(labels, brightness, cell_diameter, wall_thickness, patchiness, texture, rng)
     else:
         signal = brightness[labels]
         if texture > 0:
             signal *= _nuclear_texture(labels, cell_diameter, texture, rng)
     if background > 0:
         signal += np.where(labels == 0, _haze(shape, cell_diameter, background, rng), np.float32(0))
-    image = _microscope(signal, psf_sigma, depth_attenuation, noise, rng)
+    image = _microscope(signal, psf_sigma, depth_attenuation, noise, rng, gamma)
     return SyntheticStack(image, labels)
 
 
@@ -268,6 +326,62 @@ def random_nuclei_options(rng):
         "irregularity": float(rng.uniform(0.0, 0.35)),
         "density": float(rng.uniform(0.5, 1.25)),
         "texture": float(rng.uniform(0.0, 1.0)),
+    }
+
+
+def random_membrane_options(rng):
+    """Draw varied membrane settings for `synthetic_stack`, as the membrane model is fine-tuned on.
+
+    Everything but the shape, diameter and seed is drawn, uniformly from the
+    ranges in `MEMBRANE_OPTION_RANGES` (log-uniformly for the z anisotropy
+    and `gamma`; the background is 0 in half the draws; the x PSF is within
+    15 % of the y one). They are wider than the plain membrane stacks the
+    first tanh model was trained on (noise 0.02..0.2, PSF ``(2, 0.8, 0.8)``,
+    depth attenuation 0.5, 15 % dim cells, thin even walls, flat
+    interiors).
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of the random draws.
+
+    Returns
+    -------
+    dict
+        Keyword arguments for ``synthetic_stack(..., kind="membrane")``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cp3d.data import random_membrane_options, synthetic_stack
+    >>> options = random_membrane_options(np.random.default_rng(0))
+    >>> sorted(options)[:4]
+    ['anisotropy', 'background', 'depth_attenuation', 'dim_fraction']
+    >>> image, labels = synthetic_stack((32, 64, 64), 9, seed=0, **options)
+    >>> bool(labels.max() > 10)
+    True
+    """
+    r = MEMBRANE_OPTION_RANGES
+
+    def uniform(name):
+        return float(rng.uniform(*r[name]))
+
+    def log_uniform(name):
+        return float(np.exp(rng.uniform(*np.log(r[name]))))
+
+    xy_psf = uniform("psf_sigma_yx")
+    return {
+        "anisotropy": (log_uniform("anisotropy_z"), 1.0, 1.0),
+        "noise": uniform("noise"),
+        "psf_sigma": (uniform("psf_sigma_z"), xy_psf, float(xy_psf * rng.uniform(0.85, 1.15))),
+        "depth_attenuation": uniform("depth_attenuation"),
+        "dim_fraction": uniform("dim_fraction"),
+        "background": uniform("background") if rng.random() < 0.5 else 0.0,
+        "irregularity": uniform("irregularity"),
+        "texture": uniform("texture"),
+        "wall_thickness": uniform("wall_thickness"),
+        "patchiness": uniform("patchiness"),
+        "gamma": log_uniform("gamma"),
     }
 
 
@@ -372,16 +486,23 @@ def _validate(shape, cell_diameter, anisotropy, kind, noise, psf_sigma, depth_at
     return shape, float(cell_diameter), stretch, tuple(float(s) for s in sigma)
 
 
-def _validate_nuclei_options(kind, background, elongation, irregularity, density, texture):
-    """Check the texture and shape options; return the nuclei-shape ones as keywords."""
+def _validate_options(kind, background, elongation, irregularity, density, texture, wall_thickness, patchiness,
+                      gamma):
+    """Check the texture, shape and intensity options; return the nuclei-shape ones as keywords."""
     if not isinstance(background, numbers.Real) or not 0 <= background < 1:
         raise ValueError(f"background must be in [0, 1), got {background!r}")
-    if kind == "membrane":
-        given = [name for name, value, default in (
-            ("elongation", elongation, None), ("irregularity", irregularity, 0.0),
-            ("density", density, 1.0), ("texture", texture, 0.0)) if value != default]
-        if given:
-            raise ValueError(f"{', '.join(given)}: options of kind='nuclei' only, not of kind='membrane'")
+    only = {"membrane": (("elongation", elongation, None), ("density", density, 1.0)),
+            "nuclei": (("wall_thickness", wall_thickness, 1.0), ("patchiness", patchiness, 0.0))}
+    given = [name for name, value, default in only[kind] if value != default]
+    if given:
+        other = "nuclei" if kind == "membrane" else "membrane"
+        raise ValueError(f"{', '.join(given)}: options of kind={other!r} only, not of kind={kind!r}")
+    if not isinstance(wall_thickness, numbers.Real) or not 1 <= wall_thickness <= 8:
+        raise ValueError(f"wall_thickness must be in [1, 8] voxels, got {wall_thickness!r}")
+    if not isinstance(patchiness, numbers.Real) or not 0 <= patchiness <= 1:
+        raise ValueError(f"patchiness must be in [0, 1], got {patchiness!r}")
+    if not isinstance(gamma, numbers.Real) or not 0.2 <= gamma <= 5:
+        raise ValueError(f"gamma must be in [0.2, 5], got {gamma!r}")
     if elongation is None:
         elongation = _NUCLEI_ELONGATION
     if not isinstance(elongation, numbers.Real) or not 0 <= elongation <= 1:
@@ -461,15 +582,22 @@ def _nearest_seed(points, seeds, weights=None):
     return owner
 
 
-def _membrane_labels(shape, cell_diameter, stretch, rng):
-    """Power-diagram cells of the dome; ids are seed index + 1."""
+def _membrane_labels(shape, cell_diameter, stretch, rng, irregularity=0.0):
+    """Power-diagram cells of the dome, walls bent by `irregularity`; ids are seed index + 1."""
     domain = np.flatnonzero(_dome_mask(shape))
     cell_volume = math.pi / 6 * cell_diameter**3
     n_seeds = max(1, round(domain.size / cell_volume))
     seeds = _relaxed_seeds(domain, shape, stretch, n_seeds, rng)
     spacing = cell_volume ** (1 / 3)
     weights = rng.uniform(-1, 1, n_seeds) * _POWER_WEIGHT_SPREAD * spacing**2
-    owner = _nearest_seed(_scaled_coords(domain, shape, stretch), seeds, weights)
+    points = _scaled_coords(domain, shape, stretch)
+    if irregularity > 0:
+        # A smooth displacement of the voxels before the nearest-seed query
+        # bends the (flat) power-diagram faces; the labels stay a partition.
+        for axis in range(3):
+            bend = _smooth_noise(shape, _WALL_BEND_SCALE * cell_diameter, rng).reshape(-1)[domain]
+            points[:, axis] += irregularity * _WALL_BEND * spacing * bend
+    owner = _nearest_seed(points, seeds, weights)
     labels = np.zeros(math.prod(shape), dtype=np.uint32)
     labels[domain] = owner + 1
     return labels.reshape(shape)
@@ -619,15 +747,26 @@ def _nuclear_texture(labels, cell_diameter, texture, rng):
     chromatin = _smooth_noise(labels.shape, _CHROMATIN_SCALE * cell_diameter + 1, rng)
     factor = np.exp(np.float32(0.35 * texture) * chromatin)
     radius = _NUCLEOLUS_RADIUS * cell_diameter
-    depth = ndimage.distance_transform_edt(labels > 0)
-    inner = np.flatnonzero(depth.reshape(-1) > 1.5 * radius)
-    n = min(inner.size, rng.poisson(_NUCLEOLI_PER_NUCLEUS * int(labels.max())))
-    if n:
-        centres = np.zeros(labels.shape, dtype=bool)
-        centres.reshape(-1)[rng.choice(inner, n, replace=False)] = True
-        nucleoli = ndimage.distance_transform_edt(~centres) <= radius
-        factor[nucleoli] *= np.float32(1 - texture * (1 - _NUCLEOLUS_LEVEL))
+    nucleoli = _random_balls(labels > 0, radius, _NUCLEOLI_PER_NUCLEUS * int(labels.max()), rng)
+    factor[nucleoli] *= np.float32(1 - texture * (1 - _NUCLEOLUS_LEVEL))
     return factor / np.float32(np.mean(factor[labels > 0])) if (labels > 0).any() else factor
+
+
+def _random_balls(inside, radius, mean_count, rng):
+    """Mask of a Poisson(`mean_count`) number of balls of `radius` placed well inside `inside`.
+
+    The centres are random voxels at least ``1.5 * radius`` from the edge of
+    `inside`, so each ball lies within it: nucleoli in nuclei, organelles
+    in a cell's cytoplasm.
+    """
+    depth = ndimage.distance_transform_edt(inside)
+    inner = np.flatnonzero(depth.reshape(-1) > 1.5 * radius)
+    n = min(inner.size, rng.poisson(mean_count))
+    if not n:
+        return np.zeros(inside.shape, dtype=bool)
+    centres = np.zeros(inside.shape, dtype=bool)
+    centres.reshape(-1)[rng.choice(inner, n, replace=False)] = True
+    return ndimage.distance_transform_edt(~centres) <= radius
 
 
 def _haze(shape, cell_diameter, level, rng):
@@ -636,8 +775,13 @@ def _haze(shape, cell_diameter, level, rng):
     return np.clip(np.float32(level) * (1 + np.float32(0.5) * field), 0, None)
 
 
-def _membrane_signal(labels, brightness):
-    """Bright walls where a 6-neighbour has another id, faint interiors."""
+def _membrane_signal(labels, brightness, cell_diameter, thickness, patchiness, texture, rng):
+    """Bright walls where a 6-neighbour has another id, faint interiors.
+
+    Optionally thicker walls (every voxel within ``(thickness - 1) / 2`` of
+    a one-voxel wall), wall brightness varying in patches (gaps where it
+    falls to nothing) and a textured cytoplasm with bright organelles.
+    """
     wall = np.zeros(labels.shape, dtype=bool)
     for axis in range(3):
         lo = [slice(None)] * 3
@@ -647,12 +791,29 @@ def _membrane_signal(labels, brightness):
         differs = labels[tuple(lo)] != labels[tuple(hi)]
         wall[tuple(lo)] |= differs
         wall[tuple(hi)] |= differs
-    level = np.where(wall, np.float32(1.0), np.float32(_INTERIOR_LEVEL))
+    if thickness > 1:
+        wall = ndimage.distance_transform_edt(~wall) <= (thickness - 1) / 2
+    interior = np.float32(_INTERIOR_LEVEL)
+    if texture > 0:
+        grain = _smooth_noise(labels.shape, _CHROMATIN_SCALE * cell_diameter + 1, rng)
+        # clipped at 3 standard deviations: a rare bright grain would outshine the walls
+        interior = interior * np.exp(np.float32(_CYTOPLASM_SPREAD * texture) * np.clip(grain, -3, 3))
+        radius = max(_ORGANELLE_RADIUS * cell_diameter, 1.0)
+        organelles = _random_balls(~wall & (labels > 0), radius, _ORGANELLES_PER_CELL * int(labels.max()), rng)
+        interior = np.where(organelles, np.float32(_ORGANELLE_LEVEL * texture), interior)
+    wall_level = np.float32(1.0)
+    if patchiness > 0:
+        patches = _smooth_noise(labels.shape, _PATCH_SCALE * cell_diameter, rng)
+        # capped a standard deviation above the mean: a few bright patches would dim every other wall
+        spread = np.float32(_PATCH_SPREAD * patchiness)
+        wall_level = np.clip(1 + spread * patches, 0, 1 + spread)
+        wall_level = np.maximum(wall_level, interior)  # a gap shows the cytoplasm, not a hole
+    level = np.where(wall, wall_level, interior)
     return level * brightness[labels]
 
 
-def _microscope(signal, psf_sigma, depth_attenuation, noise, rng):
-    """Blur, attenuate with depth, add noise and scale to [0, 1]."""
+def _microscope(signal, psf_sigma, depth_attenuation, noise, rng, gamma=1.0):
+    """Blur, attenuate with depth, apply `gamma`, add noise and scale to [0, 1]."""
     image = ndimage.gaussian_filter(signal.astype(np.float32, copy=False), psf_sigma, mode="constant")
     nz = image.shape[0]
     depth = np.arange(nz, dtype=np.float32) / max(nz - 1, 1)
@@ -660,6 +821,8 @@ def _microscope(signal, psf_sigma, depth_attenuation, noise, rng):
     peak = float(image.max())
     if peak > 0:
         image /= peak
+    if gamma != 1:
+        np.power(image, np.float32(gamma), out=image)
     if noise > 0:
         photons = 1.0 / noise**2
         image = rng.poisson(image * photons).astype(np.float32) / np.float32(photons)

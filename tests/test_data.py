@@ -274,11 +274,129 @@ def test_random_nuclei_options_render_varied_reproducible_stacks():
         ({"density": 0.1}, "density"),
         ({"density": 2.0}, "density"),
         ({"texture": 1.5}, "texture"),
-        ({"kind": "membrane", "texture": 0.5}, "nuclei"),
-        ({"kind": "membrane", "elongation": 0.2, "density": 0.8}, "elongation, density"),
+        ({"kind": "membrane", "elongation": 0.2, "density": 0.8}, "elongation, density: options of kind='nuclei'"),
+        ({"wall_thickness": 2.0}, "wall_thickness: options of kind='membrane'"),
+        ({"patchiness": 0.5}, "patchiness"),
     ],
 )
 def test_bad_nuclei_options_raise(kwargs, match):
     kwargs = {"kind": "nuclei", **kwargs}
     with pytest.raises(ValueError, match=match):
         synthetic_stack(SHAPE, DIAMETER, **kwargs)
+
+
+# --------------------------------------------------------------------------- varied membranes
+
+MEMBRANE_SHAPE = (32, 64, 64)
+
+
+def _membranes(seed=6, **options):
+    options = {"noise": 0, **options}
+    return synthetic_stack(MEMBRANE_SHAPE, DIAMETER, kind="membrane", seed=seed, **options)
+
+
+def _walls(labels):
+    """The one-voxel walls: labelled voxels with a differently labelled 6-neighbour."""
+    grown = ndimage.grey_dilation(labels, footprint=ndimage.generate_binary_structure(3, 1))
+    shrunk = ndimage.grey_erosion(labels, footprint=ndimage.generate_binary_structure(3, 1))
+    return (labels > 0) & ((grown != labels) | (shrunk != labels))
+
+
+def test_membrane_options_at_their_defaults_change_nothing():
+    plain = _membranes(noise=0.1)
+    spelled = _membranes(noise=0.1, background=0.0, irregularity=0.0, texture=0.0, wall_thickness=1.0,
+                         patchiness=0.0, gamma=1.0)
+    np.testing.assert_array_equal(plain.image, spelled.image)
+    np.testing.assert_array_equal(plain.labels, spelled.labels)
+
+
+def test_wall_thickness_widens_the_bright_walls():
+    sharp = {"psf_sigma": 0, "dim_fraction": 0, "depth_attenuation": 0}
+    thin, thick = _membranes(**sharp), _membranes(**sharp, wall_thickness=3.0)
+    np.testing.assert_array_equal(thin.labels, thick.labels)
+    cells = thin.labels > 0
+    bright = np.mean(thick.image[cells] > 0.5) / np.mean(thin.image[cells] > 0.5)
+    assert 1.5 < bright < 4  # about three voxels of wall where there was one on either side of a face
+
+
+def test_patchiness_varies_the_walls_and_breaks_some():
+    sharp = {"psf_sigma": 0, "dim_fraction": 0, "depth_attenuation": 0}
+    even, patchy = _membranes(**sharp), _membranes(**sharp, patchiness=1.0)
+    np.testing.assert_array_equal(even.labels, patchy.labels)
+    walls = _walls(even.labels)
+    interior_level = np.median(even.image[(even.labels > 0) & ~walls])
+
+    def spread(image):
+        return image[walls].std() / image[walls].mean()
+
+    assert spread(patchy.image) > 2 * spread(even.image) + 0.1
+    gaps = np.mean(patchy.image[walls] <= 1.01 * interior_level)
+    assert 0.02 < gaps < 0.3 and np.mean(even.image[walls] <= 1.01 * interior_level) == 0
+
+
+def test_membrane_texture_adds_grain_and_bright_organelles_inside_the_cells():
+    sharp = {"psf_sigma": 0, "dim_fraction": 0, "depth_attenuation": 0}
+    plain, textured = _membranes(**sharp), _membranes(**sharp, texture=1.0)
+    np.testing.assert_array_equal(plain.labels, textured.labels)
+    inside = (plain.labels > 0) & ~ndimage.binary_dilation(_walls(plain.labels))
+    # the plain interiors differ only from cell to cell (reporter expression)
+    assert textured.image[inside].std() > 3 * plain.image[inside].std()
+    # organelles: spots far brighter than the cytoplasm, yet the walls stay the brightest structure
+    spots = textured.image[inside] > 4 * np.median(textured.image[inside])
+    assert 0.001 < spots.mean() < 0.2
+    assert np.median(textured.image[_walls(plain.labels)]) > 1.2 * np.percentile(textured.image[inside], 99)
+
+
+def test_membrane_irregularity_bends_the_walls_and_keeps_cells_whole():
+    from scipy.ndimage import label
+
+    flat, wavy = _membranes().labels, _membranes(irregularity=0.6).labels
+    assert (flat > 0).sum() == (wavy > 0).sum()  # the same dome, carved differently
+    # bent faces have more area: more of the specimen is wall
+    assert np.mean(_walls(wavy)[wavy > 0]) > 1.05 * np.mean(_walls(flat)[flat > 0])
+    for i, box in enumerate(ndimage.find_objects(wavy)):
+        assert label(wavy[box] == i + 1, structure=ndimage.generate_binary_structure(3, 1))[1] == 1
+
+
+@pytest.mark.parametrize("kind", ["membrane", "nuclei"])
+def test_gamma_bends_the_intensities_before_the_noise(kind):
+    linear = synthetic_stack(NUCLEI_SHAPE, DIAMETER, kind=kind, seed=4, noise=0)
+    bent = synthetic_stack(NUCLEI_SHAPE, DIAMETER, kind=kind, seed=4, noise=0, gamma=2.0)
+    np.testing.assert_array_equal(linear.labels, bent.labels)
+    np.testing.assert_allclose(bent.image, linear.image**2, atol=1e-6)
+
+
+def test_random_membrane_options_draw_within_their_ranges_and_render():
+    from cp3d.data import MEMBRANE_OPTION_RANGES as R
+    from cp3d.data import random_membrane_options
+
+    a = random_membrane_options(np.random.default_rng(1))
+    assert a == random_membrane_options(np.random.default_rng(1))
+    assert a != random_membrane_options(np.random.default_rng(2))
+    for seed in range(20):
+        o = random_membrane_options(np.random.default_rng(seed))
+        for name in ("noise", "depth_attenuation", "dim_fraction", "irregularity", "texture", "wall_thickness",
+                     "patchiness", "gamma"):
+            assert R[name][0] <= o[name] <= R[name][1], name
+        assert R["anisotropy_z"][0] <= o["anisotropy"][0] <= R["anisotropy_z"][1]
+        assert R["psf_sigma_z"][0] <= o["psf_sigma"][0] <= R["psf_sigma_z"][1]
+    image, labels = synthetic_stack(MEMBRANE_SHAPE, DIAMETER, seed=1, **a)
+    assert image.shape == labels.shape == MEMBRANE_SHAPE and labels.max() > 10
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"wall_thickness": 0.5}, "wall_thickness"),
+        ({"wall_thickness": 9}, "wall_thickness"),
+        ({"patchiness": -0.1}, "patchiness"),
+        ({"patchiness": 1.5}, "patchiness"),
+        ({"gamma": 0.1}, "gamma"),
+        ({"gamma": "2"}, "gamma"),
+        ({"irregularity": 1.0}, "irregularity"),
+        ({"texture": -1}, "texture"),
+    ],
+)
+def test_bad_membrane_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        synthetic_stack(SHAPE, DIAMETER, kind="membrane", **kwargs)

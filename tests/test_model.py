@@ -488,6 +488,39 @@ def test_training_on_nuclei_validates_on_nuclei(tmp_path):
         train(tmp_path / "x", kind="nuclei", data=tmp_path, **_tiny_training())
 
 
+@pytest.mark.parametrize("varied", [False, True])
+def test_varied_membrane_pool_draws_varied_settings_only_when_asked(monkeypatch, varied):
+    calls, real = [], cp3d.data.synthetic_stack
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cp3d.data, "synthetic_stack", spy)
+    config = UNetConfig(**TINY, patch_size=(16, 16, 16))
+    pool = _StackPool(config, seed=0, diameters=(6, 8), n_stacks=1, stack_shape=(16, 32, 32), noise=(0.05, 0.1),
+                      stretch=(0.75, 1.33), refresh_every=0, varied=varied)
+    for k in range(8):
+        pool.make(k)
+    rendered = [sorted(set(c) - {"kind", "seed"}) for c in calls]
+    plain = rendered.count(["noise"])
+    assert plain == 8 if not varied else 0 < plain < 8  # varied: three in four stacks on average
+    if varied:
+        assert any("wall_thickness" in r and "patchiness" in r for r in rendered)
+
+
+def test_training_on_varied_membranes_validates_on_plain_and_varied(tmp_path):
+    train(tmp_path / "v", varied=True, **_tiny_training(steps=1, validate_stacks=1))
+    card = json.loads((tmp_path / "v" / "model_card.json").read_text())
+    assert card["arguments"]["varied"] and card["data"]["varied"]
+    assert card["data"]["varied_option_ranges"]["noise"] == list(cp3d.data.MEMBRANE_OPTION_RANGES["noise"])
+    assert not card["validation"]["varied"] and card["validation_varied"]["varied"]
+    with pytest.raises(ValueError, match="varied"):
+        train(tmp_path / "x", varied=True, kind="nuclei", **_tiny_training())
+    with pytest.raises(ValueError, match="varied"):
+        train(tmp_path / "x", varied=True, data=tmp_path, **_tiny_training())
+
+
 # --------------------------------------------------------------------------- training on annotated folders
 
 

@@ -4,6 +4,7 @@ Run from the command line (the arguments are those of :func:`train`)::
 
     cp3d train OUT_DIR --targets tanh --steps 1500 --num-threads 1
     cp3d train OUT_DIR --kind nuclei --init tanh --steps 3000   # the nuclei model: varied synthetic nuclei
+    cp3d train OUT_DIR --varied --init tanh --steps 3000   # membranes rendered in varied ways
     cp3d train OUT_DIR --data DIR --init tanh --steps 300   # fine-tune on NAME.tif + NAME_masks.tif pairs
     cp3d train OUT_DIR --validate-only     # re-score a finished run
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 VALIDATION_SEED = 10**9  # held-out stacks use seeds VALIDATION_SEED + i; training seeds stay below
+VARIED_SHARE = 0.75  # with varied=True, the share of membrane stacks drawn by random_membrane_options
 
 
 # --------------------------------------------------------------------------- targets & augmentation
@@ -124,8 +126,9 @@ class _StackPool:
     exactly from its list of stack ids when training resumes.
     """
 
-    def __init__(self, config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every, kind="membrane"):
-        self.config, self.seed, self.diameters, self.kind = config, seed, diameters, kind
+    def __init__(self, config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every, kind="membrane",
+                 varied=False):
+        self.config, self.seed, self.diameters, self.kind, self.varied = config, seed, diameters, kind, varied
         self.stack_shape, self.noise, self.stretch = stack_shape, noise, stretch
         self.n_stacks, self.refresh_every = n_stacks, refresh_every
         self.ids, self.stacks, self.next_id = [], [], 0
@@ -151,9 +154,14 @@ class _StackPool:
         factor = float(np.exp(rng.uniform(np.log(self.stretch[0]), np.log(self.stretch[1])))) if rng.random() < 0.5 else 1.0
         shape = (max(8, int(math.ceil(self.stack_shape[0] / factor))),) + tuple(self.stack_shape[1:])
         noise = float(rng.uniform(*self.noise))
-        # nuclei vary in every rendering setting; the membrane stacks keep their defaults
-        options = cp3d.data.random_nuclei_options(rng) if self.kind == "nuclei" else {}
-        options["noise"] = noise
+        # nuclei vary in every rendering setting; the membrane stacks keep their defaults unless varied,
+        # and then a share keeps them still, so the plain stacks are not forgotten
+        if self.kind == "nuclei":
+            options = dict(cp3d.data.random_nuclei_options(rng), noise=noise)
+        elif self.varied and rng.random() < VARIED_SHARE:
+            options = cp3d.data.random_membrane_options(rng)  # its own, wider, noise range
+        else:
+            options = {"noise": noise}
         image, labels = cp3d.data.synthetic_stack(
             shape, diameter, kind=self.kind, seed=int(self.seed * 1_000_003 + k) % VALIDATION_SEED, **options
         )
@@ -371,6 +379,7 @@ def train(
     log_every=10,
     command=None,
     kind="membrane",
+    varied=False,
 ):
     """Train a :class:`UNet3D` on synthetic membrane or nuclei stacks, or on annotated stacks of your own.
 
@@ -460,7 +469,14 @@ def train(
         Kind of synthetic stack trained and validated on (without `data`).
         Nuclei stacks draw every rendering setting at random
         (:func:`cp3d.data.random_nuclei_options`, the noise from `noise`);
-        membrane stacks use the generator's defaults but for the noise.
+        membrane stacks use the generator's defaults but for the noise,
+        unless `varied`.
+    varied : bool
+        Membranes: draw three in four synthetic stacks' rendering settings
+        with :func:`cp3d.data.random_membrane_options` (wall thickness and
+        patchiness, cytoplasm texture, wavy walls, PSF, anisotropy, noise up
+        to 0.35, ...; their noise replaces `noise`), the rest with the
+        defaults; validate on plain and on varied stacks.
 
     Returns
     -------
@@ -481,6 +497,9 @@ def train(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if data is not None and kind != "membrane":
         raise ValueError(f"kind={kind!r} chooses synthetic stacks; with data the stacks are the annotated ones")
+    if varied and (data is not None or kind != "membrane"):
+        raise ValueError("varied applies to synthetic membrane stacks (nuclei are always varied; annotated data "
+                         "is what it is)")
     if diameter is not None and not (np.isfinite(diameter) and diameter > 0):
         raise ValueError(f"diameter must be positive and finite, got {diameter!r}")
     if voxel_size is not None:
@@ -513,7 +532,8 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
     rng = np.random.default_rng([seed, 1])
     if data is None:
-        pool = _StackPool(config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every, kind)
+        pool = _StackPool(config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every, kind,
+                          varied)
     else:
         pool = _FolderPool(config, train_set, diameter, voxel_size)
     step, history = 0, []
@@ -607,7 +627,9 @@ def train(
         "data": {
             "generator": f"cp3d.data.synthetic_stack(kind={kind!r})",
             "options": "cp3d.data.random_nuclei_options(rng), noise from 'noise'" if kind == "nuclei"
-            else "defaults, noise from 'noise'",
+            else f"{VARIED_SHARE:.0%} of the stacks cp3d.data.random_membrane_options(rng) (its own noise), the "
+            "rest defaults, noise from 'noise'" if varied else "defaults, noise from 'noise'",
+            **({"varied": True, "varied_option_ranges": _membrane_ranges()} if varied else {}),
             "diameters": list(diameters), "n_stacks": n_stacks, "stack_shape": list(stack_shape),
             "refresh_every": refresh_every, "noise": list(noise), "z_stretch": list(stretch),
             "augmentation": "flips (flow channel negated), y<->x swap (flow channels swapped), z-stretch of "
@@ -637,12 +659,24 @@ def train(
         saved = load_model(out_dir, device=dev)
         if data is None:
             card["validation"] = validate(saved, n_stacks=validate_stacks, kind=kind, progress=progress)
+            if varied:
+                card["validation_varied"] = validate(saved, n_stacks=validate_stacks, varied=True, progress=progress)
         else:
             card["validation"] = validate_annotated(saved, validation_set, diameter=diameter, voxel_size=voxel_size)
         if lineage:
             card["lineage"][-1]["validation"] = {k: card["validation"][k] for k in ("mean_dice", "mean_ap50")}
+            if varied:
+                card["lineage"][-1]["validation_varied"] = {k: card["validation_varied"][k]
+                                                            for k in ("mean_dice", "mean_ap50")}
         _write_card(out_dir, card)
     return model
+
+
+def _membrane_ranges():
+    """`cp3d.data.MEMBRANE_OPTION_RANGES` as the model card records them."""
+    from ..data import MEMBRANE_OPTION_RANGES
+
+    return {k: list(v) for k, v in MEMBRANE_OPTION_RANGES.items()} | {"share_of_stacks": VARIED_SHARE}
 
 
 def _write_card(out_dir, card):
@@ -670,13 +704,15 @@ def _score(result, *names):
 
 
 def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=(0.03, 0.17), kind="membrane",
-             progress=False):
+             varied=False, progress=False):
     """Score `model` on held-out synthetic membrane (or nuclei) stacks.
 
     Stack ``i`` has seed ``10**9 + i`` (never used in training), a diameter
     evenly spaced in `diameters` and a noise level evenly spaced in `noise`.
     Nuclei stacks (``kind="nuclei"``) draw their other rendering settings
-    with :func:`cp3d.data.random_nuclei_options` from the same seed.
+    with :func:`cp3d.data.random_nuclei_options` from the same seed; so do
+    membrane stacks with `varied`, by :func:`cp3d.data.random_membrane_options`,
+    their noise level included.
     The network output (one pass, no test-time augmentation) goes through
     :func:`cp3d.reconstruct` with the true diameter and is scored by :func:`cp3d.metrics.evaluate`.
 
@@ -689,15 +725,19 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
     import cp3d.data
     import cp3d.metrics
 
+    if varied and kind != "membrane":
+        raise ValueError("varied applies to kind='membrane' (nuclei stacks are always varied)")
     per_stack = []
     for i in range(n_stacks):
         t = i / max(1, n_stacks - 1)
         d = float(diameters[0] + t * (diameters[1] - diameters[0]))
         nz = float(noise[0] + t * (noise[1] - noise[0]))
-        options = {}
+        options = {"noise": nz}
         if kind == "nuclei":
-            options = cp3d.data.random_nuclei_options(np.random.default_rng(VALIDATION_SEED + i))
-        options["noise"] = nz
+            options = dict(cp3d.data.random_nuclei_options(np.random.default_rng(VALIDATION_SEED + i)), noise=nz)
+        elif varied:
+            options = cp3d.data.random_membrane_options(np.random.default_rng(VALIDATION_SEED + i))
+            nz = options["noise"]
         image, gt = cp3d.data.synthetic_stack(shape, d, kind=kind, seed=VALIDATION_SEED + i, **options)
         # one network pass: the score follows the network itself, comparable across training runs
         pred = predict(image, model, augment=False, progress=progress)
@@ -717,7 +757,7 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
     return {
         "mean_dice": float(np.mean([s["dice"] for s in per_stack])),
         "mean_ap50": float(np.mean([s["ap50"] for s in per_stack])),
-        "shape": list(shape), "kind": kind, "stacks": per_stack,
+        "shape": list(shape), "kind": kind, "varied": bool(varied or kind == "nuclei"), "stacks": per_stack,
     }
 
 
@@ -799,6 +839,9 @@ def main(argv=None, prog="cp3d train"):
     p.add_argument("--targets", choices=("tanh", "heat"), default="tanh")
     p.add_argument("--kind", choices=("membrane", "nuclei"), default="membrane",
                    help="synthetic stacks to train and validate on (default membrane)")
+    p.add_argument("--varied", action="store_true",
+                   help="membranes: draw 3 in 4 stacks' rendering settings with cp3d.data.random_membrane_options "
+                        "(thick, patchy walls, textured cells, wider PSF and noise); validate on plain and varied")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--patch-size", type=lambda s: _parse_pair(s, int), default=(48, 48, 48), help="z,y,x")
@@ -838,10 +881,11 @@ def main(argv=None, prog="cp3d train"):
             _, stacks = _annotated_sets(a.data or a.validate_data, a.validate_data, a.mask_filter, 1)
             scores = validate_annotated(model, stacks, diameter=a.diameter, voxel_size=a.voxel_size)
         else:
-            scores = validate(model, n_stacks=a.validate_stacks or 4, kind=a.kind, progress=not a.no_progress)
+            scores = validate(model, n_stacks=a.validate_stacks or 4, kind=a.kind, varied=a.varied,
+                              progress=not a.no_progress)
         card_path = Path(a.out_dir, "model_card.json")
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-        card["validation"] = scores
+        card["validation_varied" if a.varied and a.validate_data is None else "validation"] = scores
         _write_card(a.out_dir, card)
         print(json.dumps(scores, indent=2))
         return
@@ -853,7 +897,7 @@ def main(argv=None, prog="cp3d train"):
         validate_data=a.validate_data,
         progress=not a.no_progress, diameters=a.diameters, n_stacks=a.n_stacks,
         refresh_every=a.refresh_every, num_threads=a.num_threads, validate_stacks=a.validate_stacks,
-        command=" ".join([prog] + argv), kind=a.kind,
+        command=" ".join([prog] + argv), kind=a.kind, varied=a.varied,
     )
 
 
