@@ -272,7 +272,7 @@ def _synth(args):
         io.check_outputs([folder / name for name in names], overwrite=args.overwrite)
     with io.written_together(overwrite=args.overwrite):
         pairs = write_synthetic_dataset(args.out_dir, shape=tuple(args.shape), diameter=args.diameter,
-                                        count=args.count, seed=args.seed, kind=args.kind)
+                                        count=args.count, seed=args.seed, kind=args.kind, varied=args.varied)
     for image_path, labels_path in pairs:
         print(image_path, labels_path)
 
@@ -369,6 +369,9 @@ def build_parser():
     p.add_argument("--count", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kind", default="membrane", choices=("membrane", "nuclei"))
+    p.add_argument("--varied", action="store_true",
+                   help="draw each stack's rendering settings at random (walls, texture, PSF, noise...), as "
+                        "cp3d train --varied does")
     _add_overwrite_option(p)
     p.set_defaults(run=_synth)
 

@@ -385,7 +385,7 @@ def random_membrane_options(rng):
     }
 
 
-def write_synthetic_dataset(out_dir, *, shape, diameter, count, seed=0, kind="membrane", **options):
+def write_synthetic_dataset(out_dir, *, shape, diameter, count, seed=0, kind="membrane", varied=False, **options):
     """Write `count` synthetic stacks and their labels as TIFF files.
 
     Parameters
@@ -403,6 +403,10 @@ def write_synthetic_dataset(out_dir, *, shape, diameter, count, seed=0, kind="me
         spawned from it, so the dataset is reproducible.
     kind : {"membrane", "nuclei"}, optional
         Kind of phantom (see `synthetic_stack`).
+    varied : bool, optional
+        Draw each stack's rendering settings at random, as the varied
+        training does (:func:`random_membrane_options`,
+        :func:`random_nuclei_options`); `options` given here override them.
     **options
         Further keyword arguments of `synthetic_stack` (``noise``,
         ``anisotropy``, ...).
@@ -437,8 +441,10 @@ def write_synthetic_dataset(out_dir, *, shape, diameter, count, seed=0, kind="me
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = np.random.SeedSequence(seed).spawn(int(count))
     pairs = []
+    draw = {"membrane": random_membrane_options, "nuclei": random_nuclei_options}.get(kind) if varied else None
     for i, child in enumerate(seeds):
-        image, labels = synthetic_stack(shape, diameter, kind=kind, seed=child, **options)
+        settings = {**draw(np.random.default_rng(child.spawn(1)[0])), **options} if draw else options
+        image, labels = synthetic_stack(shape, diameter, kind=kind, seed=child, **settings)
         image_path = out_dir / f"image_{i:03d}.tif"
         labels_path = out_dir / f"labels_{i:03d}.tif"
         write_image(image_path, image, voxel_size=None)

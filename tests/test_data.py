@@ -175,6 +175,28 @@ def test_write_synthetic_dataset(tmp_path):
     np.testing.assert_array_equal(tifffile.imread(again[0][1]), first)
 
 
+@pytest.mark.parametrize("kind", ["membrane", "nuclei"])
+def test_write_synthetic_dataset_varied(tmp_path, kind):
+    from cp3d.cli import main
+    from cp3d.io import read_image
+
+    def images(folder, *extra):
+        assert main(["synth", str(tmp_path / folder), "--shape", "16", "32", "32", "--diameter", "8", "--count", "2",
+                     "--kind", kind, *extra]) == 0
+        return [read_image(tmp_path / folder / f"image_{i:03d}.tif").data for i in range(2)]
+
+    plain, varied, again = images("plain"), images("varied", "--varied"), images("again", "--varied")
+    for a, b in zip(varied, again):
+        np.testing.assert_array_equal(a, b)  # reproducible
+    assert not any(np.array_equal(a, b) for a, b in zip(plain, varied))
+    # options given explicitly override the drawn ones
+    clean = write_synthetic_dataset(tmp_path / "clean", shape=(16, 32, 32), diameter=8, count=1, kind=kind,
+                                    varied=True, noise=0.0)
+    noisy = write_synthetic_dataset(tmp_path / "noisy", shape=(16, 32, 32), diameter=8, count=1, kind=kind,
+                                    varied=True, noise=0.3)
+    assert not np.array_equal(read_image(clean[0][0]).data, read_image(noisy[0][0]).data)
+
+
 def test_write_synthetic_dataset_rejects_bad_count(tmp_path):
     with pytest.raises(ValueError, match="count"):
         write_synthetic_dataset(tmp_path, shape=(16, 32, 32), diameter=8, count=0)
