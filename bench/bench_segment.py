@@ -428,32 +428,40 @@ def auto_shape(diameter):
     return [max(32, int(2.4 * diameter)), max(64, int(4.8 * diameter)), max(64, int(4.8 * diameter))]
 
 
-def auto_diameter_bench(model, n_stacks, diameters):
-    """``segment(diameter="auto")`` against the true and the training diameter, one network pass each."""
-    rows = []
+def _auto_stacks(n_stacks, diameters, new_kind_seeds):
+    """The --auto test stacks: synthetic membranes per diameter, then the new kind (bench --finetune's test stacks)."""
     for d in diameters:
         for i in range(n_stacks):
-            spec = {"seed": AUTO["seed"] + 100 * int(d) + i, "diameter": d, "shape": auto_shape(d),
-                    "noise": AUTO["noise"][i % len(AUTO["noise"])]}
-            image, gt = make_stack(spec)
-            d_true = true_diameter(gt)
-            row = {"spec": spec, "true_diameter": d_true, "n_gt": int(gt.max()), "results": {}}
-            for setting in AUTO_SETTINGS:
-                diameter = {"true_diameter": d_true, "auto": "auto", "default": None}[setting]
-                t0 = time.perf_counter()
-                result = segment(image, model, diameter=diameter, augment=False)
-                seconds = time.perf_counter() - t0
-                row["results"][setting] = {"scores": _scores(gt, result.labels), "diameter": result.diameter,
-                                           "seconds": seconds, "stages": dict(result.seconds)}
-                sc = row["results"][setting]["scores"]
-                print(f"d {d:g} seed {spec['seed']} (true {d_true:.1f}) {setting:13s} d used {result.diameter:5.1f} "
-                      f"dice {sc['dice']:.3f} ap50 {sc['ap50']:.3f} {seconds:.1f}s", flush=True)
-            rows.append(row)
+            spec = {"set": "synthetic", "seed": AUTO["seed"] + 100 * int(d) + i, "diameter": d,
+                    "shape": auto_shape(d), "noise": AUTO["noise"][i % len(AUTO["noise"])]}
+            yield (spec, *make_stack(spec))
+    for seed in new_kind_seeds:
+        yield ({"set": "new_kind", "seed": seed, "diameter": NEW_KIND["diameter"]}, *new_kind_stack(seed))
+
+
+def auto_diameter_bench(model, n_stacks, diameters, new_kind_seeds=()):
+    """``segment(diameter="auto")`` against the true and the training diameter, one network pass each."""
+    rows = []
+    for spec, image, gt in _auto_stacks(n_stacks, diameters, new_kind_seeds):
+        d = spec["diameter"]
+        d_true = true_diameter(gt)
+        row = {"spec": spec, "true_diameter": d_true, "n_gt": int(gt.max()), "results": {}}
+        for setting in AUTO_SETTINGS:
+            diameter = {"true_diameter": d_true, "auto": "auto", "default": None}[setting]
+            t0 = time.perf_counter()
+            result = segment(image, model, diameter=diameter, augment=False)
+            seconds = time.perf_counter() - t0
+            row["results"][setting] = {"scores": _scores(gt, result.labels), "diameter": result.diameter,
+                                       "seconds": seconds, "stages": dict(result.seconds)}
+            sc = row["results"][setting]["scores"]
+            print(f"d {d:g} seed {spec['seed']} (true {d_true:.1f}) {setting:13s} d used {result.diameter:5.1f} "
+                  f"dice {sc['dice']:.3f} ap50 {sc['ap50']:.3f} {seconds:.1f}s", flush=True)
+        rows.append(row)
     summary = []
-    for d in diameters:
-        group = [r for r in rows if r["spec"]["diameter"] == d]
-        entry = {"diameter": d, "true_diameter": float(np.mean([r["true_diameter"] for r in group])),
-                 "settings": {}}
+    for key in dict.fromkeys((r["spec"]["set"], r["spec"]["diameter"]) for r in rows):
+        group = [r for r in rows if (r["spec"]["set"], r["spec"]["diameter"]) == key]
+        entry = {"set": key[0], "diameter": key[1], "stacks": len(group),
+                 "true_diameter": float(np.mean([r["true_diameter"] for r in group])), "settings": {}}
         for setting in AUTO_SETTINGS:
             res = [r["results"][setting] for r in group]
             entry["settings"][setting] = {k: float(np.mean([x["scores"][k] for x in res])) for k in ("dice", "ap50")}
@@ -477,7 +485,9 @@ def auto_markdown(report):
         f"noise cycling through {', '.join(map(str, AUTO['noise']))}, shapes from `auto_shape` (2.4 d x 4.8 d x 4.8 d, "
         "at least 32 x 64 x 64); bundled tanh model, one network pass everywhere (`augment=False`). *true d*: the "
         "stack's median equivalent-sphere diameter; *auto*: `diameter=\"auto\"`; *training d*: `diameter=None`. "
-        "Means over stacks; seconds per stack, the auto column including its estimating passes.",
+        "Means over stacks; seconds per stack, the auto column including its estimating passes. *new kind*: "
+        "the held-out stacks of `--finetune` (`new_kind_stack`: thick blurred walls, textured interiors, noise "
+        "0.3, cells elongated along z), where the bundled model oversegments at the training size.",
         "",
         "| cells (d) | true d | Dice true d | Dice auto | auto d | Dice training d | AP@0.5 true / auto | "
         "s true / auto | auto within 0.03 |",
@@ -485,7 +495,8 @@ def auto_markdown(report):
     ]
     for e in report["summary"]:
         t, a, n = (e["settings"][k] for k in AUTO_SETTINGS)
-        lines.append(f"| {e['diameter']:g} | {e['true_diameter']:.1f} | {t['dice']:.3f} | {a['dice']:.3f} | "
+        cells = f"{e['diameter']:g}" if e.get("set", "synthetic") == "synthetic" else f"new kind, {e['diameter']:g}"
+        lines.append(f"| {cells} | {e['true_diameter']:.1f} | {t['dice']:.3f} | {a['dice']:.3f} | "
                      f"{a['diameter']:.1f} | {n['dice']:.3f} | {t['ap50']:.3f} / {a['ap50']:.3f} | "
                      f"{t['seconds']:.1f} / {a['seconds']:.1f} | {'yes' if e['goal_met'] else '**no**'} |")
     return "\n".join(lines + [""])
@@ -1119,7 +1130,8 @@ def run_auto(a, argv):
     n_stacks = a.stacks if a.stacks is not None else (1 if a.quick else AUTO["stacks"])
     diameters = AUTO["diameters"][:2] if a.quick else AUTO["diameters"]
     machine = machine_info()
-    summary, rows = auto_diameter_bench(model, n_stacks, diameters)
+    new_kind_seeds = FINETUNE["test_seeds"][:1] if a.quick else FINETUNE["test_seeds"]
+    summary, rows = auto_diameter_bench(model, n_stacks, diameters, new_kind_seeds)
     report = {
         "command": " ".join(["python", "bench/bench_segment.py"] + [shlex.quote(x) for x in argv]),
         "machine": machine, "wall_seconds": time.perf_counter() - t_start,

@@ -266,7 +266,7 @@ def _adapted_rand(c_fg, a, b_fg):
     return float(1.0 - f)
 
 
-def median_diameter(labels, voxel_size=None, *, exclude=None):
+def median_diameter(labels, voxel_size=None, *, exclude=None, weighted=False):
     """Median equivalent-sphere diameter of the instances of `labels`, in voxels along x.
 
     Each instance of ``V`` voxels is measured as the sphere of equal volume,
@@ -283,6 +283,10 @@ def median_diameter(labels, voxel_size=None, *, exclude=None):
     exclude : array_like of int, optional
         Ids left out of the median, e.g. the cells cut by the stack's faces
         (:func:`cp3d.filters.border_ids`), which would read small.
+    weighted : bool, optional
+        Weight each instance by its volume: the diameter of the instance
+        holding the median voxel. Many small fragments (an oversegmented
+        pass) barely move it, where they pull the plain median down.
 
     Returns
     -------
@@ -301,6 +305,10 @@ def median_diameter(labels, voxel_size=None, *, exclude=None):
     3.13
     >>> median_diameter(labels, exclude=[1]) is None
     True
+    >>> labels[5:, 5:, 5:] = 2  # 125 voxels
+    >>> labels[0, 9, 9], labels[9, 0, 0] = 3, 4  # two 1-voxel fragments
+    >>> round(median_diameter(labels), 2), round(median_diameter(labels, weighted=True), 2)
+    (1.86, 6.2)
     """
     if is_cupy_array(labels):
         raise TypeError("labels must be a NumPy array; pass cupy.asnumpy(labels)")
@@ -316,4 +324,9 @@ def median_diameter(labels, voxel_size=None, *, exclude=None):
         return None
     # volume in units of an x-voxel cubed, so the diameter comes out in voxels along x
     volumes = volumes * (vs[0] * vs[1] / vs[2] ** 2)
-    return float(np.median((6.0 * volumes / np.pi) ** (1.0 / 3.0)))
+    diameters = (6.0 * volumes / np.pi) ** (1.0 / 3.0)
+    if not weighted:
+        return float(np.median(diameters))
+    order = np.argsort(diameters)
+    voxels = np.cumsum(volumes[order])
+    return float(diameters[order][np.searchsorted(voxels, voxels[-1] / 2)])

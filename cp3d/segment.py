@@ -139,9 +139,11 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     Notes
     -----
     ``diameter="auto"`` segments the stack once at the model's training size
-    and takes the median equivalent-sphere diameter of the instances found
-    (:func:`cp3d.metrics.median_diameter`; instances cut by the stack's faces
-    left out when others remain), then segments again at that
+    and takes the volume-weighted median equivalent-sphere diameter of the
+    instances found (:func:`cp3d.metrics.median_diameter` with
+    ``weighted=True``, so that fragments of an oversegmented pass barely
+    count; instances cut by the stack's faces left out when others remain),
+    then segments again at that
     estimate and measures once more. Cells far above the training size come
     out of a pass in fragments, so their estimate is low, though above the
     size the pass assumed: passes go on, each at the last estimate, while
@@ -202,8 +204,9 @@ def _segment_auto(image, model, voxel_size, augment, **options):
     def measured_at(d):
         result = _segment_at(image, model, cell_extent(d, voxel_size, d), False, d, **options)
         # Cells cut by the stack's faces read small; they are left out unless there is nothing else.
-        inner = median_diameter(result.labels, voxel_size, exclude=border_ids(result.labels))
-        return result, inner if inner is not None else median_diameter(result.labels, voxel_size)
+        # Weighted by volume: an oversegmented pass (many small fragments) still measures the cells.
+        inner = median_diameter(result.labels, voxel_size, exclude=border_ids(result.labels), weighted=True)
+        return result, inner if inner is not None else median_diameter(result.labels, voxel_size, weighted=True)
 
     assumed = model.config.train_diameter
     result, estimate = measured_at(assumed)
