@@ -160,8 +160,11 @@ def _segment_chunked(args):
     stack = io.open_image(args.input)
     voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
     start = time.perf_counter()
+    diameter = args.diameter
+    if diameter == "auto":
+        diameter = _estimate_diameter(stack.data, args.model, voxel_size, args.device)
     with _dask_client(args):
-        result = cp3d_dask.segment(stack.data, args.model, diameter=args.diameter, voxel_size=voxel_size,
+        result = cp3d_dask.segment(stack.data, args.model, diameter=diameter, voxel_size=voxel_size,
                                    chunks=chunks, augment=args.augment, context=args.context,
                                    device=args.device,
                                    temporary_directory=args.temporary_directory, progress=not args.quiet)
@@ -170,9 +173,27 @@ def _segment_chunked(args):
             if args.save_flows:
                 _save_maps(args.save_flows, result.flows, result.foreground, voxel_size)
         cells = int(result.labels.max().compute())
-    print(json.dumps({"cells": cells, "output": str(args.output), "chunks": list(chunks),
-                      "seconds": {**{k: round(v, 3) for k, v in result.seconds.items()},
+    print(json.dumps({"cells": cells, "diameter": round(result.diameter, 2), "output": str(args.output),
+                      "chunks": list(chunks), "seconds": {**{k: round(v, 3) for k, v in result.seconds.items()},
                                   "total": round(time.perf_counter() - start, 3)}}))
+
+
+# The central crop a chunked run estimates diameter="auto" on: a few dozen cells of up to 40 voxels.
+AUTO_CROP = (64, 256, 256)
+
+
+def _estimate_diameter(image, model, voxel_size, device):
+    """``segment(diameter="auto")`` on a central crop of a (lazy) stack: the cell size for a chunked run."""
+    from .model import load_model
+    from .segment import segment
+
+    box = tuple(slice((n - min(n, c)) // 2, (n - min(n, c)) // 2 + min(n, c)) for n, c in zip(image.shape, AUTO_CROP))
+    crop = np.asarray(image[box])
+    model = load_model("tanh" if model is None else model)
+    diameter = segment(crop, model, diameter="auto", voxel_size=voxel_size, augment=False, device=device).diameter
+    print(f"diameter 'auto' from the central {'x'.join(map(str, crop.shape))} crop: {diameter:.2f} voxels",
+          file=sys.stderr)
+    return diameter
 
 
 def _check_chunked_outputs(outputs, inputs, overwrite):
@@ -331,9 +352,10 @@ def build_parser():
     p = sub.add_parser("segment", help="segment a TIFF stack")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True, help="labels TIFF to write (uint32)")
-    p.add_argument("--diameter", type=_diameter, default=None,
-                   help="typical cell diameter in voxels along x, or 'auto' to estimate it from the image "
-                        "(default: the model's training size)")
+    p.add_argument("--diameter", type=_diameter, default="auto",
+                   help="typical cell diameter in voxels along x, or 'auto' (default) to estimate it from the image "
+                        "(chunked runs: from a central crop); give the model's training size (10.25 for the bundled "
+                        "models) for one pass without estimating")
     p.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="default: read from the TIFF, else isotropic")
     p.add_argument("--save-flows", default=None, metavar="TIFF",

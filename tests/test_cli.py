@@ -1,6 +1,7 @@
 """The command line as a user meets it: outputs are never destroyed, errors are messages."""
 
 import importlib
+import json
 import os
 
 import numpy as np
@@ -145,3 +146,13 @@ def test_chunked_path_never_writes_onto_its_input_or_an_existing_output(command,
     existing.write_bytes(b"keep me")
     assert main([command, str(source), "-o", str(existing), "--chunks", "4", "8", "8", "--quiet"]) == 2
     assert existing.read_bytes() == b"keep me"
+
+
+def test_segment_estimates_the_cell_size_by_default(tmp_path, capsys):
+    # cells 14 voxels across, where the bundled model was trained at 10.25
+    image, _ = cp3d.data.synthetic_stack((40, 96, 96), 14, seed=3)
+    cp3d.io.write_image(tmp_path / "stack.tif", image)
+    assert cli.main(["segment", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "labels.tif"), "--quiet",
+                     "--no-augment"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 11.5 < report["diameter"] < 17.5 and "estimate" in report["seconds"]
