@@ -319,7 +319,8 @@ def summarise(per_stack, settings=SETTINGS):
 # ---------------------------------------------------------------------------
 
 LABELS = {"tanh": "cp3d tanh model", "watershed": "seeded watershed (skimage)", "heat": "cp3d heat model"}
-SETTING_LABELS = {"default": "default", "true_diameter": "true d", "single_pass": "default, one pass"}
+SETTING_LABELS = {"default": "default", "true_diameter": "true d", "single_pass": "default, one pass",
+                  "auto": "\"auto\" (estimated)"}
 
 
 def _machine_line(m):
@@ -820,7 +821,8 @@ NUCLEI_SETS = {
 NUCLEI_QUICK = {"varied": {"stacks": 2, "shape": (32, 64, 64)}, "plain": {"stacks": 1, "shape": (32, 64, 64)},
                 "large": {"stacks": 1, "shape": (64, 128, 128), "diameters": (24.0, 24.0)}}
 NUCLEI_TUNE = {"seed": 1235, "diameter": 11.0, "shape": (64, 128, 128)}  # one training-like varied stack
-NUCLEI_SETTINGS = {"nuclei": ("true_diameter", "default"), "tanh": ("true_diameter",), "watershed": ("true_diameter",)}
+NUCLEI_SETTINGS = {"nuclei": ("true_diameter", "default", "auto"), "tanh": ("true_diameter",),
+                   "watershed": ("true_diameter",)}
 NUCLEI_GOAL = {"method": "nuclei", "setting": "true_diameter", "dice": 0.85, "ap50": 0.85}
 NUCLEI_WATERSHED_GRID = {
     "sigma": (0.5, 1.0, 2.0),
@@ -904,7 +906,7 @@ def nuclei_bench(models, ws_params, sets):
             row = {"spec": spec, "true_diameter": d_true, "n_gt": int(gt.max()), "results": {}}
             for method, settings in NUCLEI_SETTINGS.items():
                 for setting in settings:
-                    diameter = d_true if setting == "true_diameter" else None
+                    diameter = {"true_diameter": d_true, "default": None, "auto": "auto"}[setting]
                     t0 = time.perf_counter()
                     if method == "watershed":
                         labels = nuclei_watershed(image, d_true, **ws_params)
@@ -943,7 +945,8 @@ def nuclei_markdown(report):
                   f"voxels, seeds {specs[0]['seed']}.., diameters "
                   f"{', '.join(format(s['diameter'], 'g') for s in specs)}. Means over stacks; `segment` defaults "
                   "(test-time augmentation); *true d*: the stack's median equivalent-sphere diameter; *default*: "
-                  "`diameter=None` (the training size).", "",
+                  "`diameter=None` (the training size); *auto*: `diameter=\"auto\"` (`cp3d segment`'s default).",
+                  "",
                   "| method | diameter | Dice | AP@0.5 | AP@0.75 | arand | n_pred / n_gt | s / stack |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, row in summary.items():
