@@ -49,7 +49,7 @@ import numpy as np
 from ._backend import as_triple, check_flows, check_foreground
 from .filters import check_thresholds, keep_instances, sphere_volume, tanh_statistic_sums
 from .follow import check_step, follow_in_window, smooth_flows
-from .group import ball_offsets, close_and_label, merge_table, relabel_by_first_voxel
+from .group import ball_offsets, close_and_label, mark_end_voxels, merge_table, relabel_by_first_voxel
 from .reconstruct import reconstruction_parameters, warn_all_filtered, warn_on_flow_convention
 from .targets import heat_flows
 
@@ -494,16 +494,9 @@ def _group_block(ends, groups, grid, b, reach, extent, radius):
     block = grid.block(b)
     box = grid.grow(block, 2 * extent)  # the closing of `block` depends on marks within 2 extents
     source = grid.grow(box, reach)  # voxels whose end voxel can lie in `box`
-    index = ends[source]
-    index = index[index >= 0]
-    coords = np.unravel_index(index, grid.shape)
-    inside = np.ones(index.size, bool)
-    for c, s in zip(coords, box):
-        inside &= (c >= s.start) & (c < s.stop)
-    if not inside.any():
+    mask = mark_end_voxels(ends[source], grid.shape, box)
+    if not mask.any():
         return 0
-    mask = np.zeros(tuple(s.stop - s.start for s in box), bool)
-    mask[tuple(c[inside] - s.start for c, s in zip(coords, box))] = True
     labels = close_and_label(mask, radius)
     own = labels[tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(block, box))]
     own = relabel_by_first_voxel(np.ascontiguousarray(own))

@@ -79,3 +79,20 @@ def test_labelling_in_slabs_equals_whole_volume(max_voxels):
     np.testing.assert_array_equal(slabs, whole)
     with pytest.raises(ValueError, match="z-plane"):
         label_in_slabs(mask, ndimage.label, 100)
+
+
+def test_mark_end_voxels_matches_numpy():
+    from cp3d.group import mark_end_voxels
+
+    rng = np.random.default_rng(4)
+    shape = (9, 13, 17)
+    index = rng.integers(-3, np.prod(shape), (5, 6, 7))
+    box = (slice(2, 7), slice(0, 13), slice(5, 16))
+    valid = index[index >= 0]
+    coords = np.unravel_index(valid, shape)
+    inside = np.all([(c >= s.start) & (c < s.stop) for c, s in zip(coords, box)], axis=0)
+    expected = np.zeros((5, 13, 11), bool)
+    expected[tuple(c[inside] - s.start for c, s in zip(coords, box))] = True
+    assert expected.any() and not expected.all()
+    np.testing.assert_array_equal(mark_end_voxels(index, shape, box), expected)
+    np.testing.assert_array_equal(mark_end_voxels(index.astype(np.int32), shape, box), expected)
