@@ -632,11 +632,15 @@ def finetune_markdown(report):
               "| seed | d (true) | n_gt | " + " | ".join(f["summary"]) + " |",
               "|---|---|---|" + "---|" * len(f["summary"])]
     for r in f["stacks"]:
-        lines.append(f"| {r['seed']} | {r['true_diameter']:.1f} | {r['n_gt']} | " + " | ".join(
-            f"{x['scores']['dice']:.2f} / {x['scores']['ap50']:.2f}" for x in r["results"].values()) + " |")
+        lines.append(f"| {r['seed']} | {r['true_diameter']:.1f} | {r['n_gt']} | {_dice_ap_cells(r)} |")
     if report.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines + [""])
+
+
+def _dice_ap_cells(row):
+    """The per-stack table cells of one stack: "Dice / AP@0.5" for each of its results."""
+    return " | ".join(f"{x['scores']['dice']:.2f} / {x['scores']['ap50']:.2f}" for x in row["results"].values())
 
 
 def run_finetune(a, argv):
@@ -762,8 +766,7 @@ def generalise_markdown(report):
               "|---|---|---|---|" + "---|" * len(models)]
     for name, res in report["sets"].items():
         for r in res["stacks"]:
-            lines.append(f"| {name} | {r['seed']} | {r['true_diameter']:.1f} | {r['n_gt']} | " + " | ".join(
-                f"{x['scores']['dice']:.2f} / {x['scores']['ap50']:.2f}" for x in r["results"].values()) + " |")
+            lines.append(f"| {name} | {r['seed']} | {r['true_diameter']:.1f} | {r['n_gt']} | {_dice_ap_cells(r)} |")
     if report.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines + [""])
@@ -965,8 +968,7 @@ def nuclei_markdown(report):
               "|---|---|---|---|" + "---|" * len(report["stacks"][0]["results"])]
     for r in report["stacks"]:
         lines.append(f"| {r['spec']['set']} | {r['spec']['seed']} | {r['true_diameter']:.1f} | {r['n_gt']} | "
-                     + " | ".join(f"{x['scores']['dice']:.2f} / {x['scores']['ap50']:.2f}"
-                                  for x in r["results"].values()) + " |")
+                     f"{_dice_ap_cells(r)} |")
     tw = report["watershed_tuning"]
     lines += ["", f"Watershed parameters, tuned on one training-like varied stack (seed {tw['stack']['seed']}, "
               f"{len(tw['rows'])} grid points, objective {tw['objective']}): `{json.dumps(tw['best']['params'])}` "
