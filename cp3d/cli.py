@@ -152,6 +152,7 @@ def _segment_chunked(args):
 
     from . import dask as cp3d_dask
     from . import io
+    from .model import load_model
 
     chunks = _check_chunk_shape(args.chunks) or (128, 256, 256)
     if args.table or args.preview:
@@ -160,11 +161,12 @@ def _segment_chunked(args):
     stack = io.open_image(args.input)
     voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
     start = time.perf_counter()
+    model = load_model("tanh" if args.model is None else args.model)
     diameter = args.diameter
     if diameter == "auto":
-        diameter = _estimate_diameter(stack.data, args.model, voxel_size, args.device)
+        diameter = _estimate_diameter(stack.data, model, voxel_size, args.device)
     with _dask_client(args):
-        result = cp3d_dask.segment(stack.data, args.model, diameter=diameter, voxel_size=voxel_size,
+        result = cp3d_dask.segment(stack.data, model, diameter=diameter, voxel_size=voxel_size,
                                    chunks=chunks, augment=args.augment, context=args.context,
                                    device=args.device,
                                    temporary_directory=args.temporary_directory, progress=not args.quiet)
@@ -184,12 +186,10 @@ AUTO_CROP = (64, 256, 256)
 
 def _estimate_diameter(image, model, voxel_size, device):
     """``segment(diameter="auto")`` on a central crop of a (lazy) stack: the cell size for a chunked run."""
-    from .model import load_model
     from .segment import segment
 
     box = tuple(slice((n - min(n, c)) // 2, (n - min(n, c)) // 2 + min(n, c)) for n, c in zip(image.shape, AUTO_CROP))
     crop = np.asarray(image[box])
-    model = load_model("tanh" if model is None else model)
     diameter = segment(crop, model, diameter="auto", voxel_size=voxel_size, augment=False, device=device).diameter
     print(f"diameter 'auto' from the central {'x'.join(map(str, crop.shape))} crop: {diameter:.2f} voxels",
           file=sys.stderr)
