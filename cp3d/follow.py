@@ -46,7 +46,8 @@ def follow_flows(flows, foreground, *, step=4.0, n_iter=100, inward=False, sigma
     positions plus ``8 N`` for their indices. The NumPy, Numba and CUDA
     backends round identically (float32, no fused multiply-add), so they
     return the same positions bit for bit. The Numba and CUDA backends run
-    a long follow in slices of iterations, so Ctrl-C interrupts it. The CUDA
+    a long follow in slices (Numba: of points, each through all its
+    iterations; CUDA: of iterations), so Ctrl-C interrupts it. The CUDA
     backend waits for the device between slices; a follow of one slice
     returns once its kernel is queued.
 
