@@ -206,26 +206,29 @@ def _cuda_follow(flows, starts, step, n_iter):
     return out
 
 
-def follow_in_window(flows, origin, shape, starts, step, n_iter):
-    """Follow points through a window of a larger flow field, in that field's coordinates.
+def follow_in_window(flows, origin, shape, box, starts, step, n_iter):
+    """Follow points through a window of a larger flow field; return the voxels they end at.
 
     The chunked reconstruction (:mod:`cp3d.dask`) follows each chunk's voxels
     through the chunk and a halo. Positions stay in the coordinates of the
     whole field and are clipped to its `shape`, so every step rounds exactly
     as :func:`follow_flows` on the whole field does (float32, no fused
-    multiply-add); a point whose voxel leaves the window is flagged rather
-    than followed on wrong flows.
+    multiply-add), and each end position goes to its nearest voxel as in
+    :func:`cp3d.reconstruct`; a point whose voxel leaves the window is
+    flagged rather than followed on wrong flows.
 
     Parameters
     ----------
     flows : ndarray, shape (3, z, y, x), float32
-        The window of the flow field (NumPy, C-contiguous).
+        The window of the flow field (NumPy).
     origin : sequence of 3 ints
         Voxel of the whole field at ``flows[:, 0, 0, 0]``.
     shape : sequence of 3 ints
         Shape (Z, Y, X) of the whole field.
+    box : tuple of 3 slices
+        The part of the whole field the points start in (a chunk).
     starts : ndarray, shape (N,), int64
-        C-order flat indices, within the window, of the points' first voxels.
+        C-order flat indices, within `box`, of the points' first voxels.
     step : float
         Signed step (negative for inward flows).
     n_iter : int
@@ -233,11 +236,12 @@ def follow_in_window(flows, origin, shape, starts, step, n_iter):
 
     Returns
     -------
-    positions : ndarray, shape (N, 3), float32
-        End positions (z, y, x) in the whole field's coordinates; only
-        meaningful where `escaped` is False.
-    escaped : ndarray, shape (N,), bool
-        Points whose voxel left the window at some step.
+    ends : ndarray, shape (N,), int64
+        C-order flat index in the whole field of the voxel nearest each end
+        position; -1 for a point whose voxel left the window at some step.
+    moved : ndarray, shape (3,), int64
+        The largest distance (z, y, x), in voxels, from a start voxel to its
+        end voxel, over the points that stayed in the window.
 
     Examples
     --------
@@ -245,39 +249,50 @@ def follow_in_window(flows, origin, shape, starts, step, n_iter):
     >>> from cp3d.follow import follow_in_window
     >>> flows = np.zeros((3, 4, 4, 4), np.float32)
     >>> flows[2] = -1.0  # every voxel moves +x by one step per iteration
-    >>> end, escaped = follow_in_window(flows, (0, 0, 10), (4, 4, 100), np.array([0, 1]), 1.0, 4)
-    >>> end[:, 2].tolist(), escaped.tolist()  # the second point reads x = 14, beyond the window
-    ([14.0, 15.0], [False, True])
+    >>> window = (slice(0, 4), slice(0, 4), slice(10, 14))
+    >>> ends, moved = follow_in_window(flows, (0, 0, 10), (4, 4, 100), window, np.array([0, 1]), 1.0, 4)
+    >>> ends.tolist(), moved.tolist()  # the second point reads x = 14, beyond the window
+    ([14, -1], [0, 0, 4])
     """
-    out = np.empty((starts.size, 3), np.float32)
-    escaped = np.zeros(starts.size, np.bool_)
+    flows = np.ascontiguousarray(flows, np.float32)
+    starts = np.asarray(starts, np.int64)
+    ends = np.empty(starts.size, np.int64)
+    moved = np.zeros(((starts.size + _CHUNK - 1) // _CHUNK, 3), np.int64)
     start_numba_pool()
     _follow_window_kernel(flows, np.asarray(origin, np.int64), np.asarray(shape, np.int64),
-                          np.asarray(starts, np.int64), np.float32(step), int(n_iter), out, escaped)
-    return out, escaped
+                          np.array([s.start for s in box], np.int64), np.array([s.stop - s.start for s in box], np.int64),
+                          starts, np.float32(step), int(n_iter), ends, moved)
+    return ends, moved.max(axis=0, initial=0)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _follow_window_kernel(flows, origin, shape, starts, step, n_iter, out, escaped):
-    # _follow_kernel's lanes and arithmetic, with window-relative flow reads.
+def _follow_window_kernel(flows, origin, shape, first, box_shape, starts, step, n_iter, ends, moved):
+    # _follow_kernel's lanes and arithmetic, with window-relative flow reads; the end voxels and the distances
+    # moved are taken here too (one pass over the points instead of a NumPy expression per axis).
     wz, wy, wx = flows.shape[1:]
     oz, oy, ox = origin[0], origin[1], origin[2]
     hz, hy, hx = np.float32(shape[0] - 1), np.float32(shape[1] - 1), np.float32(shape[2] - 1)
-    zero = np.float32(0)
+    by, bx = box_shape[1], box_shape[2]
+    zero, half = np.float32(0), np.float32(0.5)
     n = starts.size
     for chunk in numba.prange((n + _CHUNK - 1) // _CHUNK):
         pz = np.empty(_LANES, np.float32)
         py = np.empty(_LANES, np.float32)
         px = np.empty(_LANES, np.float32)
+        sz = np.empty(_LANES, np.int64)
+        sy = np.empty(_LANES, np.int64)
+        sx = np.empty(_LANES, np.int64)
         out_of = np.zeros(_LANES, np.int64)
+        mz, my, mx = 0, 0, 0
         end = min((chunk + 1) * _CHUNK, n)
-        for first in range(chunk * _CHUNK, end, _LANES):
-            lanes = min(_LANES, end - first)
+        for lead in range(chunk * _CHUNK, end, _LANES):
+            lanes = min(_LANES, end - lead)
             for k in range(lanes):
-                s = starts[first + k]
-                pz[k] = np.float32(oz + s // (wy * wx))
-                py[k] = np.float32(oy + (s // wx) % wy)
-                px[k] = np.float32(ox + s % wx)
+                s = starts[lead + k]
+                sz[k] = first[0] + s // (by * bx)
+                sy[k] = first[1] + (s // bx) % by
+                sx[k] = first[2] + s % bx
+                pz[k], py[k], px[k] = np.float32(sz[k]), np.float32(sy[k]), np.float32(sx[k])
                 out_of[k] = 0
             for _ in range(n_iter):
                 for k in range(lanes):
@@ -291,7 +306,12 @@ def _follow_window_kernel(flows, origin, shape, starts, step, n_iter, out, escap
                     py[k] = min(max(y - step * flows[1, cz, cy, cx], zero), hy)
                     px[k] = min(max(x - step * flows[2, cz, cy, cx], zero), hx)
             for k in range(lanes):
-                out[first + k, 0] = pz[k]
-                out[first + k, 1] = py[k]
-                out[first + k, 2] = px[k]
-                escaped[first + k] = out_of[k] != 0
+                if out_of[k] != 0:
+                    ends[lead + k] = -1
+                    continue
+                z = np.int64(np.floor(pz[k] + half))
+                y = np.int64(np.floor(py[k] + half))
+                x = np.int64(np.floor(px[k] + half))
+                ends[lead + k] = (z * shape[1] + y) * shape[2] + x
+                mz, my, mx = max(mz, abs(z - sz[k])), max(my, abs(y - sy[k])), max(mx, abs(x - sx[k]))
+        moved[chunk, 0], moved[chunk, 1], moved[chunk, 2] = mz, my, mx
