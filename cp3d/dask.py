@@ -44,6 +44,7 @@ import tempfile
 import warnings
 import weakref
 
+import numba
 import numpy as np
 
 from ._backend import as_triple, check_flows, check_foreground
@@ -545,52 +546,76 @@ def _instance_block(ends, groups, instances, grid, b, reach, offsets, merged, n,
     """Give chunk `b`'s voxels the merged group at their end voxel; store; return per-instance sums."""
     block = grid.block(b)
     index = ends[block]
-    fg = index >= 0  # the foreground: only foreground voxels were followed
     region = grid.grow(block, reach)
-    coords = np.unravel_index(index[fg], grid.shape)
-    local = tuple(c - s.start for c, s in zip(coords, region))
-    ids = np.zeros(index.shape, np.uint32)
-    ids[fg] = merged[_read_groups(groups, grid, region, offsets)[local]]
+    ids = np.empty(index.shape, np.uint32)
+    _ids_at_end_kernel(index.reshape(-1), groups[region], np.array([s.start for s in region]),
+                       np.array(grid.shape), np.array(grid.chunks), np.array(grid.counts), offsets, merged,
+                       ids.reshape(-1))
     instances[block] = ids
-    return _block_sums(ids, fg, block, grid.shape, need_box, n)
+    return _block_sums(ids, index >= 0, block, grid.shape, need_box, n)
+
+
+# One pass over the chunk in Numba for the labels and the sums below: the NumPy expressions (unravelling the end
+# voxels, a grown region of group ids as int64, a bincount per sum) took 8x longer.
+@numba.njit(cache=True, nogil=True)
+def _ids_at_end_kernel(index, groups, region_first, shape, chunks, counts, offsets, merged, ids):
+    """ids[v] = merged group at voxel v's end voxel: its chunk's group id shifted by that chunk's offset."""
+    for v in range(index.size):
+        e = index[v]
+        if e < 0:  # background
+            ids[v] = 0
+            continue
+        z, y, x = e // (shape[1] * shape[2]), (e // shape[2]) % shape[1], e % shape[2]
+        g = np.int64(groups[z - region_first[0], y - region_first[1], x - region_first[2]])
+        if g > 0:
+            g += offsets[((z // chunks[0]) * counts[1] + y // chunks[1]) * counts[2] + x // chunks[2]]
+        ids[v] = merged[g]
 
 
 def _block_sums(ids, fg, block, shape, need_box, n):
-    """Per-instance sums over one chunk: voxels, foreground voxels, coordinates, first voxel, border, box.
-
-    Ids run to `n`, so the sums are bincounts and ``ufunc.at`` reductions over
-    arrays of ``n + 1`` (15x faster than ``np.unique`` sorting the chunk's ids).
-    """
+    """Per-instance sums over one chunk: voxels, foreground voxels, coordinates, first voxel, border, box."""
     first = np.array([s.start for s in block])
-    where = np.nonzero(ids)
-    values = ids[where].astype(np.intp)
-    volume = np.bincount(values, minlength=n + 1)
+    volume = np.zeros(n + 1, np.int64)
+    inside = np.zeros(n + 1, np.int64)
+    coords = np.zeros((n + 1, 3), np.int64)
+    first_voxel = np.full(n + 1, -1, np.int64)
+    lo = np.full((n + 1 if need_box else 0, 3), np.iinfo(np.int64).max, np.int64)
+    hi = np.full((n + 1 if need_box else 0, 3), -1, np.int64)
+    _sums_kernel(ids, fg, first, np.array(shape), need_box, volume, inside, coords, first_voxel, lo, hi)
     present = np.flatnonzero(volume)
-
-    def per_instance(weights):
-        return np.bincount(values, weights=weights, minlength=n + 1)[present]
-
-    def reduced(ufunc, coordinate, fill):
-        out = np.full(n + 1, fill, np.int64)
-        ufunc.at(out, values, coordinate)
-        return out[present]
-
-    coords = [w + f for w, f in zip(where, first)]
-    # Coordinate sums are integers held exactly in float64, as in cp3d.targets.numba_centroids.
-    sums = {"ids": present.astype(np.int64), "volume": volume[present], "inside": per_instance(fg[where]),
-            "coords": np.stack([per_instance(c) for c in coords], axis=1).reshape(-1, 3)}
-    # C order within a chunk is C order within the volume: the first occurrence is the first voxel.
-    first_at = reduced(np.minimum, np.arange(values.size), values.size)
-    sums["first"] = np.ravel_multi_index(tuple(c[first_at] for c in coords), shape)
+    present = present[present > 0]
+    # Coordinate sums are integers, held exactly in float64 as in cp3d.targets.numba_centroids.
+    sums = {"ids": present, "volume": volume[present], "inside": inside[present].astype(np.float64),
+            "coords": coords[present].astype(np.float64), "first": first_voxel[present]}
     faces = [np.take(ids, 0, axis=axis) for axis in range(3) if block[axis].start == 0]
     faces += [np.take(ids, -1, axis=axis) for axis in range(3) if block[axis].stop == shape[axis]]
     border = np.unique(np.concatenate([f.ravel() for f in faces])) if faces else np.zeros(0, np.uint32)
     sums["border"] = border[border != 0].astype(np.int64)
     if need_box:
-        big = np.iinfo(np.int64).max
-        sums["lo"] = np.stack([reduced(np.minimum, c, big) for c in coords], axis=1).reshape(-1, 3)
-        sums["hi"] = np.stack([reduced(np.maximum, c, -1) for c in coords], axis=1).reshape(-1, 3)
+        sums["lo"], sums["hi"] = lo[present], hi[present]
     return sums
+
+
+@numba.njit(cache=True, nogil=True)
+def _sums_kernel(ids, fg, first, shape, need_box, volume, inside, coords, first_voxel, lo, hi):
+    nz, ny, nx = ids.shape
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                i = ids[z, y, x]
+                if i == 0:
+                    continue
+                c0, c1, c2 = z + first[0], y + first[1], x + first[2]
+                volume[i] += 1
+                inside[i] += fg[z, y, x]
+                coords[i, 0] += c0
+                coords[i, 1] += c1
+                coords[i, 2] += c2
+                if first_voxel[i] < 0:  # C order within a chunk is C order within the volume
+                    first_voxel[i] = (c0 * shape[1] + c1) * shape[2] + c2
+                if need_box:
+                    lo[i, 0], lo[i, 1], lo[i, 2] = min(lo[i, 0], c0), min(lo[i, 1], c1), min(lo[i, 2], c2)
+                    hi[i, 0], hi[i, 1], hi[i, 2] = max(hi[i, 0], c0), max(hi[i, 1], c1), max(hi[i, 2], c2)
 
 
 class _Statistics:
