@@ -8,9 +8,9 @@ process and all its children (the dask workers) is sampled every 0.2 s:
 - ``memory``: ``cp3d.reconstruct`` on the whole volume loaded from the store
   (its seconds alone, and from store to store: load, reconstruct, write the
   labels to a Zarr store);
-- ``dask_WxT``: ``cp3d.dask.reconstruct`` on a ``LocalCluster`` of W worker
-  processes of T threads (Numba's threads split between the workers), from the
-  flows store to a labels Zarr store;
+- ``dask_Ww``: ``cp3d.dask.reconstruct`` on ``cp3d.dask.local_cluster(W)`` (the
+  CLI's cluster: W worker processes, one task at a time each, the cores'
+  threads split between them), from the flows store to a labels Zarr store;
 - ``segment``: ``cp3d segment IN.ome.zarr -o OUT.zarr --chunks ... --no-augment``
   end to end with the bundled model (``--segment-shape Z Y X`` runs only this,
   on a stack of that shape, e.g. the 392x1500x1800 of the issue).
@@ -91,16 +91,14 @@ def run_memory(store, out):
             "cells": int(labels.max())}
 
 
-def run_dask(store, out, workers, chunks, threads_per_worker=1):
+def run_dask(store, out, workers, chunks):
+    """The chunked run on the CLI's local cluster: `workers` processes, one task each, cores / workers threads."""
     import dask.array as da
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     import cp3d.dask
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    os.environ["NUMBA_NUM_THREADS"] = str(threads)  # inherited by the worker processes
-    with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, dashboard_address=None) as cluster, \
-            Client(cluster):
+    with cp3d.dask.local_cluster(workers) as cluster, Client(cluster):
         flows = da.from_zarr(store, component="flows")
         foreground = da.from_zarr(store, component="foreground")
         start = time.perf_counter()
@@ -108,8 +106,8 @@ def run_dask(store, out, workers, chunks, threads_per_worker=1):
         da.to_zarr(labels, out)
         seconds = time.perf_counter() - start
         cells = int(da.from_zarr(out).max().compute())
-    return {"seconds": seconds, "cells": cells, "workers": workers, "threads_per_worker": threads_per_worker,
-            "numba_threads_per_worker": threads}
+    return {"seconds": seconds, "cells": cells, "workers": workers,
+            "numba_threads_per_worker": max(1, (os.cpu_count() or 1) // workers)}
 
 
 def measured(args):
@@ -241,13 +239,15 @@ def plot(results, path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     labels = [f"{r['voxels']:.1e}" for r in rows]
     x = np.arange(len(rows))
-    series = [("memory", "in memory"), ("dask_1x2", "dask, 1 worker x 2 threads"),
-              ("dask_2x1", "dask, 2 workers x 1 thread"), ("dask_1x1", "dask, 1 worker x 1 thread")]
+    series = [("memory", "in memory")] + [
+        (key, f"dask, {key[5:-1]} worker(s) x {max(1, (os.cpu_count() or 1) // int(key[5:-1]))} threads")
+        for key in sorted({k for r in rows for k in r if k.startswith("dask_")})]
     width = 0.8 / len(series)
+    shift = (len(series) - 1) / 2
     for k, (key, name) in enumerate(series):
-        a.bar(x + (k - 1.5) * width, [r.get(key, {}).get("s_per_1e6", 0) for r in rows], width, label=name)
-        b.bar(x + (k - 1.5) * width, [r.get(key, {}).get("peak_rss_gb", 0) for r in rows], width, label=name)
-    a.scatter(x - 1.5 * width, [r.get("memory", {}).get("store_to_store_s_per_1e6", np.nan) for r in rows],
+        a.bar(x + (k - shift) * width, [r.get(key, {}).get("s_per_1e6", 0) for r in rows], width, label=name)
+        b.bar(x + (k - shift) * width, [r.get(key, {}).get("peak_rss_gb", 0) for r in rows], width, label=name)
+    a.scatter(x - shift * width, [r.get("memory", {}).get("store_to_store_s_per_1e6", np.nan) for r in rows],
               marker="_", s=300, color="k", label="in memory, with store read and write")
     for ax, title in ((a, "seconds per 1e6 voxels"), (b, "peak resident memory, GB")):
         ax.set_xticks(x, labels)
@@ -262,10 +262,10 @@ def plot(results, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["1e8", "3e8"], choices=sorted(SHAPES))
-    parser.add_argument("--configs", nargs="+", default=["1x2", "2x1", "1x1"],
-                        help="local clusters to run, WORKERSxTHREADS per worker; the first at every size")
-    parser.add_argument("--two-workers", nargs="+", default=["1e8"], help="sizes that run every --configs entry")
-    parser.add_argument("--workers", nargs="+", type=int, default=[1], help="workers of the --segment-shape run")
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2],
+                        help="local clusters to run (cp3d.dask.local_cluster: W workers of cores / W threads); "
+                             "the first at every size")
+    parser.add_argument("--two-workers", nargs="+", default=["1e8"], help="sizes that run every --workers entry")
     parser.add_argument("--memory-sizes", nargs="+", default=["1e8", "3e8"], help="sizes also run in memory")
     parser.add_argument("--segment", type=float, default=3.4e7, help="voxels of the segment run (0: skip)")
     parser.add_argument("--folder", default=None, help="scratch folder (default: a temporary one)")
@@ -320,11 +320,10 @@ def main(argv=None):
             npy = os.path.join(size_folder, "memory.npy")
             if size in args.memory_sizes:
                 row["memory"] = measured(["_memory", store, npy])
-            for config in args.configs if size in args.two_workers else args.configs[:1]:
-                workers, threads = map(int, config.split("x"))
-                out = os.path.join(size_folder, f"labels_{config}.zarr")
-                key = f"dask_{config}"
-                row[key] = measured(["_dask", store, out, str(workers), str(threads)])
+            for workers in args.workers if size in args.two_workers else args.workers[:1]:
+                out = os.path.join(size_folder, f"labels_{workers}w.zarr")
+                key = f"dask_{workers}w"
+                row[key] = measured(["_dask", store, out, str(workers)])
                 row[key]["s_per_1e6"] = round(row[key]["seconds"] / row["voxels"] * 1e6, 4)
                 if "memory" in row:
                     row[key]["equals_memory"] = same_labels(npy, out)
@@ -360,7 +359,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["_memory"]:
         print(json.dumps(run_memory(*sys.argv[2:4])))
     elif sys.argv[1:2] == ["_dask"]:
-        print(json.dumps(run_dask(sys.argv[2], sys.argv[3], int(sys.argv[4]), CHUNKS, int(sys.argv[5]))))
+        print(json.dumps(run_dask(sys.argv[2], sys.argv[3], int(sys.argv[4]), CHUNKS)))
     elif sys.argv[1:2] == ["_cpu"]:
         print(json.dumps(cpu_seconds(sys.argv[2], CHUNKS)))
     elif sys.argv[1:2] == ["_cli"]:

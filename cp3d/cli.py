@@ -90,7 +90,7 @@ def _is_zarr_path(path):
 def _dask_client(args):
     """A context holding a dask.distributed client: the given scheduler, or a LocalCluster on this machine."""
     try:
-        from distributed import Client, LocalCluster
+        from distributed import Client
     except ImportError as e:
         raise ImportError(f"chunked runs need dask.distributed ({e}); pip install 'cp3d[dask]'") from e
     if args.workers < 1:
@@ -99,34 +99,12 @@ def _dask_client(args):
     if args.scheduler:
         stack.enter_context(Client(args.scheduler))
         return stack
+    from .dask import local_cluster
+
     memory = "auto" if args.memory_limit is None else int(args.memory_limit * 2**30)
-    stack.enter_context(_worker_threads(args.workers))
-    cluster = stack.enter_context(LocalCluster(n_workers=args.workers, threads_per_worker=1, memory_limit=memory,
-                                               dashboard_address=None))
+    cluster = stack.enter_context(local_cluster(args.workers, memory_limit=memory))
     stack.enter_context(Client(cluster))
     return stack
-
-
-@contextlib.contextmanager
-def _worker_threads(workers):
-    """Local workers start with this machine's cores / `workers` threads each, for torch, BLAS and Numba.
-
-    Each worker runs one task at a time, parallel inside. dask.distributed starts workers with
-    OMP_NUM_THREADS=1 (made for one single-threaded task per core), which leaves torch on one core, unless this
-    process's environment says otherwise when they start; the environment is restored afterwards.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    variables = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(dict.fromkeys(variables, str(max(1, cores // workers))))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _check_chunk_shape(chunks, name="--chunks"):

@@ -279,7 +279,7 @@ def _worker_thread_counts():
     import numba
     import torch
 
-    return torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS
+    return torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, os.environ.get("MALLOC_TRIM_THRESHOLD_")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -293,10 +293,14 @@ def test_cli_local_workers_share_the_cores(workers):
 
     share = max(1, len(os.sched_getaffinity(0)) // workers)
     args = argparse.Namespace(workers=workers, scheduler=None, memory_limit=None)
+    names = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+    before = [os.environ.get(name) for name in names]
     with _dask_client(args):
         counts = get_client().run(_worker_thread_counts)
+    assert [os.environ.get(name) for name in names] == before  # this process's environment restored
     assert len(counts) == workers
-    assert all(c == (share, share) for c in counts.values()), counts
+    # Threads shared out, and glibc's allocator defaults kept (dask's trim setting unset).
+    assert all(c == (share, share, None) for c in counts.values()), counts
 
 
 def test_chunks_thinner_than_the_halo_warn_and_stay_exact():
