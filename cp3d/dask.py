@@ -157,11 +157,14 @@ inward, sigma
         (10 voxels without `diameter`). Trajectories that leave it are
         recomputed with a wider halo, so it only changes the speed.
     temporary_directory : str or os.PathLike, optional
-        Folder for the intermediate Zarr store (about 16 bytes per voxel
-        before compression); default dask's ``temporary-directory`` setting
-        or the system's. On a cluster of several machines it must be a
-        folder every worker can reach. The store is removed when the
-        returned array is garbage-collected.
+        Folder for the intermediate volumes; default dask's
+        ``temporary-directory`` setting or the system's. At most about 28
+        bytes per voxel: a copy of the flows with each chunk's face slabs
+        (12-16 bytes, removed after the filters), end voxels and groups (4-8
+        and 4, removed once labelled) and instances (4, kept for the labels'
+        blocks). On a cluster of several machines it must be a folder every
+        worker can reach. It is removed when the returned array is
+        garbage-collected.
     progress : bool
         Show a progress bar over the chunks of each stage.
 
@@ -331,6 +334,8 @@ class _Plan:
                                                                 merged_d, n, need_box)
                       for b in range(len(grid))], "label")
         stats = _Statistics(blocks, n, need_box)
+        for done in (ends, groups):  # read by no later stage: their disk space back now
+            shutil.rmtree(done.store.root, ignore_errors=True)
 
         # 5. filter.
         flow_error = None
