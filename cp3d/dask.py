@@ -56,6 +56,9 @@ from .targets import heat_flows
 
 __all__ = ["local_cluster", "reconstruct", "segment"]
 
+# The flows' scale and sign are checked at the call on at most this much of the middle chunk.
+_SAMPLE_SHAPE = (64, 128, 128)
+
 # End index of a voxel whose trajectory left its window (background is -1).
 _ESCAPED = -2
 
@@ -64,7 +67,7 @@ def _import_dask():
     try:
         import dask
         import dask.array
-        import zarr  # noqa: F401 (the intermediate store)
+        import zarr  # noqa: F401 (the predicted maps' store)
     except ImportError as e:
         raise ImportError(f"cp3d.dask needs dask and zarr ({e}); pip install 'cp3d[dask]'") from e
     return dask
@@ -190,7 +193,8 @@ inward, sigma
     targets and a flow filter, each instance's heat flows are recomputed from
     its bounding box, so a task also holds the boxes of the instances whose
     first voxel lies in its chunk. The in-memory warnings about the flows'
-    scale and sign are given at the call, from the middle chunk.
+    scale and sign are given at the call, from the middle of the middle
+    chunk.
 
     Examples
     --------
@@ -208,8 +212,13 @@ inward, sigma
                  diameter=diameter, targets=targets, tanh_scale=tanh_scale, inward=inward, sigma=sigma,
                  backend=backend, chunks=chunks, halo=halo, temporary_directory=temporary_directory,
                  progress=progress)
-    # The in-memory checks of the flows' scale and sign, on the middle chunk: cheap, and at the call.
-    middle = plan.grid.block(len(plan.grid) // 2)
+    # The in-memory checks of the flows' scale and sign, on the middle of the middle chunk: cheap, and at the call
+    # (a crop of at most _SAMPLE_SHAPE voxels comes back to the client, not the whole chunk).
+    middle = []
+    for s, n in zip(plan.grid.block(len(plan.grid) // 2), _SAMPLE_SHAPE):
+        first = s.start + max(0, s.stop - s.start - n) // 2
+        middle.append(slice(first, min(s.stop, first + n)))
+    middle = tuple(middle)
     sample_flows, sample_foreground = plan.dask.compute(plan.flows[(slice(None),) + middle], plan.foreground[middle])
     warn_on_flow_convention(check_flows(np.asarray(sample_flows)),
                             check_foreground(np.asarray(sample_foreground), sample_foreground.shape), inward)
@@ -272,7 +281,8 @@ class _Plan:
         da = self.dask.array
         lut = self.dask.delayed(self, pure=False)(*after)
         chunks = da.core.normalize_chunks(self.grid.chunks, self.grid.shape)
-        return da.map_blocks(_Stored(os.path.join(self.folder, "instances.zarr"), self.scratch, renumber=True),
+        instances = _ChunkFiles(self.folder, "instances", self.grid, np.uint32, 0, 0)
+        return da.map_blocks(_Stored(instances, self.scratch, renumber=True),
                              after=lut, chunks=chunks, dtype=np.uint32, meta=np.empty((0, 0, 0), np.uint32))
 
     def __call__(self, *after):
@@ -291,11 +301,13 @@ class _Plan:
         # neighbouring chunk by decompressing that whole chunk (9-27 chunks per window); the copy serves a window
         # from its own chunk and thin slabs of the others (the reconstruction of 1e8 voxels from a Zarr store:
         # 40% less CPU). Smoothing (sigma) runs once, here.
-        flows = _FlowsCopy(self.folder, grid, self.halo)
-        run([dask.delayed(flows.write, pure=False)(self.flows[(slice(None),) + grid.block(b)], b)
+        flows = _ChunkFiles(self.folder, "flows", grid, np.float32, 0.0, self.halo, channels=3)
+        run([dask.delayed(_copy_block, pure=False)(self.flows[(slice(None),) + grid.block(b)], flows, grid.block(b))
              for b in range(len(grid))], "copy flows")
-        # End voxels as flat indices: half the bytes to write and read where the volume allows.
-        ends = _create_store(self.folder, "ends", grid, np.int32 if math.prod(grid.shape) < 2**31 else np.int64, -1)
+        # End voxels as flat indices: half the bytes to write and read where the volume allows. The grouping reads
+        # them around each chunk as far as voxels move (about the halo) and twice the ball's extent.
+        ends = _ChunkFiles(self.folder, "ends", grid, np.int32 if math.prod(grid.shape) < 2**31 else np.int64, -1,
+                           self.halo + 2 * self.extent)
 
         # 1. follow, widening the halo for the chunks whose trajectories escaped.
         reach = np.zeros(3, np.int64)
@@ -314,7 +326,7 @@ class _Plan:
             halo, redo = 2 * halo, True
 
         # 2. group, each chunk with the ends that can land within twice the ball's extent.
-        groups = _create_store(self.folder, "groups", grid, np.uint32, 0)
+        groups = _ChunkFiles(self.folder, "groups", grid, np.uint32, 0, self.halo)
         counts = run([dask.delayed(_group_block, pure=False)(ends, groups, grid, b, reach, self.extent, self.radius)
                       for b in range(len(grid))], "group")
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -327,7 +339,7 @@ class _Plan:
         offsets_d = dask.delayed(offsets, pure=True)
 
         # 4. each voxel takes the group at its end voxel; per-chunk sums.
-        instances = _create_store(self.folder, "instances", grid, np.uint32, 0)
+        instances = _ChunkFiles(self.folder, "instances", grid, np.uint32, 0, 0)
         need_box = self.targets == "heat" and np.isfinite(self.max_flow_error)
         n = int(merged.max()) if merged.size else 0
         blocks = run([dask.delayed(_instance_block, pure=False)(ends, groups, instances, grid, b, reach, offsets_d,
@@ -335,7 +347,7 @@ class _Plan:
                       for b in range(len(grid))], "label")
         stats = _Statistics(blocks, n, need_box)
         for done in (ends, groups):  # read by no later stage: their disk space back now
-            shutil.rmtree(done.store.root, ignore_errors=True)
+            shutil.rmtree(done.path, ignore_errors=True)
 
         # 5. filter.
         flow_error = None
@@ -377,26 +389,23 @@ def _save_atomically(path, array):
 
 
 class _Stored:
-    """Blocks read from a Zarr array of the temporary store once the task `after` is done.
+    """Blocks read from an array of the temporary folder (Zarr, or chunk files) once the task `after` is done.
 
     `lead` indexes the axes before the block's own (a channel); with
     `renumber`, `after` is the plan's table and the block its stored ids
-    through it. Holds the temporary store (client side only), so that it
+    through it. Holds the temporary folder (client side only), so that it
     lives as long as the array.
     """
 
-    def __init__(self, path, scratch, lead=(), renumber=False):
-        self.path, self.scratch, self.lead, self.renumber = path, scratch, lead, renumber
+    def __init__(self, store, scratch, lead=(), renumber=False):
+        self.store, self.scratch, self.lead, self.renumber = store, scratch, lead, renumber
 
     def __call__(self, after=None, block_info=None):
-        import zarr
-
-        box = self.lead + tuple(slice(a, b) for a, b in block_info[None]["array-location"])
-        block = zarr.open_array(self.path, mode="r")[box]
+        block = self.store[self.lead + tuple(slice(a, b) for a, b in block_info[None]["array-location"])]
         return after[block] if self.renumber else block
 
     def __reduce__(self):
-        return _Stored, (self.path, None, self.lead, self.renumber)
+        return _Stored, (self.store, None, self.lead, self.renumber)
 
 
 def _check_inputs(flows, foreground):
@@ -474,79 +483,75 @@ class _Scratch:
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
 
 
-def _create_store(folder, name, grid, dtype, fill):
-    """An uncompressed Zarr array in `folder` (replacing one a failed run left), stored in parts of the chunks."""
-    import zarr
+class _ChunkFiles:
+    """A volume in a folder of ``.npy`` files: one per chunk, and the chunk's six face slabs `thickness` thick.
 
-    return zarr.create_array(os.path.join(folder, f"{name}.zarr"), shape=grid.shape,
-                             chunks=tuple(_stored_part(c) for c in grid.chunks), dtype=dtype, fill_value=fill,
-                             compressors=None, overwrite=True)
-
-
-def _stored_part(chunk):
-    """Stored chunk length along one axis: a quarter or half of the work chunk's where that divides it evenly.
-
-    Zarr reads whole stored chunks, and the stages read each work chunk with a halo and thin slabs at its faces;
-    smaller stored chunks read less beyond them (20% less CPU for the reconstruction at 128x256x256). A stored
-    chunk never straddles two work chunks, so tasks that write neighbouring chunks never write the same file.
-    """
-    for parts in (4, 2):
-        if chunk % parts == 0 and chunk // parts >= 16:
-            return chunk // parts
-    return chunk
-
-
-class _FlowsCopy:
-    """The flows in a folder: one ``.npy`` file per chunk, and the chunk's six face slabs as the follow halo thick.
-
-    Indexed like a Zarr array (``copy[(slice(None),) + box]``), a read takes
-    from each chunk that overlaps the box a face slab that holds the part it
-    needs (a follow window's pieces of its neighbours), else the chunk's
-    file. A window of a chunk and a halo as thick as the slabs reads about
-    1.3x the chunk's bytes; a Zarr copy in quarter parts read 3.4x, and its
-    reads and writes took 3-8x as long as ``np.load`` / ``np.save`` of
-    whole files.
+    Indexed like a Zarr array (``files[box]``, with a leading ``slice(None)``
+    for `channels`); a chunk is written whole (``files[block] = array``,
+    under a temporary name, then renamed), once per stage by one task. A read
+    takes from each chunk that overlaps the box a face slab holding the part
+    it needs (the thin pieces of the neighbours in a chunk's window), else the
+    chunk's file; a chunk never written reads as `fill`. A chunk and a halo
+    as thick as the slabs reads about 1.3x the chunk's bytes (128x256x256
+    chunks, halo 10): Zarr reads whole stored chunks (3.4x with parts a
+    quarter of the chunk), and its reads and writes of uncompressed parts took
+    3-8x as long as ``np.load`` / ``np.save`` of whole files.
     """
 
-    def __init__(self, folder, grid, halo):
-        self.path = os.path.join(folder, "flows")
+    def __init__(self, folder, name, grid, dtype, fill, thickness, channels=None):
+        self.path = os.path.join(folder, name)  # made by the first write
+        self.grid, self.dtype, self.fill = grid, np.dtype(dtype), fill
+        self.lead = () if channels is None else (channels,)
+        self.thickness = tuple(int(min(t, c)) for t, c in zip(np.broadcast_to(thickness, (3,)), grid.chunks))
+
+    def __setitem__(self, block, value):
+        b = int(np.ravel_multi_index([s.start // c for s, c in zip(block, self.grid.chunks)], self.grid.counts))
+        value = np.ascontiguousarray(value, self.dtype)
         os.makedirs(self.path, exist_ok=True)
-        self.grid = grid
-        self.thickness = tuple(int(min(h, c)) for h, c in zip(halo, grid.chunks))
-
-    def write(self, flows, b):
-        """Store chunk `b` of the flows (validated, float32) and its face slabs."""
-        flows = check_flows(np.asarray(flows))
         name = os.path.join(self.path, str(b))
         for axis, t in enumerate(self.thickness):
-            lead = (slice(None),) * (axis + 1)
+            if t == 0:
+                continue
+            lead = (slice(None),) * (len(self.lead) + axis)
+            n = value.shape[len(self.lead) + axis]
             # Contiguous copies: np.save writes a strided view in many small writes.
-            _save_atomically(f"{name}.{axis}lo.npy", np.ascontiguousarray(flows[lead + (slice(0, t),)]))
-            _save_atomically(f"{name}.{axis}hi.npy",
-                             np.ascontiguousarray(flows[lead + (slice(flows.shape[axis + 1] - t, None),)]))
-        _save_atomically(f"{name}.npy", flows)  # last: its presence means the chunk is complete
+            _save_atomically(f"{name}.{axis}lo.npy", np.ascontiguousarray(value[lead + (slice(0, t),)]))
+            _save_atomically(f"{name}.{axis}hi.npy", np.ascontiguousarray(value[lead + (slice(n - t, n),)]))
+        _save_atomically(f"{name}.npy", value)
 
     def __getitem__(self, key):
-        box = key[1:]
-        out = np.empty((3,) + tuple(s.stop - s.start for s in box), np.float32)
-        for c in self.grid.overlapping(box):
+        box = key[len(self.lead):]
+        lead = (slice(None),) * len(self.lead)
+        chunks = self.grid.overlapping(box)
+        if len(chunks) == 1 and tuple(box) == self.grid.block(chunks[0]):  # a whole chunk: its file as it is
+            name = os.path.join(self.path, f"{chunks[0]}.npy")
+            if os.path.exists(name):
+                return np.load(name)
+        out = np.full(self.lead + tuple(s.stop - s.start for s in box), self.fill, self.dtype)
+        for c in chunks:
             block = self.grid.block(c)
             part = [slice(max(s.start, k.start), min(s.stop, k.stop)) for s, k in zip(box, block)]
-            into = (slice(None),) + tuple(slice(p.start - s.start, p.stop - s.start) for p, s in zip(part, box))
-            out[into] = self._read(c, [slice(p.start - k.start, p.stop - k.start) for p, k in zip(part, block)],
-                                   [k.stop - k.start for k in block])
+            into = lead + tuple(slice(p.start - s.start, p.stop - s.start) for p, s in zip(part, box))
+            piece = self._read(c, [slice(p.start - k.start, p.stop - k.start) for p, k in zip(part, block)],
+                               [k.stop - k.start for k in block])
+            if piece is not None:
+                out[into] = piece
         return out
 
     def _read(self, c, local, size):
         # Whole files read (np.load), not memory-mapped: pages of files written moments ago map slowly.
         name = os.path.join(self.path, str(c))
+        lead = (slice(None),) * len(self.lead)
         for axis, t in enumerate(self.thickness):
             s = local[axis]
-            if t < size[axis] and (s.stop <= t or s.start >= size[axis] - t):
+            if 0 < t < size[axis] and (s.stop <= t or s.start >= size[axis] - t):
                 side, shift = ("lo", 0) if s.stop <= t else ("hi", size[axis] - t)
                 local[axis] = slice(s.start - shift, s.stop - shift)
-                return np.load(f"{name}.{axis}{side}.npy")[(slice(None),) + tuple(local)]
-        return np.load(f"{name}.npy")[(slice(None),) + tuple(local)]
+                name = f"{name}.{axis}{side}"
+                break
+        if not os.path.exists(f"{name}.npy"):
+            return None
+        return np.load(f"{name}.npy")[lead + tuple(local)]
 
 
 class _Runner:
@@ -582,6 +587,11 @@ class _Runner:
                 for _ in as_completed(futures):
                     bar.update()
             return client.gather(futures)
+
+
+def _copy_block(flows, store, block):
+    """Store one chunk of the flows, validated, as float32."""
+    store[block] = check_flows(np.asarray(flows))
 
 
 def _follow_block(flows, foreground, ends, block, window, shape, step, n_iter, redo):
@@ -947,7 +957,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
         # prediction, the reconstruction's plan waits for it once (`after`) and then reads the store.
         lead = () if isinstance(channels, slice) else (channels,)
         chunks = ((3,),) + grid if isinstance(channels, slice) else grid
-        return da.map_blocks(_Stored(path, scratch, lead), after=after, chunks=chunks, dtype=np.float32,
+        return da.map_blocks(_Stored(store, scratch, lead), after=after, chunks=chunks, dtype=np.float32,
                              meta=np.empty((0,) * len(chunks), np.float32))
 
     flows, foreground = stored(), da.clip(stored(channels=3), 0.0, 1.0)

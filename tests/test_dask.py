@@ -52,11 +52,29 @@ def test_chunked_equals_whole(targets, shape, chunks):
     np.testing.assert_array_equal(out, whole)
 
 
-def test_intermediate_stores_never_split_a_file_between_chunks():
-    from cp3d.dask import _stored_part
+@pytest.mark.parametrize("channels", [None, 3])
+def test_chunk_files_read_any_box_as_the_whole_volume(tmp_path, channels):
+    from cp3d.dask import _ChunkFiles, _Grid
 
-    assert [_stored_part(c) for c in (128, 256, 36, 90, 17, 8)] == [32, 64, 18, 45, 17, 8]
-    assert all(c % _stored_part(c) == 0 for c in range(1, 300))
+    rng = np.random.default_rng(0)
+    grid = _Grid((10, 13, 17), (4, 5, 6))
+    lead = () if channels is None else (channels,)
+    volume = rng.integers(1, 100, lead + grid.shape).astype(np.int32)
+    files = _ChunkFiles(tmp_path, "v", grid, np.int32, -7, (2, 1, 3), channels=channels)
+    skipped = 5  # a chunk never written reads as the fill value
+    for b in range(len(grid)):
+        if b != skipped:
+            files[grid.block(b)] = volume[(slice(None),) * len(lead) + grid.block(b)]
+    volume[(slice(None),) * len(lead) + grid.block(skipped)] = -7
+    whole = (slice(None),) * len(lead)
+    boxes = [grid.block(b) for b in range(len(grid))]  # whole chunks
+    boxes += [grid.grow(grid.block(b), (2, 1, 3)) for b in range(len(grid))]  # with halos as thick as the slabs
+    boxes += [grid.grow(grid.block(b), 4) for b in range(len(grid))]  # thicker: whole neighbouring files
+    for _ in range(20):  # anywhere
+        starts = [int(rng.integers(0, n)) for n in grid.shape]
+        boxes.append(tuple(slice(a, min(n, a + int(rng.integers(1, 9)))) for a, n in zip(starts, grid.shape)))
+    for box in boxes:
+        np.testing.assert_array_equal(files[whole + box], volume[whole + box], err_msg=str(box))
 
 
 def test_escaped_trajectories_are_recomputed():
@@ -215,7 +233,7 @@ def test_outputs_are_lazy_and_computed_once(tmp_path):
     whole = cp3d.reconstruct(flows, foreground, diameter=8)
     np.testing.assert_array_equal(labels.compute(), whole)
     # The table and the instances stay; the other intermediate volumes are gone once read.
-    assert sorted(os.listdir(tmp_path / scratch)) == ["centroids.npy", "instances.zarr", "labels.npy"]
+    assert sorted(os.listdir(tmp_path / scratch)) == ["centroids.npy", "instances", "labels.npy"]
 
     def written():
         return {str(p): p.stat().st_mtime_ns for p in (tmp_path / scratch).rglob("*")}
