@@ -239,23 +239,27 @@ def plot(results, path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     labels = [f"{r['voxels']:.1e}" for r in rows]
     x = np.arange(len(rows))
-    series = [("memory", "in memory")] + [
-        (key, f"dask, {key[5:-1]} worker(s) x {max(1, (os.cpu_count() or 1) // int(key[5:-1]))} threads")
-        for key in sorted({k for r in rows for k in r if k.startswith("dask_")})]
+    def name(key):
+        workers = int(key[5:-1])
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        return f"dask, {workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)}"
+
+    series = [("memory", "in memory")] + [(key, name(key)) for key in
+                                          sorted({k for r in rows for k in r if k.startswith("dask_")})]
     width = 0.8 / len(series)
     shift = (len(series) - 1) / 2
-    for k, (key, name) in enumerate(series):
-        a.bar(x + (k - shift) * width, [r.get(key, {}).get("s_per_1e6", 0) for r in rows], width, label=name)
-        b.bar(x + (k - shift) * width, [r.get(key, {}).get("peak_rss_gb", 0) for r in rows], width, label=name)
+    for k, (key, label) in enumerate(series):
+        a.bar(x + (k - shift) * width, [r.get(key, {}).get("s_per_1e6", 0) for r in rows], width, label=label)
+        b.bar(x + (k - shift) * width, [r.get(key, {}).get("peak_rss_gb", 0) for r in rows], width, label=label)
     a.scatter(x - shift * width, [r.get("memory", {}).get("store_to_store_s_per_1e6", np.nan) for r in rows],
               marker="_", s=300, color="k", label="in memory, with store read and write")
     for ax, title in ((a, "seconds per 1e6 voxels"), (b, "peak resident memory, GB")):
         ax.set_xticks(x, labels)
         ax.set_xlabel("voxels")
         ax.set_title(title)
-    a.legend()
+    fig.legend(*a.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
     fig.suptitle("cp3d.reconstruct vs cp3d.dask.reconstruct (2-core CPU, chunks %s)" % (CHUNKS,))
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
 
 

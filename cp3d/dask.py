@@ -27,9 +27,10 @@ global steps between the stages need the earlier stages' results, so one
 task of the labels' graph, the plan, runs stages 1-5 as stage-wide batches
 of tasks on the scheduler that computes the labels (from a
 ``dask.distributed`` worker through its ``worker_client``, so that every
-worker takes part), keeping the intermediate volumes in a temporary Zarr
-store on disk; the labels' blocks then read the stored instances through the
-plan's renumbering table. The table is saved beside them, so a second
+worker takes part), keeping the intermediate volumes (a copy of the flows,
+end voxels, groups, instances) as chunk files in a temporary folder on disk;
+the labels' blocks then read the stored instances through the plan's
+renumbering table. The table is saved beside them, so a second
 computation only reads. A worker that dies is replaced and its tasks rerun
 by dask: every task writes whole chunks, so a rerun writes the same bytes.
 This module needs the ``dask`` extra (``pip install 'cp3d[dask]'``).
@@ -189,7 +190,7 @@ inward, sigma
     precision). Memory per task is about ``(c + 2 h)**3 * 12`` bytes of
     flows for chunks of ``c`` voxels and a halo ``h``, plus 8 bytes per
     voxel of a chunk grown by the distance voxels move and twice the closing
-    radius; the volume only sets the size of the temporary store. With heat
+    radius; the volume only sets the size of the temporary folder. With heat
     targets and a flow filter, each instance's heat flows are recomputed from
     its bounding box, so a task also holds the boxes of the instances whose
     first voxel lies in its chunk. The in-memory warnings about the flows'
@@ -230,7 +231,7 @@ class _Plan:
 
     Calling the plan (as one task of the returned array's graph) runs the
     stages on the active scheduler and returns the table from stored group
-    ids to final labels; it is saved in the temporary store, so that a
+    ids to final labels; it is saved in the temporary folder, so that a
     second computation of the labels only reads them.
     """
 
@@ -300,7 +301,7 @@ class _Plan:
         # and the flow filter reads it again: from a compressed input, dask reads a window's piece of each
         # neighbouring chunk by decompressing that whole chunk (9-27 chunks per window); the copy serves a window
         # from its own chunk and thin slabs of the others (the reconstruction of 1e8 voxels from a Zarr store:
-        # 40% less CPU). Smoothing (sigma) runs once, here.
+        # 61 -> 47 CPU seconds with a first, Zarr copy). Smoothing (sigma) runs once, here.
         flows = _ChunkFiles(self.folder, "flows", grid, np.float32, 0.0, self.halo, channels=3)
         run([dask.delayed(_copy_block, pure=False)(self.flows[(slice(None),) + grid.block(b)], flows, grid.block(b))
              for b in range(len(grid))], "copy flows")
@@ -771,7 +772,7 @@ class _Statistics:
 def _tanh_error(dask, run, flows, instances, grid, stats, params, inward, folder):
     """Summed absolute tanh flow error per instance, with the centroids of the whole instances.
 
-    The centroids go to the tasks through the temporary store, not the task
+    The centroids go to the tasks through the temporary folder, not the task
     graph (24 bytes per instance: 24 MB for a million cells).
     """
     centroids = os.path.join(folder, "centroids.npy")
