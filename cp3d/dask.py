@@ -6,6 +6,9 @@ numbered the same way (1..N in C order of each instance's first voxel). Each
 stage calls the in-memory stage functions on one chunk and the halo that
 stage needs:
 
+0. copy: the flows go chunk by chunk into files of the temporary folder,
+   each chunk's file and its face slabs, from which the follow and the flow
+   filter read a chunk and its halo;
 1. follow: each chunk's foreground voxels move through the chunk and a halo
    of the flows, in whole-volume coordinates so that every step rounds as it
    does on the whole volume; a trajectory that leaves the halo is flagged and
@@ -24,7 +27,7 @@ stage needs:
 
 The returned labels are lazy: nothing runs until they are computed. The
 global steps between the stages need the earlier stages' results, so one
-task of the labels' graph, the plan, runs stages 1-5 as stage-wide batches
+task of the labels' graph, the plan, runs stages 0-5 as stage-wide batches
 of tasks on the scheduler that computes the labels (from a
 ``dask.distributed`` worker through its ``worker_client``, so that every
 worker takes part), keeping the intermediate volumes (a copy of the flows,
@@ -295,7 +298,7 @@ class _Plan:
         return lut
 
     def run(self, run):
-        """Stages 1-5 (see the module's docstring); the table from stored ids to final labels."""
+        """Stages 0-5 (see the module's docstring); the table from stored ids to final labels."""
         dask, grid, foreground = self.dask, self.grid, self.foreground
         # 0. the flows, copied chunk by chunk into the temporary folder. The follow reads each chunk with a halo
         # and the flow filter reads it again: from a compressed input, dask reads a window's piece of each
