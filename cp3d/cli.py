@@ -258,7 +258,8 @@ def _add_dask_options(parser):
                         help="address of a running dask scheduler (dask-jobqueue, dask-kubernetes...) instead of "
                              "a local cluster")
     parser.add_argument("--temporary-directory", default=None, metavar="DIR",
-                        help="folder for the intermediate Zarr stores (shared by all workers on a cluster)")
+                        help="folder for the intermediate volumes, up to ~28 bytes per voxel (shared by all workers on a "
+                             "cluster)")
 
 
 def _synth(args):
