@@ -680,7 +680,8 @@ def _instance_block(ends, groups, instances, grid, b, reach, offsets, merged, n,
 
 
 # One pass over the chunk in Numba for the labels and the sums below: the NumPy expressions (unravelling the end
-# voxels, a grown region of group ids as int64, a bincount per sum) took 8x longer.
+# voxels, a grown region of group ids as int64, a bincount per sum) took about 7x longer (the label stage's tasks
+# at 1e8 voxels: 9.8 -> 3.4 CPU-s, reads and writes included).
 @numba.njit(cache=True, nogil=True)
 def _ids_at_end_kernel(index, groups, region_first, shape, chunks, counts, offsets, merged, ids):
     """ids[v] = merged group at voxel v's end voxel: its chunk's group id shifted by that chunk's offset."""

@@ -48,6 +48,36 @@ def test_numba_identical_to_numpy(n_iter):
     np.testing.assert_array_equal(follow_flows(flows, fg, step=4.0, n_iter=n_iter, backend="numba"), ref)
 
 
+@pytest.mark.parametrize("halo", [2, 30])
+def test_follow_in_window_ends_where_the_whole_field_follow_ends(halo):
+    # A chunk's voxels followed through the chunk and a halo: the nearest voxel of the whole-field end position,
+    # or -1 where a trajectory left the window; moved is the largest distance over the others.
+    from cp3d.follow import follow_in_window
+
+    shape = (9, 17, 23)
+    flows = random_flows(shape, seed=4)
+    fg = np.random.default_rng(5).random(shape) > 0.4
+    end = follow_flows(flows, fg, step=3.0, n_iter=7, backend="numpy")
+    nearest = np.floor(end + np.float32(0.5)).astype(np.int64)
+    ends_whole = np.full(shape, -1, np.int64)
+    ends_whole[fg] = np.ravel_multi_index(tuple(nearest.T), shape)
+    block = (slice(3, 7), slice(5, 12), slice(8, 15))
+    window = tuple(slice(max(0, s.start - halo), min(n, s.stop + halo)) for s, n in zip(block, shape))
+    starts = np.flatnonzero(fg[block])
+    ends, moved = follow_in_window(flows[(slice(None),) + window], [s.start for s in window], shape, block, starts,
+                                   3.0, 7)
+    expected = ends_whole[block].reshape(-1)[starts]
+    stayed = ends >= 0
+    np.testing.assert_array_equal(ends[stayed], expected[stayed])
+    if halo > max(shape):
+        assert stayed.all()
+    else:
+        assert not stayed.all()  # random flows over 7 steps of 3 voxels leave a 2-voxel halo
+    start_voxels = np.stack(np.unravel_index(starts, fg[block].shape), axis=1) + [s.start for s in block]
+    end_voxels = np.stack(np.unravel_index(expected[stayed], shape), axis=1)
+    np.testing.assert_array_equal(moved, np.abs(end_voxels - start_voxels[stayed]).max(axis=0))
+
+
 def test_host_kernel_identical_to_numpy(host_library):
     flows = random_flows((9, 17, 23), seed=4)
     fg = np.random.default_rng(5).random((9, 17, 23)) > 0.5
