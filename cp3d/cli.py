@@ -79,8 +79,18 @@ def _segment(args):
         if args.preview:
             save_preview(args.preview, stack.data, result.labels, voxel_size)
     print(json.dumps({"cells": int(result.labels.max()), "diameter": round(result.diameter, 2),
-                      "output": str(args.output),
+                      "output": str(args.output), "reconstruction": _reconstruction(model, result, voxel_size),
                       "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}))
+
+
+def _reconstruction(model, result, voxel_size):
+    """The settings segment's reconstruction used: `cp3d reconstruct` on the --save-flows maps with them (as
+    ``--diameter Z Y X --tanh-scale Z Y X``) gives the same labels."""
+    from .segment import cell_extent, model_tanh_scale
+
+    extent = cell_extent(result.diameter, voxel_size, model.config.train_diameter)
+    return {"diameter": list(extent), "tanh_scale": list(model_tanh_scale(model.config, extent)),
+            "targets": model.config.targets}
 
 
 def _is_zarr_path(path):
@@ -154,6 +164,7 @@ def _segment_chunked(args):
                 _save_maps(args.save_flows, result.flows, result.foreground, voxel_size)
         cells = int(result.labels.max().compute())
     print(json.dumps({"cells": cells, "diameter": round(result.diameter, 2), "output": str(args.output),
+                      "reconstruction": _reconstruction(model, result, voxel_size),
                       "chunks": list(chunks), "seconds": {**{k: round(v, 3) for k, v in result.seconds.items()},
                                   "total": round(time.perf_counter() - start, 3)}}))
 
@@ -237,9 +248,10 @@ def _reconstruct(args):
     flows, foreground = flows.rechunk((3,) + chunks), foreground.rechunk(chunks)
     start = time.perf_counter()
     with _dask_client(args):
-        diameter = args.diameter[0] if args.diameter and len(args.diameter) == 1 else args.diameter
+        diameter, tanh_scale = (None if v is None else v[0] if len(v) == 1 else v
+                                for v in (args.diameter, args.tanh_scale))
         labels = cp3d_dask.reconstruct(flows, foreground, diameter=diameter, targets=args.targets,
-                                       tanh_scale=args.tanh_scale, max_flow_error=args.max_flow_error,
+                                       tanh_scale=tanh_scale, max_flow_error=args.max_flow_error,
                                        temporary_directory=args.temporary_directory, progress=not args.quiet)
         _write_labels_any(args.output, labels, voxel_size, args.quiet)
         cells = int(labels.max().compute())
@@ -356,7 +368,9 @@ def build_parser():
     p.add_argument("-o", "--output", required=True, help="labels: a TIFF, a new .zarr, or an existing OME-Zarr image")
     p.add_argument("--diameter", type=float, nargs="+", default=None, help="cell diameter in voxels (or Z Y X)")
     p.add_argument("--targets", default="tanh", choices=("tanh", "heat"))
-    p.add_argument("--tanh-scale", type=float, default=None, help="scale of the tanh flows (default diameter / 2)")
+    p.add_argument("--tanh-scale", type=float, nargs="+", default=None,
+                   help="scale of the tanh flows, or Z Y X (default diameter / 2; cp3d segment prints the scale "
+                        "its model's flows have)")
     p.add_argument("--max-flow-error", type=float, default=0.8)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_overwrite_option(p)

@@ -350,3 +350,23 @@ def test_cli_chunked_segment_estimates_the_cell_size_on_a_crop(tmp_path, capsys,
     out, err = capsys.readouterr()
     assert "central 40x64x64 crop" in err
     assert 11.5 < json.loads(out.strip().splitlines()[-1])["diameter"] < 17.5
+
+
+def test_cli_reconstruct_with_the_printed_settings_reproduces_segment(tmp_path, capsys):
+    # The post-processing alone, from --save-flows maps, with the settings cp3d segment printed: the same labels
+    # (an anisotropic voxel size makes the diameter and the tanh scale triples).
+    from cp3d.cli import main
+
+    image, _ = cp3d.data.synthetic_stack((24, 48, 48), 10, seed=2)
+    io.write_image(tmp_path / "stack.tif", image)
+    assert main(["segment", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "labels.tif"), "--diameter", "10",
+                 "--voxel-size", "1.5", "1", "1", "--no-augment", "--save-flows", str(tmp_path / "maps.tif"),
+                 "--quiet"]) == 0
+    settings = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reconstruction"]
+    assert settings["targets"] == "tanh" and settings["diameter"][0] < settings["diameter"][2]
+    args = ["reconstruct", str(tmp_path / "maps.tif"), "-o", str(tmp_path / "again.tif"), "--chunks", "12", "24", "24",
+            "--quiet", "--diameter", *map(str, settings["diameter"]), "--tanh-scale", *map(str, settings["tanh_scale"])]
+    assert main(args) == 0
+    labels = io.read_image(tmp_path / "labels.tif").data
+    assert labels.max() > 5
+    np.testing.assert_array_equal(io.read_image(tmp_path / "again.tif").data, labels)
