@@ -240,8 +240,8 @@ def plot(results, path):
     labels = [f"{r['voxels']:.1e}" for r in rows]
     x = np.arange(len(rows))
     def name(key):
-        workers = int(key[5:-1])
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        run = next(r[key] for r in rows if key in r)  # the counts the run recorded
+        workers, threads = run["workers"], run["numba_threads_per_worker"]
         return f"dask, {workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)}"
 
     series = [("memory", "in memory")] + [(key, name(key)) for key in

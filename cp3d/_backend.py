@@ -339,6 +339,21 @@ def check_size_range(value, name):
     return lo, hi
 
 
+def central_box(box, size):
+    """Slices of at most `size` voxels per axis, centred in `box` (a tuple of slices with starts and stops).
+
+    Examples
+    --------
+    >>> central_box((slice(0, 10), slice(4, 8)), (4, 8))
+    (slice(3, 7, None), slice(4, 8, None))
+    """
+    centred = []
+    for s, n in zip(box, size):
+        first = s.start + max(0, s.stop - s.start - n) // 2
+        centred.append(slice(first, min(s.stop, first + n)))
+    return tuple(centred)
+
+
 def physical_memory():
     """Bytes of physical memory of this machine, or None where the OS does not say."""
     try:

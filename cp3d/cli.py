@@ -53,7 +53,7 @@ def _segment(args):
     from .measure import cell_table
     from .model import load_model
     from .preview import save_preview
-    from .segment import model_tanh_scale, segment
+    from .segment import segment
 
     if args.chunks or _is_zarr_path(args.input) or _is_zarr_path(args.output):
         return _segment_chunked(args)
@@ -66,6 +66,7 @@ def _segment(args):
     result = segment(stack.data, model, diameter=args.diameter, voxel_size=voxel_size, backend=args.backend,
                      device=args.device, augment=args.augment, tile_size=args.tile_size, context=args.context,
                      progress=not args.quiet)
+    settings = _reconstruction(model, result, voxel_size)
     with io.written_together(overwrite=args.overwrite):
         io.write_labels(args.output, result.labels, voxel_size=voxel_size)
         if args.save_flows:
@@ -74,12 +75,11 @@ def _segment(args):
         if args.table:
             # the flow statistics with the convention the reconstruction's filter used (at the diameter it used)
             cell_table(result.labels, stack.data, result.flows, result.foreground, voxel_size,
-                       targets=model.config.targets,
-                       tanh_scale=model_tanh_scale(model.config, result.diameter, voxel_size)).to_csv(args.table)
+                       targets=settings["targets"], tanh_scale=settings["tanh_scale"]).to_csv(args.table)
         if args.preview:
             save_preview(args.preview, stack.data, result.labels, voxel_size)
     print(json.dumps({"cells": int(result.labels.max()), "diameter": round(result.diameter, 2),
-                      "output": str(args.output), "reconstruction": _reconstruction(model, result, voxel_size),
+                      "output": str(args.output), "reconstruction": settings,
                       "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}))
 
 
@@ -175,10 +175,10 @@ AUTO_CROP = (64, 256, 256)
 
 def _estimate_diameter(image, model, voxel_size, device):
     """``segment(diameter="auto")`` on a central crop of a (lazy) stack: the cell size for a chunked run."""
+    from ._backend import central_box
     from .segment import segment
 
-    box = tuple(slice((n - min(n, c)) // 2, (n - min(n, c)) // 2 + min(n, c)) for n, c in zip(image.shape, AUTO_CROP))
-    crop = np.asarray(image[box])
+    crop = np.asarray(image[central_box(tuple(slice(0, n) for n in image.shape), AUTO_CROP)])
     diameter = segment(crop, model, diameter="auto", voxel_size=voxel_size, augment=False, device=device).diameter
     print(f"diameter 'auto' from the central {'x'.join(map(str, crop.shape))} crop: {diameter:.2f} voxels",
           file=sys.stderr)

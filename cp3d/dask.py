@@ -51,7 +51,7 @@ import weakref
 import numba
 import numpy as np
 
-from ._backend import as_triple, check_flows, check_foreground
+from ._backend import as_triple, central_box, check_flows, check_foreground
 from .filters import check_thresholds, keep_instances, sphere_volume, tanh_statistic_sums
 from .follow import check_step, follow_in_window, smooth_flows
 from .group import ball_offsets, close_and_label, mark_end_voxels, merge_table, relabel_by_first_voxel
@@ -218,11 +218,7 @@ inward, sigma
                  progress=progress)
     # The in-memory checks of the flows' scale and sign, on the middle of the middle chunk: cheap, and at the call
     # (a crop of at most _SAMPLE_SHAPE voxels comes back to the client, not the whole chunk).
-    middle = []
-    for s, n in zip(plan.grid.block(len(plan.grid) // 2), _SAMPLE_SHAPE):
-        first = s.start + max(0, s.stop - s.start - n) // 2
-        middle.append(slice(first, min(s.stop, first + n)))
-    middle = tuple(middle)
+    middle = central_box(plan.grid.block(len(plan.grid) // 2), _SAMPLE_SHAPE)
     sample_flows, sample_foreground = plan.dask.compute(plan.flows[(slice(None),) + middle], plan.foreground[middle])
     warn_on_flow_convention(check_flows(np.asarray(sample_flows)),
                             check_foreground(np.asarray(sample_foreground), sample_foreground.shape), inward)
@@ -268,6 +264,8 @@ class _Plan:
         self.targets, self.inward, self.progress = targets, inward, progress
         self.scratch = _Scratch(temporary_directory)
         self.folder = self.scratch.path
+        # Written by stage 4, read by the labels' blocks.
+        self.instances = _ChunkFiles(self.folder, "instances", self.grid, np.uint32, 0, 0)
 
     def __getstate__(self):
         # Workers get the folder's path; the folder itself is removed by the client's copy alone.
@@ -285,8 +283,7 @@ class _Plan:
         da = self.dask.array
         lut = self.dask.delayed(self, pure=False)(*after)
         chunks = da.core.normalize_chunks(self.grid.chunks, self.grid.shape)
-        instances = _ChunkFiles(self.folder, "instances", self.grid, np.uint32, 0, 0)
-        return da.map_blocks(_Stored(instances, self.scratch, renumber=True),
+        return da.map_blocks(_Stored(self.instances, self.scratch, renumber=True),
                              after=lut, chunks=chunks, dtype=np.uint32, meta=np.empty((0, 0, 0), np.uint32))
 
     def __call__(self, *after):
@@ -343,7 +340,7 @@ class _Plan:
         offsets_d = dask.delayed(offsets, pure=True)
 
         # 4. each voxel takes the group at its end voxel; per-chunk sums.
-        instances = _ChunkFiles(self.folder, "instances", grid, np.uint32, 0, 0)
+        instances = self.instances
         need_box = self.targets == "heat" and np.isfinite(self.max_flow_error)
         n = int(merged.max()) if merged.size else 0
         blocks = run([dask.delayed(_instance_block, pure=False)(ends, groups, instances, grid, b, reach, offsets_d,
