@@ -329,7 +329,7 @@ def random_nuclei_options(rng):
     }
 
 
-def random_membrane_options(rng):
+def random_membrane_options(rng, settings_share=1.0):
     """Draw varied membrane settings for `synthetic_stack`, as the membrane model is fine-tuned on.
 
     Everything but the shape, diameter and seed is drawn, uniformly from the
@@ -344,6 +344,11 @@ def random_membrane_options(rng):
     ----------
     rng : numpy.random.Generator
         Source of the random draws.
+    settings_share : float, optional
+        The chance that each setting is kept; the others are left out, so
+        `synthetic_stack`'s defaults apply to them. Below 1, a stack differs
+        from the plain ones in some ways at once rather than in all (one
+        more draw per setting; at 1 the draws are those of earlier releases).
 
     Returns
     -------
@@ -360,7 +365,11 @@ def random_membrane_options(rng):
     >>> image, labels = synthetic_stack((32, 64, 64), 9, seed=0, **options)
     >>> bool(labels.max() > 10)
     True
+    >>> len(random_membrane_options(np.random.default_rng(0), settings_share=0.5)) < len(options)
+    True
     """
+    if not 0.0 < settings_share <= 1.0:
+        raise ValueError(f"settings_share must be in (0, 1], got {settings_share!r}")
     r = MEMBRANE_OPTION_RANGES
 
     def uniform(name):
@@ -370,7 +379,7 @@ def random_membrane_options(rng):
         return float(np.exp(rng.uniform(*np.log(r[name]))))
 
     xy_psf = uniform("psf_sigma_yx")
-    return {
+    options = {
         "anisotropy": (log_uniform("anisotropy_z"), 1.0, 1.0),
         "noise": uniform("noise"),
         "psf_sigma": (uniform("psf_sigma_z"), xy_psf, float(xy_psf * rng.uniform(0.85, 1.15))),
@@ -383,6 +392,10 @@ def random_membrane_options(rng):
         "patchiness": uniform("patchiness"),
         "gamma": log_uniform("gamma"),
     }
+    if settings_share < 1.0:
+        kept = rng.random(len(options)) < settings_share
+        options = {name: value for keep, (name, value) in zip(kept, options.items()) if keep}
+    return options
 
 
 def write_synthetic_dataset(out_dir, *, shape, diameter, count, seed=0, kind="membrane", varied=False, **options):

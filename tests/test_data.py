@@ -406,6 +406,23 @@ def test_random_membrane_options_draw_within_their_ranges_and_render():
     assert image.shape == labels.shape == MEMBRANE_SHAPE and labels.max() > 10
 
 
+def test_random_membrane_options_settings_share_keeps_a_subset_of_the_draws():
+    from cp3d.data import random_membrane_options
+
+    everything = random_membrane_options(np.random.default_rng(3))
+    kept = [random_membrane_options(np.random.default_rng(seed), settings_share=0.5) for seed in range(20)]
+    # the kept settings are the full draw's values: the extra draws come after them
+    assert all(options.items() <= random_membrane_options(np.random.default_rng(seed)).items()
+               for seed, options in enumerate(kept))
+    sizes = [len(options) for options in kept]
+    assert 0 < np.mean(sizes) < len(everything) and len(set(sizes)) > 1
+    image, labels = synthetic_stack(MEMBRANE_SHAPE, DIAMETER, seed=1, **kept[0])
+    assert labels.max() > 10
+    for bad in (0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="settings_share"):
+            random_membrane_options(np.random.default_rng(0), settings_share=bad)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
