@@ -71,7 +71,8 @@ def _segment(args):
         io.write_labels(args.output, result.labels, voxel_size=voxel_size)
         if args.save_flows:
             maps = np.concatenate([result.flows, result.foreground[None]])
-            io.write_image(args.save_flows, maps.reshape(-1, *maps.shape[2:]), voxel_size=voxel_size)
+            io.write_image(args.save_flows, maps.reshape(-1, *maps.shape[2:]), voxel_size=voxel_size,
+                           properties={"reconstruction": settings})
         if args.table:
             # the flow statistics with the convention the reconstruction's filter used (at the diameter it used)
             cell_table(result.labels, stack.data, result.flows, result.foreground, voxel_size,
@@ -84,8 +85,8 @@ def _segment(args):
 
 
 def _reconstruction(model, result, voxel_size):
-    """The settings segment's reconstruction used: `cp3d reconstruct` on the --save-flows maps with them (as
-    ``--diameter Z Y X --tanh-scale Z Y X``) gives the same labels."""
+    """The settings segment's reconstruction used, stored with the --save-flows maps: `cp3d reconstruct` on
+    the maps takes them as its defaults and gives the same labels."""
     from .segment import cell_extent, model_tanh_scale
 
     extent = cell_extent(result.diameter, voxel_size, model.config.train_diameter)
@@ -158,13 +159,14 @@ def _segment_chunked(args):
                                    chunks=chunks, augment=args.augment, context=args.context,
                                    device=args.device,
                                    temporary_directory=args.temporary_directory, progress=not args.quiet)
+        settings = _reconstruction(model, result, voxel_size)
         with io.written_together(overwrite=args.overwrite):
             _write_labels_any(args.output, result.labels, voxel_size, args.quiet)
             if args.save_flows:
-                _save_maps(args.save_flows, result.flows, result.foreground, voxel_size)
+                _save_maps(args.save_flows, result.flows, result.foreground, voxel_size, settings)
         cells = int(result.labels.max().compute())
     print(json.dumps({"cells": cells, "diameter": round(result.diameter, 2), "output": str(args.output),
-                      "reconstruction": _reconstruction(model, result, voxel_size),
+                      "reconstruction": settings,
                       "chunks": list(chunks), "seconds": {**{k: round(v, 3) for k, v in result.seconds.items()},
                                   "total": round(time.perf_counter() - start, 3)}}))
 
@@ -196,8 +198,9 @@ def _check_chunked_outputs(outputs, inputs, overwrite):
             io.check_output_folder(path)
 
 
-def _save_maps(path, flows, foreground, voxel_size):
-    """The predicted maps as `cp3d segment --save-flows` writes them: a (4 Z, Y, X) TIFF or a Zarr group."""
+def _save_maps(path, flows, foreground, voxel_size, settings):
+    """The predicted maps as `cp3d segment --save-flows` writes them: a (4 Z, Y, X) TIFF or a Zarr group, with
+    the reconstruction's settings (and the Zarr group with the voxel size, which a TIFF holds anyway)."""
     import dask.array as da
 
     from . import io
@@ -209,22 +212,27 @@ def _save_maps(path, flows, foreground, voxel_size):
         tmp = f"{path}.{secrets.token_hex(4)}.tmp"  # renamed once complete
         try:
             da.to_zarr(maps.rechunk((4,) + maps.chunksize[1:]), tmp, component="maps")
+            voxel = {} if voxel_size is None else {"voxel_size": list(voxel_size)}
+            io.write_zarr_properties(tmp, {"reconstruction": settings, **voxel})
             io.place_new_folder(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
-        io.write_tiff_chunked(path, maps.reshape((-1,) + maps.shape[2:]), voxel_size)
+        io.write_tiff_chunked(path, maps.reshape((-1,) + maps.shape[2:]), voxel_size,
+                              properties={"reconstruction": settings})
 
 
 def _open_maps(path):
-    """Flows (3, Z, Y, X) and foreground (Z, Y, X) from --save-flows output (TIFF or Zarr), lazily."""
+    """Flows (3, Z, Y, X), foreground (Z, Y, X), voxel size and stored reconstruction settings (a dict, empty
+    for maps written before cp3d stored them) from --save-flows output (TIFF or Zarr), lazily."""
     import dask.array as da
 
     from . import io
 
+    properties = io.read_properties(path)
     if io.is_zarr(path):
         maps = da.from_zarr(path, component="maps")
-        voxel_size = None
+        voxel_size = properties.get("voxel_size")
     else:
         stack = io.open_image(path)
         z4, ny, nx = stack.data.shape
@@ -233,7 +241,7 @@ def _open_maps(path):
         maps, voxel_size = stack.data.reshape((4, z4 // 4, ny, nx)), stack.voxel_size
     if maps.ndim != 4 or maps.shape[0] != 4:
         raise ValueError(f"{path!r} holds maps of shape {maps.shape}, expected (4, Z, Y, X)")
-    return maps[:3].astype(np.float32), maps[3], voxel_size
+    return maps[:3].astype(np.float32), maps[3], voxel_size, properties.get("reconstruction", {})
 
 
 def _reconstruct(args):
@@ -243,19 +251,23 @@ def _reconstruct(args):
 
     chunks = _check_chunk_shape(args.chunks) or (128, 256, 256)
     _check_chunked_outputs([args.output], [args.flows], args.overwrite)
-    flows, foreground, voxel_size = _open_maps(args.flows)
+    flows, foreground, voxel_size, saved = _open_maps(args.flows)
     chunks = tuple(min(c, n) for c, n in zip(chunks, foreground.shape))
     flows, foreground = flows.rechunk((3,) + chunks), foreground.rechunk(chunks)
+    # the options given, else what cp3d segment stored with the maps: the tanh scale is the maps' own (the
+    # model's flows at the size segment rescaled to), so it stays even when another --diameter is given
+    settings = {"diameter": args.diameter or saved.get("diameter"), "tanh_scale": args.tanh_scale or
+                saved.get("tanh_scale"), "targets": args.targets or saved.get("targets", "tanh")}
     start = time.perf_counter()
     with _dask_client(args):
         diameter, tanh_scale = (None if v is None else v[0] if len(v) == 1 else v
-                                for v in (args.diameter, args.tanh_scale))
-        labels = cp3d_dask.reconstruct(flows, foreground, diameter=diameter, targets=args.targets,
+                                for v in (settings["diameter"], settings["tanh_scale"]))
+        labels = cp3d_dask.reconstruct(flows, foreground, diameter=diameter, targets=settings["targets"],
                                        tanh_scale=tanh_scale, max_flow_error=args.max_flow_error,
                                        temporary_directory=args.temporary_directory, progress=not args.quiet)
         _write_labels_any(args.output, labels, voxel_size, args.quiet)
         cells = int(labels.max().compute())
-    print(json.dumps({"cells": cells, "output": str(args.output), "chunks": list(chunks),
+    print(json.dumps({"cells": cells, "output": str(args.output), "chunks": list(chunks), "reconstruction": settings,
                       "seconds": round(time.perf_counter() - start, 3)}))
 
 
@@ -351,7 +363,8 @@ def build_parser():
                    help="default: read from the TIFF, else isotropic")
     p.add_argument("--save-flows", default=None, metavar="TIFF",
                    help="also write the predicted maps, as one (4 Z, Y, X) stack: Z slices each of flow z, "
-                        "flow y, flow x and foreground probability")
+                        "flow y, flow x and foreground probability (a .zarr path: a Zarr group), with the "
+                        "reconstruction's settings, which cp3d reconstruct takes as its defaults")
     p.add_argument("--table", default=None, metavar="CSV",
                    help="also write one row per cell: id, size, centroid, bounding box, mean intensity, flow error "
                         "(see cp3d.cell_table)")
@@ -366,11 +379,13 @@ def build_parser():
     p = sub.add_parser("reconstruct", help="instances from saved maps (--save-flows TIFF or Zarr), chunk by chunk")
     p.add_argument("flows", help="maps written by cp3d segment --save-flows")
     p.add_argument("-o", "--output", required=True, help="labels: a TIFF, a new .zarr, or an existing OME-Zarr image")
-    p.add_argument("--diameter", type=float, nargs="+", default=None, help="cell diameter in voxels (or Z Y X)")
-    p.add_argument("--targets", default="tanh", choices=("tanh", "heat"))
+    p.add_argument("--diameter", type=float, nargs="+", default=None,
+                   help="cell diameter in voxels (or Z Y X); default: the one cp3d segment stored with the maps")
+    p.add_argument("--targets", default=None, choices=("tanh", "heat"),
+                   help="the maps' flow convention; default: the one stored with the maps, else tanh")
     p.add_argument("--tanh-scale", type=float, nargs="+", default=None,
-                   help="scale of the tanh flows, or Z Y X (default diameter / 2; cp3d segment prints the scale "
-                        "its model's flows have)")
+                   help="scale of the tanh flows, or Z Y X; default: the one cp3d segment stored with the maps "
+                        "(its model's flows), else diameter / 2")
     p.add_argument("--max-flow-error", type=float, default=0.8)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_overwrite_option(p)

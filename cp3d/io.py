@@ -8,6 +8,7 @@ folder, which replaces the target only once it is complete.
 import contextlib
 import contextvars
 import errno
+import json
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ import tifffile
 from ._backend import as_triple, check_labels, check_memory, check_volume, is_cupy_array
 
 __all__ = ["TiffImage", "read_image", "write_image", "write_labels", "LazyImage", "open_image", "read_ome_zarr",
-           "write_ome_zarr", "write_ome_zarr_labels", "write_tiff_chunked"]
+           "write_ome_zarr", "write_ome_zarr_labels", "write_tiff_chunked", "read_properties", "write_zarr_properties"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def _imagej_counts(meta):
     return ", ".join(f"{k}={meta[k]}" for k in ("images", "channels", "slices", "frames") if k in meta)
 
 
-def write_image(path, data, voxel_size=None):
+def write_image(path, data, voxel_size=None, *, properties=None):
     """Write a 3D image as an ImageJ-compatible TIFF, atomically.
 
     Parameters
@@ -220,20 +221,91 @@ def write_image(path, data, voxel_size=None):
         when their values fit).
     voxel_size : float or tuple of 3 float, optional
         ``(z, y, x)`` voxel size in micrometres.
+    properties : dict, optional
+        JSON-serialisable values stored with the image (one ``cp3d=`` line
+        of the ImageJ description); :func:`read_properties` reads them back.
 
     Raises
     ------
     TypeError
-        For a CuPy array (move it to the host first) or an unsupported dtype.
+        For a CuPy array (move it to the host first), an unsupported dtype or
+        properties JSON cannot hold.
     ValueError
         For data that are not 3D, 64-bit integers out of 32-bit range, or a
         bad voxel size.
     FileNotFoundError
         If the output folder does not exist.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> from cp3d.io import read_properties, write_image
+    >>> path = tempfile.mkdtemp() + "/maps.tif"
+    >>> write_image(path, np.zeros((2, 8, 8), np.float32), properties={"diameter": [5.0, 10.0, 10.0]})
+    >>> read_properties(path)
+    {'diameter': [5.0, 10.0, 10.0]}
     """
     _check_host(data, "data")
     data = check_volume(data, "data")
-    _write(path, np.ascontiguousarray(data, dtype=_image_dtype(data)), voxel_size)
+    _write(path, np.ascontiguousarray(data, dtype=_image_dtype(data)), voxel_size, properties)
+
+
+# The ImageJ description key (TIFF) and attribute (Zarr) that hold cp3d's properties of a file.
+PROPERTIES_KEY = "cp3d"
+
+
+def _properties_json(properties):
+    if not isinstance(properties, dict):
+        raise TypeError(f"properties must be a dict, got {type(properties).__name__}")
+    try:
+        return json.dumps(properties, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"properties must be JSON-serialisable: {e}") from e
+
+
+def read_properties(path):
+    """The properties cp3d stored with a TIFF or Zarr file, or an empty dict.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A TIFF written by :func:`write_image` or :func:`write_tiff_chunked`
+        with `properties`, or a Zarr store given them by
+        :func:`write_zarr_properties`.
+
+    Returns
+    -------
+    dict
+        The stored properties; ``{}`` for a file without them.
+
+    Raises
+    ------
+    ValueError
+        If the stored properties are not valid JSON (a damaged description).
+    """
+    if is_zarr(path):
+        import zarr
+
+        return dict(zarr.open_group(os.fspath(path), mode="r").attrs.get(PROPERTIES_KEY, {}))
+    with tifffile.TiffFile(path) as tif:
+        text = (tif.imagej_metadata or {}).get(PROPERTIES_KEY) if tif.is_imagej else None
+    if text is None:
+        return {}
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path!r} holds unreadable cp3d properties ({e}): {text[:80]!r}") from e
+
+
+def write_zarr_properties(path, properties):
+    """Store `properties` (JSON-serialisable) in the attributes of the Zarr group at `path`.
+
+    :func:`read_properties` reads them back.
+    """
+    import zarr
+
+    _properties_json(properties)
+    zarr.open_group(os.fspath(path), mode="r+").attrs[PROPERTIES_KEY] = properties
 
 
 def write_labels(path, labels, voxel_size=None):
@@ -291,8 +363,8 @@ def _image_dtype(data):
     raise ValueError(f"data of dtype {data.dtype} hold values in [{lo}, {hi}], beyond 32-bit integers")
 
 
-def _write(path, data, voxel_size):
-    kwargs = _imagej_kwargs(data.shape, voxel_size)
+def _write(path, data, voxel_size, properties=None):
+    kwargs = _imagej_kwargs(data.shape, voxel_size, properties)
     atomic_write(path, lambda fh: tifffile.imwrite(fh, data, **kwargs))
 
 
@@ -468,7 +540,7 @@ def atomic_write(path, write, *, overwrite=True):
         block[0].append((tmp, target, overwrite))
 
 
-def _imagej_kwargs(shape, voxel_size):
+def _imagej_kwargs(shape, voxel_size, properties=None):
     """tifffile.imwrite arguments for an ImageJ-readable ZYX stack."""
     lines = ["ImageJ=1.11a", f"images={shape[0]}", f"slices={shape[0]}"]
     kwargs = {"photometric": "minisblack", "metadata": None}
@@ -476,6 +548,9 @@ def _imagej_kwargs(shape, voxel_size):
         z, y, x = as_triple(voxel_size, "voxel_size")
         lines += ["unit=micron", f"spacing={z!r}"]
         kwargs["resolution"] = (1.0 / x, 1.0 / y)
+    if properties:
+        # one line of compact JSON: ImageJ skips keys it does not know, tifffile returns the text
+        lines.append(f"{PROPERTIES_KEY}={_properties_json(properties)}")
     lines.append("loop=false")
     # Written by hand: tifffile's imagej=True refuses uint32 labels.
     kwargs["description"] = "\n".join(lines) + "\n"
@@ -1010,7 +1085,7 @@ def _write_ngff(group, data, voxel_size, chunks, name, progress, label):
         da.compute(*stores)
 
 
-def write_tiff_chunked(path, data, voxel_size=None, labels=False):
+def write_tiff_chunked(path, data, voxel_size=None, labels=False, properties=None):
     """Write a dask array as an ImageJ-compatible TIFF, one slab of chunks at a time, atomically.
 
     Memory holds one z-slab of chunks, not the stack. Labels (`labels` set)
@@ -1026,6 +1101,9 @@ def write_tiff_chunked(path, data, voxel_size=None, labels=False):
         ``(z, y, x)`` voxel size in micrometres.
     labels : bool
         Write uint32 labels.
+    properties : dict, optional
+        JSON-serialisable values stored with the image, as :func:`write_image`
+        stores them.
     """
     if data.ndim != 3:
         raise ValueError(f"data must be 3D (Z, Y, X), got shape {tuple(data.shape)}")
@@ -1044,5 +1122,5 @@ def write_tiff_chunked(path, data, voxel_size=None, labels=False):
                 yield plane
             z += depth
 
-    kwargs = _imagej_kwargs(data.shape, voxel_size)
+    kwargs = _imagej_kwargs(data.shape, voxel_size, properties)
     atomic_write(path, lambda fh: tifffile.imwrite(fh, pages(), shape=data.shape, dtype=dtype, **kwargs))

@@ -352,21 +352,34 @@ def test_cli_chunked_segment_estimates_the_cell_size_on_a_crop(tmp_path, capsys,
     assert 11.5 < json.loads(out.strip().splitlines()[-1])["diameter"] < 17.5
 
 
-def test_cli_reconstruct_with_the_printed_settings_reproduces_segment(tmp_path, capsys):
-    # The post-processing alone, from --save-flows maps, with the settings cp3d segment printed: the same labels
-    # (an anisotropic voxel size makes the diameter and the tanh scale triples).
+@pytest.mark.parametrize("maps, chunked", [("maps.tif", False), ("maps.tif", True), ("maps.zarr", True)])
+def test_cli_reconstruct_on_saved_maps_reproduces_segment(tmp_path, capsys, maps, chunked):
+    # The post-processing alone, from --save-flows maps: the settings segment used are stored with the maps and
+    # are reconstruct's defaults, so the labels are the same; the printed ones as options give them too (an
+    # anisotropic voxel size makes the diameter and the tanh scale triples).
     from cp3d.cli import main
 
     image, _ = cp3d.data.synthetic_stack((24, 48, 48), 10, seed=2)
     io.write_image(tmp_path / "stack.tif", image)
     assert main(["segment", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "labels.tif"), "--diameter", "10",
-                 "--voxel-size", "1.5", "1", "1", "--no-augment", "--save-flows", str(tmp_path / "maps.tif"),
-                 "--quiet"]) == 0
+                 "--voxel-size", "1.5", "1", "1", "--no-augment", "--save-flows", str(tmp_path / maps), "--quiet"]
+                + (["--chunks", "24", "48", "48"] if chunked else [])) == 0
     settings = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reconstruction"]
     assert settings["targets"] == "tanh" and settings["diameter"][0] < settings["diameter"][2]
-    args = ["reconstruct", str(tmp_path / "maps.tif"), "-o", str(tmp_path / "again.tif"), "--chunks", "12", "24", "24",
-            "--quiet", "--diameter", *map(str, settings["diameter"]), "--tanh-scale", *map(str, settings["tanh_scale"])]
-    assert main(args) == 0
+    assert io.read_properties(tmp_path / maps) == {"reconstruction": settings} | (
+        {"voxel_size": [1.5, 1.0, 1.0]} if maps.endswith(".zarr") else {})
     labels = io.read_image(tmp_path / "labels.tif").data
     assert labels.max() > 5
-    np.testing.assert_array_equal(io.read_image(tmp_path / "again.tif").data, labels)
+    printed = ["--diameter", *map(str, settings["diameter"]), "--tanh-scale", *map(str, settings["tanh_scale"])]
+    for name, options in (("stored.tif", []), ("printed.tif", printed)):
+        assert main(["reconstruct", str(tmp_path / maps), "-o", str(tmp_path / name), "--chunks", "12", "24", "24",
+                     "--quiet"] + options) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reconstruction"] == settings
+        again = io.read_image(tmp_path / name)
+        np.testing.assert_array_equal(again.data, labels)
+        assert again.voxel_size == (1.5, 1.0, 1.0)
+    # another diameter keeps the maps' own tanh scale
+    assert main(["reconstruct", str(tmp_path / maps), "-o", str(tmp_path / "d.tif"), "--quiet", "--diameter",
+                 "12"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reconstruction"] == {
+        "diameter": [12.0], "tanh_scale": settings["tanh_scale"], "targets": "tanh"}

@@ -424,3 +424,45 @@ def test_a_small_file_declaring_a_huge_shape_is_refused_before_allocating(tmp_pa
     monkeypatch.setattr(cp3d._backend, "physical_memory", lambda: 1000)
     with pytest.raises(ValueError, match=r"huge\.tif.*needs 64\.0 KiB, more than this machine's memory"):
         read_image(path)
+
+
+# --------------------------------------------------------------------------- properties stored with a file
+
+
+def test_properties_round_trip_through_tiff_and_zarr(tmp_path):
+    import dask.array as da
+    import zarr
+
+    from cp3d.io import read_properties, write_tiff_chunked, write_zarr_properties
+
+    properties = {"reconstruction": {"diameter": [5.0, 10.0, 10.0], "targets": "tanh"}, "note": "a = b\\n"}
+    volume = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8)
+    write_image(tmp_path / "a.tif", volume, voxel_size=(2, 1, 1), properties=properties)
+    write_tiff_chunked(tmp_path / "b.tif", da.from_array(volume, chunks=(1, 8, 8)), properties=properties)
+    zarr.open_group(tmp_path / "c.zarr", mode="w").create_array("maps", shape=(2,), dtype="f4")
+    write_zarr_properties(tmp_path / "c.zarr", properties)
+    for name in ("a.tif", "b.tif", "c.zarr"):
+        assert read_properties(tmp_path / name) == properties, name
+    again = read_image(tmp_path / "a.tif")
+    np.testing.assert_array_equal(again.data, volume)
+    assert again.voxel_size == (2.0, 1.0, 1.0)
+    # files without them: ImageJ TIFFs written without properties, plain TIFFs, Zarr groups
+    write_image(tmp_path / "plain.tif", volume)
+    tifffile.imwrite(tmp_path / "other.tif", volume)
+    zarr.open_group(tmp_path / "d.zarr", mode="w")
+    assert read_properties(tmp_path / "plain.tif") == read_properties(tmp_path / "other.tif") == {}
+    assert read_properties(tmp_path / "d.zarr") == {}
+
+
+def test_properties_errors(tmp_path):
+    from cp3d.io import read_properties
+
+    volume = np.zeros((2, 4, 4), np.float32)
+    for bad in ([1, 2], {"x": object()}, {"x": float("nan")}):
+        with pytest.raises(TypeError, match="properties"):
+            write_image(tmp_path / "bad.tif", volume, properties=bad)
+    assert not os.path.exists(tmp_path / "bad.tif")
+    tifffile.imwrite(tmp_path / "damaged.tif", volume, metadata=None, photometric="minisblack",
+                     description="ImageJ=1.11a\nimages=2\nslices=2\ncp3d={\"diameter\": [5\nloop=false\n")
+    with pytest.raises(ValueError, match="unreadable cp3d properties"):
+        read_properties(tmp_path / "damaged.tif")
