@@ -304,7 +304,7 @@ def _synth(args):
 def _evaluate(args):
     from . import io, metrics
 
-    scores = metrics.evaluate(io.read_image(args.gt).data, io.read_image(args.pred).data)
+    scores = metrics.evaluate(io.read_labels(args.gt).data, io.read_labels(args.pred).data)
     print(json.dumps({k: float(v) for k, v in scores.items()}, indent=2))
 
 
@@ -405,7 +405,7 @@ def build_parser():
     _add_overwrite_option(p)
     p.set_defaults(run=_synth)
 
-    p = sub.add_parser("evaluate", help="score a predicted label TIFF against ground truth (JSON)")
+    p = sub.add_parser("evaluate", help="score predicted labels against ground truth (JSON); TIFF or OME-Zarr")
     p.add_argument("gt")
     p.add_argument("pred")
     p.set_defaults(run=_evaluate)

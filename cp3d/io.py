@@ -26,7 +26,8 @@ import tifffile
 from ._backend import as_triple, check_labels, check_memory, check_volume, is_cupy_array
 
 __all__ = ["TiffImage", "read_image", "write_image", "write_labels", "LazyImage", "open_image", "read_ome_zarr",
-           "write_ome_zarr", "write_ome_zarr_labels", "write_tiff_chunked", "read_properties", "write_zarr_properties"]
+           "write_ome_zarr", "write_ome_zarr_labels", "write_tiff_chunked", "read_properties", "write_zarr_properties",
+           "read_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -959,6 +960,45 @@ def read_ome_zarr(path, chunks=None):
                                     for n, u in zip("zyx", units)])
             break
     return LazyImage(array, voxel_size)
+
+
+def read_labels(path):
+    """Read a 3D label volume into memory from a TIFF or an OME-Zarr store.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A label TIFF, an OME-Zarr image of labels (``cp3d segment -o
+        NEW.zarr``) or an OME-Zarr label image (``image.zarr/labels/cells``).
+
+    Returns
+    -------
+    TiffImage
+        The labels (integers) and the voxel size.
+
+    Raises
+    ------
+    ValueError
+        For an OME-Zarr image that holds label images (the path names the
+        image, not its labels: the message lists them) or data that are not
+        labels.
+    """
+    if not is_zarr(path):
+        stack = read_image(path)
+        return TiffImage(check_labels(stack.data, f"{os.fspath(path)!r}"), stack.voxel_size)
+    import zarr
+
+    group = zarr.open_group(os.fspath(path), mode="r")
+    attrs = group.attrs.asdict()
+    if "image-label" not in attrs.get("ome", attrs) and "labels" in group:
+        labels_attrs = group["labels"].attrs.asdict()
+        names = labels_attrs.get("ome", labels_attrs).get("labels", [])
+        if names:
+            raise ValueError(f"{os.fspath(path)!r} is an OME-Zarr image with label images {names}; pass one of "
+                             f"them: {os.path.join(os.fspath(path), 'labels', names[0])!r}")
+    stack = read_ome_zarr(path)
+    check_memory(stack.data.nbytes, f"reading the labels of {os.fspath(path)!r}")
+    return TiffImage(check_labels(stack.data.compute(), f"{os.fspath(path)!r}"), stack.voxel_size)
 
 
 def write_ome_zarr(path, data, voxel_size=None, chunks=None, labels=None, progress=False):

@@ -93,6 +93,23 @@ def test_evaluate_reads_cp3ds_own_one_slice_output(tmp_path, fake_segment, capsy
     assert '"ap50": 1.0' in capsys.readouterr().out
 
 
+def test_evaluate_reads_labels_from_tiff_and_ome_zarr(tmp_path, capsys):
+    truth = cp3d.data.synthetic_stack((8, 16, 16), 6, seed=0).labels
+    cp3d.io.write_labels(tmp_path / "truth.tif", truth)
+    cp3d.io.write_ome_zarr(tmp_path / "labels.zarr", truth)  # cp3d segment -o NEW.zarr
+    cp3d.io.write_ome_zarr(tmp_path / "image.zarr", truth.astype(np.float32))
+    cp3d.io.write_ome_zarr_labels(tmp_path / "image.zarr", truth)  # cp3d segment -o IMAGE.zarr
+    for pred in ("labels.zarr", "image.zarr/labels/cells"):
+        assert cli.main(["evaluate", str(tmp_path / "truth.tif"), str(tmp_path / pred)]) == 0
+        assert '"ap50": 1.0' in capsys.readouterr().out, pred
+    # the image rather than its labels, and an image that is not labels at all: named, not scored
+    assert cli.main(["evaluate", str(tmp_path / "truth.tif"), str(tmp_path / "image.zarr")]) == 2
+    assert "label images ['cells']" in capsys.readouterr().err
+    cp3d.io.write_image(tmp_path / "float.tif", truth.astype(np.float32) + 0.5)
+    assert cli.main(["evaluate", str(tmp_path / "truth.tif"), str(tmp_path / "float.tif")]) == 2
+    assert "float.tif" in capsys.readouterr().err
+
+
 def test_synth_refuses_to_replace_a_dataset_unless_overwrite(tmp_path, capsys):
     args = ["synth", str(tmp_path), "--shape", "8", "16", "16", "--diameter", "6", "--count", "1"]
     assert cli.main(args) == 0
