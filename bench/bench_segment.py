@@ -671,6 +671,41 @@ def run_finetune(a, argv):
 # "standard" and "noise_above" are the held-out sets of the main benchmark, "new_kind" the test stacks of
 # --finetune; "varied" draws every rendering setting with random_membrane_options (seeds far from training and
 # validation); "beyond" renders outside even the widened ranges of random_membrane_options.
+# A second renderer, written apart from cp3d.data: cells of a power diagram of unrelaxed seeds (sizes vary
+# more, tissue fills the stack, cells drawn out along y), walls the cells' boundaries with a brightness per
+# cell, a narrower z PSF, a background offset, a linear fall-off in z, fewer photons. All of it outside the
+# code that draws the training stacks.
+PHANTOM = {"shape": (48, 112, 112), "diameter": 12.0, "weight_spread": 0.35, "stretch_y": 1.25,
+           "psf_sigma": (1.6, 1.0, 1.0), "photons": 25.0, "read_noise": 0.04, "background": 0.12,
+           "z_falloff": 0.35, "wall_cv": 0.3}
+
+
+def phantom_stack(seed, kind=PHANTOM):
+    """A membrane phantom of the second renderer (see `PHANTOM`), and its labels."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng([seed, 11])
+    shape, d = kind["shape"], kind["diameter"]
+    stretch = np.array([1.0, kind["stretch_y"], 1.0])
+    n_seeds = int(np.prod(shape) / (np.pi / 6 * d**3))
+    seeds = rng.uniform(0, 1, (n_seeds, 3)) * np.array(shape) / stretch
+    # the power diagram's weights: squared radii spread around the mean cell's
+    weights = (d / 2) ** 2 * rng.uniform(1 - kind["weight_spread"], 1 + kind["weight_spread"], n_seeds)
+    points = np.indices(shape).reshape(3, -1).T / stretch
+    near_distance, near = cKDTree(seeds).query(points, k=8)
+    labels = 1 + near[np.arange(len(points)), np.argmin(near_distance**2 - weights[near], axis=1)]
+    labels = measure.label(labels.reshape(shape).astype(np.int32), connectivity=1)  # split cut-off pieces
+    wall = segmentation.find_boundaries(labels, mode="inner").astype(np.float32)
+    brightness = np.clip(rng.normal(1.0, kind["wall_cv"], labels.max() + 1), 0.2, None).astype(np.float32)
+    signal = ndimage.gaussian_filter(wall * brightness[labels], kind["psf_sigma"])
+    signal /= np.percentile(signal, 99.5)
+    z = np.linspace(0, 1, shape[0], dtype=np.float32)[:, None, None]
+    signal = (signal * (1 - kind["z_falloff"] * z) + kind["background"]).clip(0, None)
+    image = rng.poisson(signal * kind["photons"]).astype(np.float32) / kind["photons"]
+    image += rng.normal(0, kind["read_noise"], shape).astype(np.float32)
+    return image, labels.astype(np.uint32)
+
+
 BEYOND = {"noise": 0.42, "psf_sigma": (4.0, 1.9, 1.9), "anisotropy": (2.4, 1.0, 1.0), "depth_attenuation": 0.9,
           "dim_fraction": 0.5, "wall_thickness": 4.5, "patchiness": 1.0, "texture": 1.0, "gamma": 1.9}
 GENERALISE_SETS = {
@@ -679,6 +714,7 @@ GENERALISE_SETS = {
     "new_kind": {"stacks": len(FINETUNE["test_seeds"]), "diameter": "true"},
     "varied": {"stacks": 6, "shape": (64, 128, 128), "seed": 14_000, "diameter": "true"},
     "beyond": {"stacks": 3, "shape": (48, 112, 112), "seed": 14_100, "diameter": "true", "cell_diameter": 12.0},
+    "phantom": {"stacks": 4, "seed": 32_000, "diameter": "true"},
 }
 GENERALISE_LABELS = {
     "standard": "standard held-out set (plain renderer, noise 0.05/0.12/0.22, d 8..14), default diameter",
@@ -686,6 +722,8 @@ GENERALISE_LABELS = {
     "new_kind": "`new_kind_stack` (bench --finetune's test stacks), true diameter",
     "varied": "varied membranes (`random_membrane_options`, d 8..14), true diameter",
     "beyond": "outside even the widened ranges (BEYOND), d 12, true diameter",
+    "phantom": "a second renderer apart from cp3d.data (`phantom_stack`: power-diagram cells, boundary walls), "
+               "d 12, true diameter",
 }
 
 
@@ -700,6 +738,9 @@ def generalise_stacks(name, quick):
     elif name == "new_kind":
         for seed in FINETUNE["test_seeds"][:n]:
             yield (seed, *new_kind_stack(seed))
+    elif name == "phantom":
+        for seed in range(cfg["seed"], cfg["seed"] + n):
+            yield (seed, *phantom_stack(seed))
     else:
         from cp3d.data import random_membrane_options
 
