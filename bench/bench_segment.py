@@ -836,7 +836,7 @@ def run_generalise(a, argv):
         "config": {"sets": {k: {kk: (list(vv) if isinstance(vv, tuple) else vv) for kk, vv in v.items()}
                             for k, v in GENERALISE_SETS.items()},
                    "beyond": {k: (list(v) if isinstance(v, tuple) else v) for k, v in BEYOND.items()},
-                   "new_kind": NEW_KIND, "unseen_noise": list(UNSEEN["noise"]), "quick": a.quick},
+                   "new_kind": NEW_KIND, "phantom": PHANTOM, "unseen_noise": list(UNSEEN["noise"]), "quick": a.quick},
         "models": info, "sets": sets, "notes": list(a.note),
     }
     _write_report(report, Path(a.out) if a.out else RESULTS / ("segment_generalise_quick.json" if a.quick
