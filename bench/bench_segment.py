@@ -39,10 +39,11 @@ nuclei (40 voxels across, segmented with ``diameter=40``, as for a real
 confocal nuclei stack).
 
 ``--generalise`` scores the bundled membrane model (``--base-model``) against
-another (``--tanh-model RUN_DIR``) on five sets: the standard and noise-above
+another (``--tanh-model RUN_DIR``) on six sets: the standard and noise-above
 held-out sets above (default diameter), ``--finetune``'s new-kind test stacks,
-varied membranes drawn by ``cp3d.data.random_membrane_options`` and stacks
-rendered outside even those ranges (true diameter).
+varied membranes drawn by ``cp3d.data.random_membrane_options``, stacks
+rendered outside even those ranges and phantoms of a second renderer written
+apart from ``cp3d.data`` (``phantom_stack``; true diameter).
 
 A last measurement times the stages (predict, reconstruct) of the tanh model,
 with and without test-time augmentation, on one 64 x 256 x 256 stack with ``torch.set_num_threads(2)`` and Numba's
@@ -1083,7 +1084,7 @@ def main(argv=None):
                                                          "(bench/results/segment_nuclei.json)")
     p.add_argument("--generalise", action="store_true", help="only the bundled membrane model (--base-model) against "
                                                              "--tanh-model on the standard, noise-above, new-kind, "
-                                                             "varied and beyond sets "
+                                                             "varied, beyond and phantom sets "
                                                              "(bench/results/segment_generalise.json)")
     p.add_argument("--base-model", default="tanh", help="the model --generalise compares --tanh-model with")
     a = p.parse_args(argv)
