@@ -672,13 +672,16 @@ def run_finetune(a, argv):
 # "standard" and "noise_above" are the held-out sets of the main benchmark, "new_kind" the test stacks of
 # --finetune; "varied" draws every rendering setting with random_membrane_options (seeds far from training and
 # validation); "beyond" renders outside even the widened ranges of random_membrane_options.
-# A second renderer, written apart from cp3d.data: cells of a power diagram of unrelaxed seeds (sizes vary
-# more, tissue fills the stack, cells drawn out along y), walls the cells' boundaries with a brightness per
+# A second renderer, written apart from cp3d.data: cells of a power diagram of seeds thrown as darts (sizes
+# vary more, tissue fills the stack, cells drawn out along y), walls the cells' boundaries with a brightness per
 # cell, a narrower z PSF, a background offset, a linear fall-off in z, fewer photons. All of it outside the
 # code that draws the training stacks.
-PHANTOM = {"shape": (48, 112, 112), "diameter": 12.0, "weight_spread": 0.35, "stretch_y": 1.25,
-           "psf_sigma": (1.6, 1.0, 1.0), "photons": 25.0, "read_noise": 0.04, "background": 0.12,
-           "z_falloff": 0.35, "wall_cv": 0.3}
+PHANTOM = {"shape": (48, 112, 112), "diameter": 12.0, "min_spacing": 0.6, "weight_spread": 0.35,
+           "stretch_y": 1.25, "psf_sigma": (1.6, 1.0, 1.0), "photons": 25.0, "read_noise": 0.04,
+           "background": 0.12, "z_falloff": 0.35, "wall_cv": 0.3}
+# The same renderer where the bundled model is weak: small cells, a wide z PSF, few photons, uneven walls.
+PHANTOM_HARD = PHANTOM | {"diameter": 9.0, "psf_sigma": (2.4, 1.0, 1.0), "photons": 15.0, "background": 0.15,
+                          "wall_cv": 0.4}
 
 
 def phantom_stack(seed, kind=PHANTOM):
@@ -689,7 +692,12 @@ def phantom_stack(seed, kind=PHANTOM):
     shape, d = kind["shape"], kind["diameter"]
     stretch = np.array([1.0, kind["stretch_y"], 1.0])
     n_seeds = int(np.prod(shape) / (np.pi / 6 * d**3))
-    seeds = rng.uniform(0, 1, (n_seeds, 3)) * np.array(shape) / stretch
+    # darts at least min_spacing * d apart (uniform seeds would put slivers of a few voxels between close pairs)
+    seeds = np.empty((0, 3))
+    while len(seeds) < n_seeds:
+        dart = rng.uniform(0, 1, 3) * np.array(shape) / stretch
+        if not len(seeds) or np.min(np.sum((seeds - dart) ** 2, axis=1)) >= (kind["min_spacing"] * d) ** 2:
+            seeds = np.vstack([seeds, dart])
     # the power diagram's weights: squared radii spread around the mean cell's
     weights = (d / 2) ** 2 * rng.uniform(1 - kind["weight_spread"], 1 + kind["weight_spread"], n_seeds)
     points = np.indices(shape).reshape(3, -1).T / stretch
@@ -716,6 +724,7 @@ GENERALISE_SETS = {
     "varied": {"stacks": 6, "shape": (64, 128, 128), "seed": 14_000, "diameter": "true"},
     "beyond": {"stacks": 3, "shape": (48, 112, 112), "seed": 14_100, "diameter": "true", "cell_diameter": 12.0},
     "phantom": {"stacks": 4, "seed": 32_000, "diameter": "true"},
+    "phantom_hard": {"stacks": 4, "seed": 32_100, "diameter": "true"},
 }
 GENERALISE_LABELS = {
     "standard": "standard held-out set (plain renderer, noise 0.05/0.12/0.22, d 8..14), default diameter",
@@ -725,6 +734,8 @@ GENERALISE_LABELS = {
     "beyond": "outside even the widened ranges (BEYOND), d 12, true diameter",
     "phantom": "a second renderer apart from cp3d.data (`phantom_stack`: power-diagram cells, boundary walls), "
                "d 12, true diameter",
+    "phantom_hard": "the second renderer with small cells (d 9), z PSF 2.4, 15 photons, uneven walls (PHANTOM_HARD), "
+                    "true diameter",
 }
 
 
@@ -739,9 +750,9 @@ def generalise_stacks(name, quick):
     elif name == "new_kind":
         for seed in FINETUNE["test_seeds"][:n]:
             yield (seed, *new_kind_stack(seed))
-    elif name == "phantom":
+    elif name in ("phantom", "phantom_hard"):
         for seed in range(cfg["seed"], cfg["seed"] + n):
-            yield (seed, *phantom_stack(seed))
+            yield (seed, *phantom_stack(seed, PHANTOM if name == "phantom" else PHANTOM_HARD))
     else:
         from cp3d.data import random_membrane_options
 
@@ -837,7 +848,8 @@ def run_generalise(a, argv):
         "config": {"sets": {k: {kk: (list(vv) if isinstance(vv, tuple) else vv) for kk, vv in v.items()}
                             for k, v in GENERALISE_SETS.items()},
                    "beyond": {k: (list(v) if isinstance(v, tuple) else v) for k, v in BEYOND.items()},
-                   "new_kind": NEW_KIND, "phantom": PHANTOM, "unseen_noise": list(UNSEEN["noise"]), "quick": a.quick},
+                   "new_kind": NEW_KIND, "phantom": PHANTOM, "phantom_hard": PHANTOM_HARD,
+                   "unseen_noise": list(UNSEEN["noise"]), "quick": a.quick},
         "models": info, "sets": sets, "notes": list(a.note),
     }
     _write_report(report, Path(a.out) if a.out else RESULTS / ("segment_generalise_quick.json" if a.quick
