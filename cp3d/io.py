@@ -293,9 +293,11 @@ def read_properties(path):
     if text is None:
         return {}
     try:
+        if not isinstance(text, str):  # tifffile turns a bare number into one
+            raise ValueError("not a JSON object")
         return json.loads(text)
     except ValueError as e:
-        raise ValueError(f"{path!r} holds unreadable cp3d properties ({e}): {text[:80]!r}") from e
+        raise ValueError(f"{path!r} holds unreadable cp3d properties ({e}): {str(text)[:80]!r}") from e
 
 
 def write_zarr_properties(path, properties):
@@ -549,7 +551,7 @@ def _imagej_kwargs(shape, voxel_size, properties=None):
         z, y, x = as_triple(voxel_size, "voxel_size")
         lines += ["unit=micron", f"spacing={z!r}"]
         kwargs["resolution"] = (1.0 / x, 1.0 / y)
-    if properties:
+    if properties is not None:
         # one line of compact JSON: ImageJ skips keys it does not know, tifffile returns the text
         lines.append(f"{PROPERTIES_KEY}={_properties_json(properties)}")
     lines.append("loop=false")

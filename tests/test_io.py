@@ -435,7 +435,7 @@ def test_properties_round_trip_through_tiff_and_zarr(tmp_path):
 
     from cp3d.io import read_properties, write_tiff_chunked, write_zarr_properties
 
-    properties = {"reconstruction": {"diameter": [5.0, 10.0, 10.0], "targets": "tanh"}, "note": "a = b\\n"}
+    properties = {"reconstruction": {"diameter": [5.0, 10.0, 10.0], "targets": "tanh"}, "note": "a = b\nc = d"}
     volume = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8)
     write_image(tmp_path / "a.tif", volume, voxel_size=(2, 1, 1), properties=properties)
     write_tiff_chunked(tmp_path / "b.tif", da.from_array(volume, chunks=(1, 8, 8)), properties=properties)
@@ -466,3 +466,7 @@ def test_properties_errors(tmp_path):
                      description="ImageJ=1.11a\nimages=2\nslices=2\ncp3d={\"diameter\": [5\nloop=false\n")
     with pytest.raises(ValueError, match="unreadable cp3d properties"):
         read_properties(tmp_path / "damaged.tif")
+    tifffile.imwrite(tmp_path / "number.tif", volume, metadata=None, photometric="minisblack",
+                     description="ImageJ=1.11a\nimages=2\nslices=2\ncp3d=5\nloop=false\n")
+    with pytest.raises(ValueError, match="unreadable cp3d properties"):
+        read_properties(tmp_path / "number.tif")
