@@ -256,8 +256,9 @@ def _reconstruct(args):
     flows, foreground = flows.rechunk((3,) + chunks), foreground.rechunk(chunks)
     # the options given, else what cp3d segment stored with the maps: the tanh scale is the maps' own (the
     # model's flows at the size segment rescaled to), so it stays even when another --diameter is given
-    settings = {"diameter": args.diameter or saved.get("diameter"), "tanh_scale": args.tanh_scale or
-                saved.get("tanh_scale"), "targets": args.targets or saved.get("targets", "tanh")}
+    targets = args.targets or saved.get("targets", "tanh")
+    settings = {"diameter": args.diameter or saved.get("diameter"), "targets": targets,
+                "tanh_scale": args.tanh_scale or (saved.get("tanh_scale") if targets == "tanh" else None)}
     start = time.perf_counter()
     with _dask_client(args):
         diameter, tanh_scale = (None if v is None else v[0] if len(v) == 1 else v
