@@ -83,8 +83,10 @@ def assert_ctrl_c_interrupts():
 
     def check(code, within=60):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an ignored
+        # SIGINT ignored: the child starts from the default disposition, as a program run from a terminal does.
         child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, env=env)
+                                 text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             assert child.stdout.readline().strip() == "running", child.communicate(timeout=60)[1][-2000:]
             time.sleep(1.0)
