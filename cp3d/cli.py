@@ -259,6 +259,10 @@ def _reconstruct(args):
     targets = args.targets or saved.get("targets", "tanh")
     settings = {"diameter": args.diameter or saved.get("diameter"), "targets": targets,
                 "tanh_scale": args.tanh_scale or (saved.get("tanh_scale") if targets == "tanh" else None)}
+    if targets == "tanh" and settings["tanh_scale"] is None:
+        print(f"{args.flows} holds no reconstruction settings (maps from before cp3d stored them, or not from "
+              "cp3d segment): the tanh scale is taken as half the diameter; pass --diameter and --tanh-scale as "
+              "cp3d segment printed them to get its labels", file=sys.stderr)
     start = time.perf_counter()
     with _dask_client(args):
         diameter, tanh_scale = (None if v is None else v[0] if len(v) == 1 else v

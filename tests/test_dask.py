@@ -213,16 +213,20 @@ def test_lazy_tiff_matches_read_image(tmp_path):
     assert lazy.voxel_size == (3.0, 0.5, 0.5)
 
 
-def test_cli_reconstruct_from_saved_maps(tmp_path):
+def test_cli_reconstruct_from_saved_maps(tmp_path, capsys):
     from cp3d.cli import main
 
     flows, foreground = _maps("tanh", shape=(12, 24, 24))
     maps = np.concatenate([flows, foreground[None].astype(np.float32)])
-    io.write_image(tmp_path / "maps.tif", maps.reshape(-1, *maps.shape[2:]))
+    io.write_image(tmp_path / "maps.tif", maps.reshape(-1, *maps.shape[2:]))  # no stored settings
     out = tmp_path / "labels.tif"
     assert main(["reconstruct", str(tmp_path / "maps.tif"), "-o", str(out), "--diameter", "8", "--chunks", "6", "12",
                  "12", "--quiet"]) == 0
     np.testing.assert_array_equal(io.read_image(out).data, cp3d.reconstruct(flows, foreground, diameter=8))
+    assert "holds no reconstruction settings" in capsys.readouterr().err  # the defaults are said, not silent
+    assert main(["reconstruct", str(tmp_path / "maps.tif"), "-o", str(tmp_path / "again.tif"), "--diameter", "8",
+                 "--tanh-scale", "4", "--quiet"]) == 0
+    assert "reconstruction settings" not in capsys.readouterr().err
 
 
 def test_outputs_are_lazy_and_computed_once(tmp_path):
