@@ -80,7 +80,7 @@ from skimage.feature import peak_local_max
 
 import _machine
 from cp3d.data import random_nuclei_options, synthetic_stack
-from cp3d.metrics import evaluate
+from cp3d.metrics import evaluate, median_diameter
 from cp3d.model import load_model
 from cp3d.segment import segment
 
@@ -132,11 +132,9 @@ def machine_info():
     return _machine.machine_info(("numpy", "numba", "scipy", "torch", "scikit-image"), torch_threads=torch.get_num_threads())
 
 
-def true_diameter(labels):
-    """Median equivalent-sphere diameter ``(6 V / pi) ** (1/3)`` of the cells of `labels`."""
-    volumes = np.bincount(labels.ravel())[1:]
-    volumes = volumes[volumes > 0]
-    return float(np.median((6.0 * volumes / np.pi) ** (1.0 / 3.0)))
+def true_diameter(labels, voxel_size=None):
+    """Median equivalent-sphere diameter ``(6 V / pi) ** (1/3)`` of the cells of `labels`, in voxels along x."""
+    return median_diameter(labels, voxel_size)
 
 
 def test_stacks(n, shape, seed=TEST_SEED, noise=TEST_NOISE):
@@ -682,6 +680,13 @@ PHANTOM = {"shape": (48, 112, 112), "diameter": 12.0, "min_spacing": 0.6, "weigh
 # The same renderer where the bundled model is weak: small cells, a wide z PSF, few photons, uneven walls.
 PHANTOM_HARD = PHANTOM | {"diameter": 9.0, "psf_sigma": (2.4, 1.0, 1.0), "photons": 15.0, "background": 0.15,
                           "wall_cv": 0.4}
+# The two phantom kinds of issue 14's table, on this renderer: cells 15 voxels across with 30 % dim cells (walls at
+# 0.3 of the brightness); cells 18 voxels across in x imaged with voxels twice as long in z (rendered on a fine
+# grid, every second plane kept: 9 planes a cell, the z PSF 1.6 planes), dim cells as well.
+PHANTOM_DIM = PHANTOM | {"shape": (64, 128, 128), "diameter": 15.0, "dim_fraction": 0.3, "dim_level": 0.3}
+PHANTOM_ANISO = PHANTOM_DIM | {"shape": (96, 128, 128), "diameter": 18.0, "psf_sigma": (3.2, 1.0, 1.0), "z_step": 2}
+PHANTOM_KINDS = {"phantom": PHANTOM, "phantom_hard": PHANTOM_HARD, "phantom_dim": PHANTOM_DIM,
+                 "phantom_aniso": PHANTOM_ANISO}
 
 
 def phantom_stack(seed, kind=PHANTOM):
@@ -706,13 +711,16 @@ def phantom_stack(seed, kind=PHANTOM):
     labels = measure.label(labels.reshape(shape).astype(np.int32), connectivity=1)  # split cut-off pieces
     wall = segmentation.find_boundaries(labels, mode="inner").astype(np.float32)
     brightness = np.clip(rng.normal(1.0, kind["wall_cv"], labels.max() + 1), 0.2, None).astype(np.float32)
+    # dim cells: a share of the cells whose walls are much fainter than the rest (the darker of two walls shows)
+    brightness[rng.uniform(size=brightness.size) < kind.get("dim_fraction", 0.0)] *= kind.get("dim_level", 1.0)
     signal = ndimage.gaussian_filter(wall * brightness[labels], kind["psf_sigma"])
     signal /= np.percentile(signal, 99.5)
     z = np.linspace(0, 1, shape[0], dtype=np.float32)[:, None, None]
     signal = (signal * (1 - kind["z_falloff"] * z) + kind["background"]).clip(0, None)
     image = rng.poisson(signal * kind["photons"]).astype(np.float32) / kind["photons"]
     image += rng.normal(0, kind["read_noise"], shape).astype(np.float32)
-    return image, labels.astype(np.uint32)
+    step = kind.get("z_step", 1)  # anisotropic voxels: every step-th plane of the fine grid
+    return image[::step].copy(), segmentation.relabel_sequential(labels[::step])[0].astype(np.uint32)
 
 
 BEYOND = {"noise": 0.42, "psf_sigma": (4.0, 1.9, 1.9), "anisotropy": (2.4, 1.0, 1.0), "depth_attenuation": 0.9,
@@ -725,6 +733,8 @@ GENERALISE_SETS = {
     "beyond": {"stacks": 3, "shape": (48, 112, 112), "seed": 14_100, "diameter": "true", "cell_diameter": 12.0},
     "phantom": {"stacks": 4, "seed": 32_000, "diameter": "true"},
     "phantom_hard": {"stacks": 4, "seed": 32_100, "diameter": "true"},
+    "phantom_dim": {"stacks": 3, "seed": 32_200, "diameter": "true"},
+    "phantom_aniso": {"stacks": 3, "seed": 32_300, "diameter": "true", "voxel_size": (2.0, 1.0, 1.0)},
 }
 GENERALISE_LABELS = {
     "standard": "standard held-out set (plain renderer, noise 0.05/0.12/0.22, d 8..14), default diameter",
@@ -736,6 +746,9 @@ GENERALISE_LABELS = {
                "d 12, true diameter",
     "phantom_hard": "the second renderer with small cells (d 9), z PSF 2.4, 15 photons, uneven walls (PHANTOM_HARD), "
                     "true diameter",
+    "phantom_dim": "the second renderer, d 15, 30 % dim cells (PHANTOM_DIM), true diameter",
+    "phantom_aniso": "the second renderer, d 18 in x, voxels 2 x longer in z, 30 % dim cells (PHANTOM_ANISO), "
+                     "true diameter and voxel size",
 }
 
 
@@ -750,9 +763,12 @@ def generalise_stacks(name, quick):
     elif name == "new_kind":
         for seed in FINETUNE["test_seeds"][:n]:
             yield (seed, *new_kind_stack(seed))
-    elif name in ("phantom", "phantom_hard"):
+    elif name in PHANTOM_KINDS:
         for seed in range(cfg["seed"], cfg["seed"] + n):
-            yield (seed, *phantom_stack(seed, PHANTOM if name == "phantom" else PHANTOM_HARD))
+            kind = PHANTOM_KINDS[name]
+            if quick:  # the quick run's small stack, on the fine grid
+                kind = kind | {"shape": (32 * kind.get("z_step", 1), 64, 64)}
+            yield (seed, *phantom_stack(seed, kind))
     else:
         from cp3d.data import random_membrane_options
 
@@ -771,13 +787,14 @@ def generalise_bench(models, sets, quick):
     report = {}
     for name in sets:
         rows = []
+        voxel_size = GENERALISE_SETS[name].get("voxel_size")
         for seed, image, gt in generalise_stacks(name, quick):
-            d_true = true_diameter(gt)
+            d_true = true_diameter(gt, voxel_size)
             row = {"seed": seed, "true_diameter": d_true, "n_gt": int(gt.max()), "results": {}}
             for key, model in models.items():
                 t0 = time.perf_counter()
                 diameter = d_true if GENERALISE_SETS[name]["diameter"] == "true" else None
-                labels = segment(image, model, diameter=diameter).labels
+                labels = segment(image, model, diameter=diameter, voxel_size=voxel_size).labels
                 sc = _scores(gt, labels)
                 row["results"][key] = {"scores": sc, "seconds": time.perf_counter() - t0}
                 print(f"{name} seed {seed} (d {d_true:.1f}) {key:10s} dice {sc['dice']:.3f} ap50 {sc['ap50']:.3f} "
@@ -848,7 +865,7 @@ def run_generalise(a, argv):
         "config": {"sets": {k: {kk: (list(vv) if isinstance(vv, tuple) else vv) for kk, vv in v.items()}
                             for k, v in GENERALISE_SETS.items()},
                    "beyond": {k: (list(v) if isinstance(v, tuple) else v) for k, v in BEYOND.items()},
-                   "new_kind": NEW_KIND, "phantom": PHANTOM, "phantom_hard": PHANTOM_HARD,
+                   "new_kind": NEW_KIND, **PHANTOM_KINDS,
                    "unseen_noise": list(UNSEEN["noise"]), "quick": a.quick},
         "models": info, "sets": sets, "notes": list(a.note),
     }
