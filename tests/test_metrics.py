@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from cp3d.metrics import evaluate
+from cp3d.metrics import evaluate, median_diameter
 
 
 def line(*runs):
@@ -177,3 +177,19 @@ def test_bad_thresholds(thresholds):
     gt = two_cells()
     with pytest.raises(ValueError, match="thresholds"):
         evaluate(gt, gt, thresholds=thresholds)
+
+
+def test_median_diameter_plain_weighted_excluded_and_anisotropic():
+    labels = np.zeros((12, 12, 30), np.uint32)
+    x = 1
+    for i, side in enumerate([1, 1, 4, 5, 8], start=1):  # two one-voxel fragments and three cells
+        labels[1:1 + side, 1:1 + side, x:x + side] = i
+        x += side + 1
+    d = (6 * np.array([1, 1, 64, 125, 512]) / np.pi) ** (1 / 3)
+    assert median_diameter(labels) == pytest.approx(d[2])
+    assert median_diameter(labels, weighted=True) == pytest.approx(d[4])  # the 8-cube holds most voxels
+    assert median_diameter(labels, exclude=[1, 2]) == pytest.approx(d[3])
+    assert median_diameter(labels, exclude=[1, 2, 3, 4, 5]) is None
+    # anisotropic voxels: volumes in x-voxels cubed, the diameter in voxels along x
+    assert median_diameter(labels, (2, 1, 1), exclude=[1, 2]) == pytest.approx(d[3] * 2 ** (1 / 3))
+    assert median_diameter(labels, (1, 1, 2), exclude=[1, 2]) == pytest.approx(d[3] / 2 ** (2 / 3))
