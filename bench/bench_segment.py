@@ -711,8 +711,9 @@ def phantom_stack(seed, kind=PHANTOM):
     labels = measure.label(labels.reshape(shape).astype(np.int32), connectivity=1)  # split cut-off pieces
     wall = segmentation.find_boundaries(labels, mode="inner").astype(np.float32)
     brightness = np.clip(rng.normal(1.0, kind["wall_cv"], labels.max() + 1), 0.2, None).astype(np.float32)
-    # dim cells: a share of the cells whose walls are much fainter than the rest (the darker of two walls shows)
-    brightness[rng.uniform(size=brightness.size) < kind.get("dim_fraction", 0.0)] *= kind.get("dim_level", 1.0)
+    if kind.get("dim_fraction"):  # drawn only then: the other kinds keep the stream (and images) of before
+        # dim cells: a share of the cells whose walls are much fainter than the rest
+        brightness[rng.uniform(size=brightness.size) < kind["dim_fraction"]] *= kind["dim_level"]
     signal = ndimage.gaussian_filter(wall * brightness[labels], kind["psf_sigma"])
     signal /= np.percentile(signal, 99.5)
     z = np.linspace(0, 1, shape[0], dtype=np.float32)[:, None, None]
