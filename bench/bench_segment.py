@@ -517,6 +517,16 @@ NEW_KIND = {
 FINETUNE = {"train_seeds": (30_000, 30_001, 30_002), "validate_seeds": (30_100,),
             "test_seeds": tuple(range(31_000, 31_004)),
             "steps": 300}
+# --finetune-kind phantom_hard: the second renderer's small blurred cells (see PHANTOM_HARD), tested on the
+# phantom_hard stacks of --generalise; its training and validation seeds are apart from those.
+FINETUNE_PHANTOM = FINETUNE | {"train_seeds": (33_000, 33_001, 33_002), "validate_seeds": (33_100,),
+                               "test_seeds": tuple(range(32_100, 32_104))}
+FINETUNE_KINDS = {"new_kind": FINETUNE, "phantom_hard": FINETUNE_PHANTOM}
+
+
+def finetune_stack(kind, seed):
+    """A stack of a --finetune kind ("new_kind" or "phantom_hard"), and its labels."""
+    return new_kind_stack(seed) if kind == "new_kind" else phantom_stack(seed, PHANTOM_HARD)
 
 
 def new_kind_stack(seed, kind=NEW_KIND):
@@ -543,22 +553,23 @@ def new_kind_stack(seed, kind=NEW_KIND):
     return np.clip(image, 0, None).astype(np.float32), labels
 
 
-def write_new_kind(folder, seeds):
-    """Write new-kind stacks as Cellpose-style TIFF pairs, NAME.tif and NAME_masks.tif."""
+def write_finetune_stacks(folder, kind, seeds):
+    """Write stacks of a --finetune kind as Cellpose-style TIFF pairs, NAME.tif and NAME_masks.tif."""
     from cp3d.io import write_image, write_labels
 
     folder.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
-        image, labels = new_kind_stack(seed)
+        image, labels = finetune_stack(kind, seed)
         write_image(folder / f"stack_{seed}.tif", image)
         write_labels(folder / f"stack_{seed}_masks.tif", labels)
     return folder
 
 
-def finetune_bench(work, base, steps, threads, test_seeds):
-    """Fine-tune `base` with ``cp3d train --data`` on three new-kind stacks, score both on held-out ones."""
-    train_dir = write_new_kind(work / "train", FINETUNE["train_seeds"])
-    valid_dir = write_new_kind(work / "validate", FINETUNE["validate_seeds"])
+def finetune_bench(work, base, steps, threads, kind, test_seeds):
+    """Fine-tune `base` with ``cp3d train --data`` on three stacks of `kind`, score both on held-out ones."""
+    seeds = FINETUNE_KINDS[kind]
+    train_dir = write_finetune_stacks(work / "train", kind, seeds["train_seeds"])
+    valid_dir = write_finetune_stacks(work / "validate", kind, seeds["validate_seeds"])
     out = work / "model"
     command = [sys.executable, "-m", "cp3d.cli", "train", str(out), "--data", str(train_dir), "--validate-data",
                str(valid_dir), "--init", str(base), "--steps", str(steps), "--num-threads", str(threads),
@@ -571,7 +582,7 @@ def finetune_bench(work, base, steps, threads, test_seeds):
     models = {"bundled": load_model(base), "fine_tuned": load_model(out)}
     rows = []
     for seed in test_seeds:
-        image, gt = new_kind_stack(seed)
+        image, gt = finetune_stack(kind, seed)
         d_true = true_diameter(gt)
         row = {"seed": seed, "true_diameter": d_true, "n_gt": int(gt.max()), "results": {}}
         for name, model in models.items():
@@ -596,26 +607,38 @@ def finetune_bench(work, base, steps, threads, test_seeds):
 
 def finetune_markdown(report):
     f = report["finetune"]
-    k = report["config"]["new_kind"]
     v = f["model_card"]["validation"]
+    if report["config"].get("kind", "new_kind") == "new_kind":
+        k = report["config"]["new_kind"]
+        title = "a new kind"
+        kind_line = (
+            f"New kind (`new_kind_stack` in `bench/bench_segment.py`, every setting outside the bundled models' "
+            f"training ranges): {'x'.join(map(str, k['shape']))} voxels, cells d {k['diameter']:g} elongated "
+            f"{k['anisotropy'][0]:g}x along z, walls thickened by a {k['wall_dilation']}-voxel grey dilation, PSF "
+            f"sigma {tuple(k['psf_sigma'])}, textured interiors ({k['texture']:g} x the wall level), noise "
+            f"{k['noise']}, depth attenuation {k['depth_attenuation']}, {k['dim_fraction']:.0%} dim cells.")
+    else:
+        k = report["config"]["phantom_hard"]
+        title = "the second renderer"
+        kind_line = (
+            f"The second renderer's small blurred cells (`phantom_stack(seed, PHANTOM_HARD)` in "
+            f"`bench/bench_segment.py`, written apart from `cp3d.data`): {'x'.join(map(str, k['shape']))} voxels, "
+            f"power-diagram cells d {k['diameter']:g}, z PSF {k['psf_sigma'][0]:g}, {k['photons']:g} photons, "
+            f"wall brightness CV {k['wall_cv']:g}; the test stacks are `--generalise`'s phantom_hard set.")
     lines = [
-        "# Fine-tuning on three annotated stacks of a new kind",
+        f"# Fine-tuning on three annotated stacks of {title}",
         "",
         f"`{report['command']}`",
         "",
         _machine_line(report["machine"]),
         "",
-        f"New kind (`new_kind_stack` in `bench/bench_segment.py`, every setting outside the bundled models' "
-        f"training ranges): {'x'.join(map(str, k['shape']))} voxels, cells d {k['diameter']:g} elongated "
-        f"{k['anisotropy'][0]:g}x along z, walls thickened by a {k['wall_dilation']}-voxel grey dilation, PSF "
-        f"sigma {tuple(k['psf_sigma'])}, textured interiors ({k['texture']:g} x the wall level), noise {k['noise']}, "
-        f"depth attenuation {k['depth_attenuation']}, {k['dim_fraction']:.0%} dim cells.",
+        kind_line,
         "",
         f"Fine-tuning: `{f['train_command']}` on {len(report['config']['train_seeds'])} training stacks (TIFF pairs "
         f"in Cellpose's layout), {f['train_seconds']:.0f} s wall ({f['model_card']['seconds_per_step']:.2f} s/step); "
         f"its validation stack: Dice {v['mean_dice']:.3f}, AP@0.5 {v['mean_ap50']:.3f}.",
         "",
-        f"Scored on {len(f['stacks'])} held-out stacks of the new kind (seeds {f['stacks'][0]['seed']}..), "
+        f"Scored on {len(f['stacks'])} held-out stacks of that kind (seeds {f['stacks'][0]['seed']}..), "
         "`cp3d.segment` defaults (test-time augmentation) at the true diameter and with `diameter=\"auto\"`; "
         "means over stacks, seconds per stack:",
         "",
@@ -648,19 +671,22 @@ def run_finetune(a, argv):
     torch.set_num_threads(a.threads)
     machine = machine_info()
     t_start = time.perf_counter()
-    steps = 4 if a.quick else FINETUNE["steps"]
-    test_seeds = FINETUNE["test_seeds"][: (1 if a.quick else None)]
+    seeds = FINETUNE_KINDS[a.finetune_kind]
+    steps = 4 if a.quick else seeds["steps"]
+    test_seeds = seeds["test_seeds"][: (1 if a.quick else None)]
     with tempfile.TemporaryDirectory(prefix="cp3d-finetune-") as work:
-        result = finetune_bench(Path(work), a.tanh_model, steps, a.threads, test_seeds)
+        result = finetune_bench(Path(work), a.tanh_model, steps, a.threads, a.finetune_kind, test_seeds)
     report = {
         "command": " ".join(["python", "bench/bench_segment.py"] + [shlex.quote(x) for x in argv]),
         "machine": machine, "wall_seconds": time.perf_counter() - t_start,
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "config": dict(FINETUNE, steps=steps, test_seeds=list(test_seeds), new_kind=NEW_KIND, base_model=a.tanh_model),
+        "config": dict(seeds, kind=a.finetune_kind, steps=steps, test_seeds=list(test_seeds), new_kind=NEW_KIND,
+                       phantom_hard=PHANTOM_HARD, base_model=a.tanh_model),
         "finetune": result, "notes": list(a.note),
     }
-    _write_report(report, Path(a.out) if a.out else RESULTS / ("segment_finetune_quick.json" if a.quick
-                                                               else "segment_finetune.json"), finetune_markdown)
+    name = "segment_finetune" + ("" if a.finetune_kind == "new_kind" else f"_{a.finetune_kind}")
+    _write_report(report, Path(a.out) if a.out else RESULTS / (name + ("_quick.json" if a.quick else ".json")),
+                  finetune_markdown)
 
 
 # ---------------------------------------------------------------------------
@@ -1109,6 +1135,10 @@ def main(argv=None):
                                                        "(bench/results/segment_auto.json)")
     p.add_argument("--finetune", action="store_true", help="only fine-tuning on three stacks of a new kind against "
                                                            "the bundled model (bench/results/segment_finetune.json)")
+    p.add_argument("--finetune-kind", choices=sorted(FINETUNE_KINDS), default="new_kind",
+                   help="what --finetune trains and tests on: new_kind (cp3d.data's renderer outside its training "
+                        "ranges) or phantom_hard (the second renderer's small blurred cells; "
+                        "bench/results/segment_finetune_phantom_hard.json)")
     p.add_argument("--nuclei", action="store_true", help="only the nuclei model, the membrane model and a nuclei "
                                                          "watershed on held-out synthetic nuclei "
                                                          "(bench/results/segment_nuclei.json)")
