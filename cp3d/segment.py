@@ -143,13 +143,15 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     instances found (:func:`cp3d.metrics.median_diameter` with
     ``weighted=True``, so that fragments of an oversegmented pass barely
     count; instances cut by the stack's faces left out when others remain),
-    then segments again at that
-    estimate and measures once more. Cells far above the training size come
-    out of a pass in fragments, so their estimate is low, though above the
-    size the pass assumed: passes go on, each at the last estimate, while
-    the estimate grows by more than 10 % (eight passes at most; cells 4x
-    the training size need about five). The stack is then segmented at the
-    last estimate (the last pass is reused when it was made at that size,
+    then segments again at that size and measures once more. Cells far
+    above the training size come out of a pass in fragments, so their
+    weighted median is low, though above the size the pass assumed: passes
+    go on, each at the last weighted median, while it grows by more than
+    10 % (eight passes at most; cells 4x the training size need about
+    five). The estimate is the plain median diameter of the last pass's
+    instances, fragments under half its weighted median left out (the
+    weighted median reads high wherever cell sizes vary). The stack is then
+    segmented at the estimate (the last pass is reused when it was made at that size,
     within 5 %, and without augmentation). The estimating passes predict
     without test-time augmentation. When the first pass finds no cell, the
     training size is kept (with a warning).
@@ -195,6 +197,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
 _REUSE_TOLERANCE = 0.05  # relative diameter change below which the last estimating pass is the result
 _AUTO_GROWTH = 1.1  # after the refinement, passes continue while the estimate grows by more than this factor
 _AUTO_PASSES = 8  # estimating passes at most
+_FRAGMENT = 0.5  # instances under this share of the weighted median diameter are fragments to the estimate
 
 
 def _segment_auto(image, model, voxel_size, augment, **options):
@@ -202,17 +205,24 @@ def _segment_auto(image, model, voxel_size, augment, **options):
     start = time.perf_counter()
 
     def measured_at(d):
+        """The pass at `d`, its volume-weighted median diameter and its plain median without fragments."""
         result = _segment_at(image, model, cell_extent(d, voxel_size, d), False, d, **options)
         # Cells cut by the stack's faces read small; they are left out unless there is nothing else.
-        # Weighted by volume: an oversegmented pass (many small fragments) still measures the cells. It reads
-        # 1-9 % above the plain median where sizes vary; the plain median without fragments was tried (bench
-        # --auto): diameters closer to the truth, Dice +0.005, but AP@0.5 lower and the oversegmented new kind
-        # worse (Dice 0.669 against 0.688), as the models do best a little above the true size.
-        inner = median_diameter(result.labels, voxel_size, exclude=border_ids(result.labels), weighted=True)
-        return result, inner if inner is not None else median_diameter(result.labels, voxel_size, weighted=True)
+        inner = border_ids(result.labels)
+        if len(inner) == np.count_nonzero(np.bincount(result.labels.ravel())[1:]):
+            inner = None
+        # Weighted by volume: an oversegmented pass (many small fragments) still measures the cells.
+        weighted = median_diameter(result.labels, voxel_size, exclude=inner, weighted=True)
+        if weighted is None:
+            return result, None, None
+        # But the weighted median reads 1-9 % high wherever sizes vary, and a model that segments well (e.g.
+        # fine-tuned) then loses up to 0.05 Dice against the true size (bench --finetune); the plain median of
+        # the instances left once the fragments (under half the weighted size) are out is the cells' median.
+        plain = median_diameter(result.labels, voxel_size, exclude=inner, min_diameter=_FRAGMENT * weighted)
+        return result, weighted, plain
 
     assumed = model.config.train_diameter
-    result, estimate = measured_at(assumed)
+    result, climbing, estimate = measured_at(assumed)
     history = [assumed]
     if estimate is None:
         import warnings
@@ -222,12 +232,13 @@ def _segment_auto(image, model, voxel_size, augment, **options):
         estimate = assumed
     else:
         # Cells far above the training size come out in fragments, so each estimate is low but above the
-        # size it was made at: the estimates climb towards the true size, and passes go on while they do.
-        while len(history) < 2 or (estimate > _AUTO_GROWTH * assumed and len(history) < _AUTO_PASSES):
-            assumed = estimate
+        # size it was made at: the weighted estimates climb towards the true size, and passes go on while they do.
+        while len(history) < 2 or (climbing > _AUTO_GROWTH * assumed and len(history) < _AUTO_PASSES):
+            assumed = climbing
             history.append(assumed)
-            result, estimate = measured_at(assumed)
-            estimate = assumed if estimate is None else estimate
+            result, climbing, estimate = measured_at(assumed)
+            if estimate is None:
+                climbing = estimate = assumed
     log.info("diameter='auto': %.2f voxels (passes at %s)", estimate, ", ".join(f"{d:.2f}" for d in history))
     estimated = time.perf_counter() - start
     if augment or abs(estimate / assumed - 1) >= _REUSE_TOLERANCE:

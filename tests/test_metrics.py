@@ -190,6 +190,9 @@ def test_median_diameter_plain_weighted_excluded_and_anisotropic():
     assert median_diameter(labels, weighted=True) == pytest.approx(d[4])  # the 8-cube holds most voxels
     assert median_diameter(labels, exclude=[1, 2]) == pytest.approx(d[3])
     assert median_diameter(labels, exclude=[1, 2, 3, 4, 5]) is None
+    assert median_diameter(labels, min_diameter=2.0) == pytest.approx(d[3])  # the fragments left out
+    assert median_diameter(labels, exclude=[5], min_diameter=2.0) == pytest.approx((d[2] + d[3]) / 2)
+    assert median_diameter(labels, min_diameter=20.0) is None
     # anisotropic voxels: volumes in x-voxels cubed, the diameter in voxels along x
     assert median_diameter(labels, (2, 1, 1), exclude=[1, 2]) == pytest.approx(d[3] * 2 ** (1 / 3))
     assert median_diameter(labels, (1, 1, 2), exclude=[1, 2]) == pytest.approx(d[3] / 2 ** (2 / 3))

@@ -109,6 +109,27 @@ def test_auto_diameter_refines_while_the_estimate_grows(tiny_model, monkeypatch,
     assert len(set(sizes)) == len(sizes) and len(sizes) in (len(estimates) - 1, len(estimates))
 
 
+def test_auto_diameter_is_the_plain_median_of_the_last_pass_without_fragments(tiny_model, monkeypatch):
+    # cells of three sizes, most of them the smallest, and a crowd of one-voxel fragments: the volume-weighted
+    # median reads the largest size, the plain median with the fragments a fragment's
+    sides = [6] * 5 + [8] + [10] * 3 + [1] * 12
+    labels = np.zeros((24, 40, 130), np.uint32)
+    x = 1
+    for i, side in enumerate(sides, start=1):
+        labels[1:1 + side, 1:1 + side, x:x + side] = i
+        x += side + 1
+    cube_d = (6 * 6**3 / np.pi) ** (1 / 3)  # the diameter of the sphere as large as a 6-cube
+
+    def fake(image, model, extent, augment, diameter, **options):
+        return Segmentation(labels, None, None, {"predict": 0.0, "reconstruct": 0.0}, diameter)
+
+    monkeypatch.setattr(SEGMENT_MODULE, "_segment_at", fake)
+    result = segment(np.random.default_rng(0).random((8, 16, 16)), tiny_model, diameter="auto")
+    assert result.diameter == pytest.approx(cube_d)
+    assert cp3d.metrics.median_diameter(labels, weighted=True) > 1.6 * cube_d
+    assert cp3d.metrics.median_diameter(labels) < 0.2 * cube_d
+
+
 def test_auto_diameter_on_the_bundled_model():
     image, truth = cp3d.data.synthetic_stack((32, 72, 72), 16, seed=5, noise=0.1)
     true_d = cp3d.metrics.median_diameter(truth)
