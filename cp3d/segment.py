@@ -151,8 +151,8 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     five). The estimate is the plain median diameter of the last pass's
     instances, fragments under half its weighted median left out (the
     weighted median reads high wherever cell sizes vary). The stack is then
-    segmented at the estimate (the last pass is reused when it was made at that size,
-    within 5 %, and without augmentation). The estimating passes predict
+    segmented at the estimate (the last pass is reused when it was made at
+    that size, within 5 %, and without augmentation). The estimating passes predict
     without test-time augmentation. When the first pass finds no cell, the
     training size is kept (with a warning).
 
@@ -195,7 +195,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
 
 
 _REUSE_TOLERANCE = 0.05  # relative diameter change below which the last estimating pass is the result
-_AUTO_GROWTH = 1.1  # after the refinement, passes continue while the estimate grows by more than this factor
+_AUTO_GROWTH = 1.1  # after the refinement, passes continue while the weighted median grows by more than this
 _AUTO_PASSES = 8  # estimating passes at most
 _FRAGMENT = 0.5  # instances under this share of the weighted median diameter are fragments to the estimate
 
@@ -208,17 +208,17 @@ def _segment_auto(image, model, voxel_size, augment, **options):
         """The pass at `d`, its volume-weighted median diameter and its plain median without fragments."""
         result = _segment_at(image, model, cell_extent(d, voxel_size, d), False, d, **options)
         # Cells cut by the stack's faces read small; they are left out unless there is nothing else.
-        inner = border_ids(result.labels)
-        if len(inner) == np.count_nonzero(np.bincount(result.labels.ravel())[1:]):
-            inner = None
+        cut = border_ids(result.labels)
+        if len(cut) == np.count_nonzero(np.bincount(result.labels.ravel())[1:]):
+            cut = None
         # Weighted by volume: an oversegmented pass (many small fragments) still measures the cells.
-        weighted = median_diameter(result.labels, voxel_size, exclude=inner, weighted=True)
+        weighted = median_diameter(result.labels, voxel_size, exclude=cut, weighted=True)
         if weighted is None:
             return result, None, None
         # But the weighted median reads 1-9 % high wherever sizes vary, and a model that segments well (e.g.
         # fine-tuned) then loses up to 0.05 Dice against the true size (bench --finetune); the plain median of
         # the instances left once the fragments (under half the weighted size) are out is the cells' median.
-        plain = median_diameter(result.labels, voxel_size, exclude=inner, min_diameter=_FRAGMENT * weighted)
+        plain = median_diameter(result.labels, voxel_size, exclude=cut, min_diameter=_FRAGMENT * weighted)
         return result, weighted, plain
 
     assumed = model.config.train_diameter
