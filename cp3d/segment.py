@@ -208,11 +208,12 @@ def _segment_auto(image, model, voxel_size, augment, **options):
         """The pass at `d`, its volume-weighted median diameter and its plain median without fragments."""
         result = _segment_at(image, model, cell_extent(d, voxel_size, d), False, d, **options)
         # Cells cut by the stack's faces read small; they are left out unless there is nothing else.
-        cut = border_ids(result.labels)
-        if len(cut) == np.count_nonzero(np.bincount(result.labels.ravel())[1:]):
-            cut = None
         # Weighted by volume: an oversegmented pass (many small fragments) still measures the cells.
+        cut = border_ids(result.labels)
         weighted = median_diameter(result.labels, voxel_size, exclude=cut, weighted=True)
+        if weighted is None:
+            cut = None
+            weighted = median_diameter(result.labels, voxel_size, weighted=True)
         if weighted is None:
             return result, None, None
         # But the weighted median reads 1-9 % high wherever sizes vary, and a model that segments well (e.g.
