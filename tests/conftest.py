@@ -67,6 +67,16 @@ def membrane_cells():
     return synthetic_stack((32, 64, 64), 8, seed=11)
 
 
+def cubes_in_a_row(sides, shape):
+    """Labels holding one cube per side length (ids 1, 2, ... in that order), in a row along x, off the faces."""
+    labels = np.zeros(shape, np.uint32)
+    x = 1
+    for i, side in enumerate(sides, start=1):
+        labels[1:1 + side, 1:1 + side, x:x + side] = i
+        x += side + 1
+    return labels
+
+
 def random_flows(shape, seed=0):
     rng = np.random.default_rng(seed)
     return rng.uniform(-1, 1, (3, *shape)).astype(np.float32)

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import cubes_in_a_row
 
 from cp3d.metrics import evaluate, median_diameter
 
@@ -180,11 +181,7 @@ def test_bad_thresholds(thresholds):
 
 
 def test_median_diameter_plain_weighted_excluded_and_anisotropic():
-    labels = np.zeros((12, 12, 30), np.uint32)
-    x = 1
-    for i, side in enumerate([1, 1, 4, 5, 8], start=1):  # two one-voxel fragments and three cells
-        labels[1:1 + side, 1:1 + side, x:x + side] = i
-        x += side + 1
+    labels = cubes_in_a_row([1, 1, 4, 5, 8], (12, 12, 30))  # two one-voxel fragments and three cells
     d = (6 * np.array([1, 1, 64, 125, 512]) / np.pi) ** (1 / 3)
     assert median_diameter(labels) == pytest.approx(d[2])
     assert median_diameter(labels, weighted=True) == pytest.approx(d[4])  # the 8-cube holds most voxels

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import cubes_in_a_row
 
 import cp3d
 from cp3d import cli
@@ -112,12 +113,7 @@ def test_auto_diameter_refines_while_the_estimate_grows(tiny_model, monkeypatch,
 def test_auto_diameter_is_the_plain_median_of_the_last_pass_without_fragments(tiny_model, monkeypatch):
     # cells of three sizes, most of them the smallest, and a crowd of one-voxel fragments: the volume-weighted
     # median reads the largest size, the plain median with the fragments a fragment's
-    sides = [6] * 5 + [8] + [10] * 3 + [1] * 12
-    labels = np.zeros((24, 40, 130), np.uint32)
-    x = 1
-    for i, side in enumerate(sides, start=1):
-        labels[1:1 + side, 1:1 + side, x:x + side] = i
-        x += side + 1
+    labels = cubes_in_a_row([6] * 5 + [8] + [10] * 3 + [1] * 12, (24, 40, 130))
     cube_d = (6 * 6**3 / np.pi) ** (1 / 3)  # the diameter of the sphere as large as a 6-cube
 
     def fake(image, model, extent, augment, diameter, **options):
