@@ -1106,6 +1106,179 @@ def run_nuclei(a, argv):
                                                                else "segment_nuclei.json"), nuclei_markdown)
 
 
+# ---------------------------------------------------------------------------
+# Real annotated nuclei (--real)
+# ---------------------------------------------------------------------------
+
+# Two real confocal crops with expert labels (GoNuclear, MIT; see their README): validation only, never training.
+REAL_DATA = HERE.parent.parent / "shared" / "data" / "real-nuclei"
+REAL_CROPS = ("1135_mini.h5", "1136_mini.h5")
+REAL_MODELS = ("tanh", "heat", "nuclei")  # every bundled model
+REAL_SETTINGS = ("auto", "true_diameter")
+REAL_GOAL = {"method": "default", "setting": "auto", "dice": 0.75, "ap50": 0.60, "count": 0.25}
+
+
+def read_real_crop(path):
+    """Image, labels and voxel size (z, y, x) of an annotated HDF5 crop (datasets raw and label)."""
+    from cp3d.model.annotated import read_annotated
+
+    stack = read_annotated(path)
+    return np.asarray(stack.image), np.asarray(stack.labels).astype(np.uint32), tuple(stack.voxel_size)
+
+
+def isotropic_watershed(image, labels_shape, voxel_size, diameter, params):
+    """`nuclei_watershed` on the crop resampled to isotropic voxels (its distances assume them), labels mapped back."""
+    from cp3d.model.predict import zoom_to_shape
+
+    factors = [v / voxel_size[2] for v in voxel_size]
+    iso = zoom_to_shape(np.asarray(image, np.float32), [int(round(n * f)) for n, f in zip(image.shape, factors)], 1)
+    return zoom_to_shape(nuclei_watershed(iso, diameter, **params), labels_shape, 0).astype(np.uint32)
+
+
+def tune_real_watershed(image, labels, voxel_size, diameter, grid):
+    """Grid search of the nuclei watershed on the crop's own truth: a reference tuned on the answer."""
+    best = None
+    for sigma, fg, md in itertools.product(grid["sigma"], grid["foreground"], grid["min_distance"]):
+        params = {"sigma": sigma, "foreground": fg, "min_distance": md}
+        s = evaluate(labels, isotropic_watershed(image, labels.shape, voxel_size, diameter, params))
+        objective = 0.5 * float(s["dice"] + s["ap50"])
+        if best is None or objective > best[0]:
+            best = (objective, params)
+    return best[1]
+
+
+def real_bench(crops, models, grid):
+    """Every model and setting, and the watershed tuned on each crop's answer; scores, counts, seconds."""
+    rows = []
+    for path in crops:
+        image, gt, voxel_size = read_real_crop(path)
+        d_true = true_diameter(gt, voxel_size)
+        row = {"crop": path.name, "voxel_size": list(voxel_size), "true_diameter": d_true, "n_gt": int(gt.max()),
+               "results": {}, "labels": {}}
+        for method, model in models.items():
+            for setting in REAL_SETTINGS:
+                start = time.perf_counter()
+                result = segment(image, model, diameter="auto" if setting == "auto" else d_true,
+                                 voxel_size=voxel_size)
+                seconds = time.perf_counter() - start
+                scores = _scores(gt, result.labels)
+                row["results"][f"{method}/{setting}"] = dict(scores, diameter=result.diameter, seconds=seconds)
+                row["labels"][f"{method}/{setting}"] = result.labels
+                print(f"  {path.name} {method}/{setting}: d {result.diameter:.1f} (true {d_true:.1f}) dice "
+                      f"{scores['dice']:.3f} ap50 {scores['ap50']:.3f} n {scores['n_pred']}/{scores['n_gt']}", flush=True)
+        params = tune_real_watershed(image, gt, voxel_size, d_true, grid)
+        start = time.perf_counter()
+        labels = isotropic_watershed(image, gt.shape, voxel_size, d_true, params)
+        row["results"]["watershed/tuned"] = dict(_scores(gt, labels), diameter=d_true, params=params,
+                                                 seconds=time.perf_counter() - start)
+        row["labels"]["watershed/tuned"] = labels
+        rows.append((row, image, gt))
+    return rows
+
+
+def real_figure(rows, path, shown=("default/auto", "watershed/tuned")):
+    """XY (middle plane) and XZ (middle row) sections of each crop: the truth's outlines, then each of `shown`'s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = ("truth",) + tuple(shown)
+    fig, axes = plt.subplots(2 * len(rows), len(columns), figsize=(4 * len(columns), 8.5 * len(rows)), squeeze=False)
+    for r, (row, image, gt) in enumerate(rows):
+        vs = row["voxel_size"]
+        for k, (section, aspect) in enumerate((((image.shape[0] // 2, slice(None), slice(None)), 1.0),
+                                               ((slice(None), image.shape[1] // 2, slice(None)), vs[0] / vs[2]))):
+            for c, name in enumerate(columns):
+                ax = axes[2 * r + k, c]
+                labels = gt if name == "truth" else row["labels"][name]
+                ax.imshow(image[section], cmap="gray", aspect=aspect, interpolation="nearest")
+                edge = segmentation.find_boundaries(labels[section], mode="inner")
+                ax.imshow(np.ma.masked_where(~edge, edge), cmap="autumn", aspect=aspect, interpolation="nearest")
+                if name == "truth":
+                    title = f"{row['crop']} {'XY' if k == 0 else 'XZ'}: truth ({row['n_gt']})"
+                else:
+                    res = row["results"][name]
+                    title = f"{name}: {res['n_pred']} inst., Dice {res['dice']:.2f}, AP50 {res['ap50']:.2f}"
+                ax.set_title(title, fontsize=9)
+                ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def real_markdown(report):
+    lines = ["# Real annotated nuclei crops", "", f"`{report['command']}`", "", _machine_line(report["machine"]), "",
+             "Two real confocal crops of *Arabidopsis* ovule nuclei with expert labels (GoNuclear, "
+             "`../shared/data/real-nuclei/`, validation only: never in any bundled model's training data). Each crop "
+             "segmented by `cp3d.segment(image, model, diameter=..., voxel_size=...)` with the voxel size of the "
+             "file; *default*: `model=None`, what `cp3d segment` uses without `--model`; *auto*: "
+             "`diameter=\"auto\"`; *true d*: the truth's median equivalent-sphere diameter (voxels along x). "
+             "The watershed is `nuclei_watershed` on the crop resampled to isotropic voxels, its parameters tuned "
+             "by a grid search on the crop's own truth (a reference that saw the answer).", ""]
+    g = report["goal"]
+    for row in report["crops"]:
+        lines += [f"**{row['crop']}**: {row['n_gt']} nuclei, true diameter {row['true_diameter']:.1f} voxels along x, "
+                  f"voxel size {' x '.join(format(v, '.3f') for v in row['voxel_size'])}", "",
+                  "| model | diameter | d used | Dice | AP@0.5 | AP@0.75 | instances / truth | s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, res in row["results"].items():
+            method, setting = key.split("/")
+            lines.append(f"| {method} | {SETTING_LABELS.get(setting, setting)} | {res['diameter']:.1f} | "
+                         f"{res['dice']:.3f} | {res['ap50']:.3f} | {res['ap75']:.3f} | {res['n_pred']} / "
+                         f"{res['n_gt']} | {res['seconds']:.1f} |")
+        lines.append("")
+    lines += [f"Goals (default model, auto diameter, each crop): AP@0.5 >= {g['ap50']}, Dice >= {g['dice']}, "
+              f"instances within {g['count']:.0%} of the truth, auto diameter within 15 % of the true one.", "",
+              "| crop | Dice | AP@0.5 | instances | auto d / true d | met |", "|---|---|---|---|---|---|"]
+    for m in g["crops"]:
+        lines.append(f"| {m['crop']} | {m['dice']:.3f} | {m['ap50']:.3f} | {m['n_pred']} / {m['n_gt']} | "
+                     f"{m['diameter']:.1f} / {m['true_diameter']:.1f} | {', '.join(k for k, v in m['met'].items() if v) or 'none'} |")
+    lines += ["", f"![sections](real_sections.png)", ""]
+    if report.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def run_real(a, argv):
+    torch.set_num_threads(a.threads)
+    data = Path(a.real_data)
+    crops = [data / name for name in REAL_CROPS]
+    missing = [str(c) for c in crops if not c.is_file()]
+    if missing:
+        sys.exit(f"bench_segment.py --real: missing {', '.join(missing)} (give the folder with --real-data)")
+    machine = machine_info()
+    t_start = time.perf_counter()
+    sources = {name: name for name in REAL_MODELS} | {Path(c).name: c for c in a.candidate}
+    # the default (model=None) is whatever `cp3d segment` picks without --model
+    models = {"default": None} | {k: load_model(v) for k, v in sources.items()}
+    segment(synthetic_stack((24, 48, 48), 8.0, kind="nuclei", seed=99)[0], models["nuclei"], augment=False)
+    grid = NUCLEI_WATERSHED_GRID_QUICK if a.quick else NUCLEI_WATERSHED_GRID
+    rows = real_bench(crops, models, grid)
+    goal_rows = []
+    for row, _, _ in rows:
+        res = row["results"][f"{REAL_GOAL['method']}/{REAL_GOAL['setting']}"]
+        met = {"dice": res["dice"] >= REAL_GOAL["dice"], "ap50": res["ap50"] >= REAL_GOAL["ap50"],
+               "count": abs(res["n_pred"] / res["n_gt"] - 1) <= REAL_GOAL["count"],
+               "diameter": abs(res["diameter"] / row["true_diameter"] - 1) <= 0.15}
+        goal_rows.append({"crop": row["crop"], "dice": res["dice"], "ap50": res["ap50"], "n_pred": res["n_pred"],
+                          "n_gt": res["n_gt"], "diameter": res["diameter"], "true_diameter": row["true_diameter"],
+                          "met": met})
+    out = Path(a.out) if a.out else RESULTS / "segment_real.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    real_figure(rows, out.with_name("real_sections.png"))
+    report = {
+        "command": " ".join(["python", "bench/bench_segment.py"] + [shlex.quote(x) for x in argv]),
+        "machine": machine, "wall_seconds": time.perf_counter() - t_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "models": {k: model_info(models[k], v) for k, v in sources.items()},
+        "goal": dict(REAL_GOAL, crops=goal_rows),
+        "crops": [{k: v for k, v in row.items() if k != "labels"} for row, _, _ in rows],
+        "notes": list(a.note),
+    }
+    _write_report(report, out, real_markdown)
+
+
 def model_info(model, source):
     c = model.config
     card = Path(source, "model_card.json") if Path(source).is_dir() else None
@@ -1147,7 +1320,16 @@ def main(argv=None):
                                                              "varied, beyond and phantom sets "
                                                              "(bench/results/segment_generalise.json)")
     p.add_argument("--base-model", default="tanh", help="the model --generalise compares --tanh-model with")
+    p.add_argument("--real", action="store_true", help="only the real annotated nuclei crops: the default model and "
+                                                       "every bundled model beside a watershed tuned on the answer "
+                                                       "(bench/results/segment_real.json, real_sections.png)")
+    p.add_argument("--real-data", default=str(REAL_DATA), help="folder of the real crops (default ../shared/data/"
+                                                                "real-nuclei beside the repository)")
+    p.add_argument("--candidate", action="append", default=[], help="--real: a trained model folder to score too "
+                                                                    "(repeatable)")
     a = p.parse_args(argv)
+    if a.real:
+        return run_real(a, argv)
     if a.generalise:
         return run_generalise(a, argv)
     if a.nuclei:

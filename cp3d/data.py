@@ -53,6 +53,10 @@ _NUCLEI_RADIUS = 0.56
 _INTERIOR_LEVEL = 0.08
 # 6-connectivity, the one that defines a cell's pieces and its walls.
 _FACES = ndimage.generate_binary_structure(3, 1)
+# Brightness of the dim cells, against about 1 for the others.
+_DIM_LEVEL = 0.3
+# random_nuclei_options(wide=True): the highest background haze, against about 1 for the nuclei.
+_WIDE_HAZE = 0.6
 # Gaussian read noise relative to the Poisson noise at peak intensity.
 _READ_NOISE_RATIO = 0.5
 # Nuclei: spread (standard deviation of the log) of the semi-axes by default.
@@ -283,7 +287,7 @@ def synthetic_stack(
     return SyntheticStack(image, labels)
 
 
-def random_nuclei_options(rng):
+def random_nuclei_options(rng, wide=False):
     """Draw varied nuclei settings for `synthetic_stack`, as the nuclei model is trained on.
 
     Everything but the shape, diameter and seed is drawn: anisotropy,
@@ -295,6 +299,13 @@ def random_nuclei_options(rng):
     ----------
     rng : numpy.random.Generator
         Source of the random draws.
+    wide : bool, optional
+        Draw the background haze from a wider range, up to 0.6 of the nuclei's
+        brightness, in every stack: real confocal nuclei crops sit on a
+        background about half as bright as the nuclei, and a model trained
+        on the default range (at most 0.15) calls that background nuclei.
+        Dim nuclei are drawn only where the haze leaves them brighter than
+        the background. The other settings are drawn as without it.
 
     Returns
     -------
@@ -314,7 +325,7 @@ def random_nuclei_options(rng):
     """
     z_psf = rng.uniform(0.8, 3.0)
     xy_psf = rng.uniform(0.5, 1.2)
-    return {
+    options = {
         # nuclei a little flattened or drawn out along z, as in tissue
         "anisotropy": (float(np.exp(rng.uniform(np.log(0.7), np.log(1.5)))), 1.0, 1.0),
         "noise": float(rng.uniform(0.02, 0.25)),
@@ -327,6 +338,12 @@ def random_nuclei_options(rng):
         "density": float(rng.uniform(0.5, 1.25)),
         "texture": float(rng.uniform(0.0, 1.0)),
     }
+    if wide:
+        # drawn after the others, so that a seed gives the default draws their values
+        options["background"] = float(rng.uniform(0.0, _WIDE_HAZE))
+        if options["background"] >= _DIM_LEVEL:
+            options["dim_fraction"] = 0.0
+    return options
 
 
 def random_membrane_options(rng, settings_share=1.0):
@@ -750,7 +767,7 @@ def _cell_brightness(n_cells, dim_fraction, rng):
     """
     brightness = np.clip(rng.lognormal(0.0, 0.15, n_cells + 1), 0.6, 1.4)
     dim = rng.random(n_cells + 1) < dim_fraction
-    brightness[dim] = 0.3
+    brightness[dim] = _DIM_LEVEL
     brightness[0] = 0.0
     return brightness.astype(np.float32)
 

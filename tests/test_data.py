@@ -286,6 +286,20 @@ def test_random_nuclei_options_render_varied_reproducible_stacks():
     assert image.shape == labels.shape == NUCLEI_SHAPE and labels.max() > 10
 
 
+def test_wide_nuclei_options_keep_the_other_draws_and_never_hide_dim_nuclei_in_the_background():
+    from cp3d.data import random_nuclei_options
+
+    for seed in range(20):
+        plain = random_nuclei_options(np.random.default_rng(seed))
+        wide = random_nuclei_options(np.random.default_rng(seed), wide=True)
+        assert {k: v for k, v in wide.items() if k not in ("background", "dim_fraction")} == \
+            {k: v for k, v in plain.items() if k not in ("background", "dim_fraction")}
+        assert 0 <= wide["background"] <= 0.6
+        assert wide["dim_fraction"] == (0.0 if wide["background"] >= 0.3 else plain["dim_fraction"])
+    backgrounds = [random_nuclei_options(np.random.default_rng(s), wide=True)["background"] for s in range(40)]
+    assert max(backgrounds) > 0.4
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -519,8 +519,6 @@ def test_training_on_varied_membranes_validates_on_plain_and_varied(tmp_path):
     assert card["data"]["varied_option_ranges"]["noise"] == list(cp3d.data.MEMBRANE_OPTION_RANGES["noise"])
     assert not card["validation"]["varied"] and card["validation_varied"]["varied"]
     with pytest.raises(ValueError, match="varied"):
-        train(tmp_path / "x", varied=True, kind="nuclei", **_tiny_training())
-    with pytest.raises(ValueError, match="varied"):
         train(tmp_path / "x", varied=True, data=tmp_path, **_tiny_training())
 
 
@@ -659,3 +657,25 @@ def test_cli_train_checks_out_dir_before_any_work(tmp_path, monkeypatch, capsys)
     for args in [(model, "--overwrite"), (model, "--resume", model), (tmp_path / "new" / "run",)]:
         assert run(*args)[0] == 0
     assert started == [str(model), str(model), str(tmp_path / "new" / "run")]
+
+
+def test_varied_nuclei_training_draws_the_wide_background_and_validates_on_it(tmp_path, monkeypatch):
+    calls, real = [], cp3d.data.synthetic_stack
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cp3d.data, "synthetic_stack", spy)
+    train(tmp_path / "w", kind="nuclei", varied=True, **_tiny_training(steps=1, validate_stacks=1))
+    card = json.loads((tmp_path / "w" / "model_card.json").read_text())
+    assert "wide=True" in card["data"]["options"] and card["validation_varied"]["varied"]
+    assert not card["validation"]["varied"]
+    calls.clear()
+    config = UNetConfig(**TINY, patch_size=(16, 16, 16))
+    pool = _StackPool(config, seed=0, diameters=(6, 8), n_stacks=1, stack_shape=(16, 32, 32), noise=(0.05, 0.1),
+                      stretch=(0.75, 1.33), refresh_every=0, kind="nuclei", varied=True)
+    for k in range(8):
+        pool.make(k)
+    # the default nuclei range stops at 0.15; the wide one reaches 0.6
+    assert max(c["background"] for c in calls) <= 0.6 and sum(c["background"] > 0.15 for c in calls) >= 2

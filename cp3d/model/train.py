@@ -161,7 +161,7 @@ class _StackPool:
         # nuclei vary in every rendering setting; the membrane stacks keep their defaults unless varied,
         # and then a share keeps them still, so the plain stacks are not forgotten
         if self.kind == "nuclei":
-            options = dict(cp3d.data.random_nuclei_options(rng), noise=noise)
+            options = dict(cp3d.data.random_nuclei_options(rng, wide=self.varied), noise=noise)
         elif self.varied and rng.random() < VARIED_SHARE:
             # a noise drawn from its own, wider, range replaces the pool's
             options = {"noise": noise} | cp3d.data.random_membrane_options(rng, VARIED_SETTINGS_SHARE)
@@ -481,7 +481,9 @@ def train(
         with :func:`cp3d.data.random_membrane_options` (wall thickness and
         patchiness, cytoplasm texture, wavy walls, PSF, anisotropy, noise up
         to 0.35, ...; their noise replaces `noise`), the rest with the
-        defaults; validate on plain and on varied stacks.
+        defaults. Nuclei: draw the background haze from the wider range of
+        ``random_nuclei_options(wide=True)``. Validate on plain and on
+        varied stacks.
 
     Returns
     -------
@@ -502,9 +504,8 @@ def train(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if data is not None and kind != "membrane":
         raise ValueError(f"kind={kind!r} chooses synthetic stacks; with data the stacks are the annotated ones")
-    if varied and (data is not None or kind != "membrane"):
-        raise ValueError("varied applies to synthetic membrane stacks (nuclei are always varied; annotated data "
-                         "is what it is)")
+    if varied and data is not None:
+        raise ValueError("varied applies to synthetic stacks (annotated data is what it is)")
     if diameter is not None and not (np.isfinite(diameter) and diameter > 0):
         raise ValueError(f"diameter must be positive and finite, got {diameter!r}")
     if voxel_size is not None:
@@ -631,11 +632,12 @@ def train(
         "config": config.to_dict(),
         "data": {
             "generator": f"cp3d.data.synthetic_stack(kind={kind!r})",
-            "options": "cp3d.data.random_nuclei_options(rng), noise from 'noise'" if kind == "nuclei"
+            "options": f"cp3d.data.random_nuclei_options(rng, wide={varied}), noise from 'noise'" if kind == "nuclei"
             else f"{VARIED_SHARE:.0%} of the stacks cp3d.data.random_membrane_options(rng, settings_share="
             f"{VARIED_SETTINGS_SHARE}) (noise from its range when drawn), the rest defaults, noise from 'noise'"
             if varied else "defaults, noise from 'noise'",
-            **({"varied": True, "varied_option_ranges": _membrane_ranges()} if varied else {}),
+            **({"varied": True, "varied_option_ranges": _membrane_ranges()} if varied and kind == "membrane"
+               else {"varied": True} if varied else {}),
             "diameters": list(diameters), "n_stacks": n_stacks, "stack_shape": list(stack_shape),
             "refresh_every": refresh_every, "noise": list(noise), "z_stretch": list(stretch),
             "augmentation": "flips (flow channel negated), y<->x swap (flow channels swapped), z-stretch of "
@@ -717,9 +719,9 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
     Stack ``i`` has seed ``10**9 + i`` (never used in training), a diameter
     evenly spaced in `diameters` and a noise level evenly spaced in `noise`.
     Nuclei stacks (``kind="nuclei"``) draw their other rendering settings
-    with :func:`cp3d.data.random_nuclei_options` from the same seed; so do
-    membrane stacks with `varied`, by :func:`cp3d.data.random_membrane_options`,
-    their noise level included.
+    with :func:`cp3d.data.random_nuclei_options` from the same seed (its
+    wider background with `varied`); so do membrane stacks with `varied`, by
+    :func:`cp3d.data.random_membrane_options`, their noise level included.
     The network output (one pass, no test-time augmentation) goes through
     :func:`cp3d.reconstruct` with the true diameter and is scored by :func:`cp3d.metrics.evaluate`.
 
@@ -732,8 +734,6 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
     import cp3d.data
     import cp3d.metrics
 
-    if varied and kind != "membrane":
-        raise ValueError("varied applies to kind='membrane' (nuclei stacks are always varied)")
     per_stack = []
     for i in range(n_stacks):
         t = i / max(1, n_stacks - 1)
@@ -741,7 +741,8 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
         nz = float(noise[0] + t * (noise[1] - noise[0]))
         options = {"noise": nz}
         if kind == "nuclei":
-            options = dict(cp3d.data.random_nuclei_options(np.random.default_rng(VALIDATION_SEED + i)), noise=nz)
+            options = dict(cp3d.data.random_nuclei_options(np.random.default_rng(VALIDATION_SEED + i), wide=varied),
+                           noise=nz)
         elif varied:
             options = cp3d.data.random_membrane_options(np.random.default_rng(VALIDATION_SEED + i))
             nz = options["noise"]
@@ -764,7 +765,7 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
     return {
         "mean_dice": float(np.mean([s["dice"] for s in per_stack])),
         "mean_ap50": float(np.mean([s["ap50"] for s in per_stack])),
-        "shape": list(shape), "kind": kind, "varied": bool(varied or kind == "nuclei"), "stacks": per_stack,
+        "shape": list(shape), "kind": kind, "varied": bool(varied), "stacks": per_stack,
     }
 
 
@@ -848,7 +849,8 @@ def main(argv=None, prog="cp3d train"):
                    help="synthetic stacks to train and validate on (default membrane)")
     p.add_argument("--varied", action="store_true",
                    help="membranes: draw 3 in 4 stacks' rendering settings with cp3d.data.random_membrane_options "
-                        "(thick, patchy walls, textured cells, wider PSF and noise); validate on plain and varied")
+                        "(thick, patchy walls, textured cells, wider PSF and noise); nuclei: a background up to 0.6 "
+                        "of the nuclei's brightness (random_nuclei_options(wide=True)); validate on plain and varied")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--patch-size", type=lambda s: _parse_pair(s, int), default=(48, 48, 48), help="z,y,x")
@@ -872,6 +874,8 @@ def main(argv=None, prog="cp3d train"):
                    help="annotated stacks to validate on (default: hold out one --data stack in five)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--diameters", type=_parse_pair, default=(7.0, 15.0), help="min,max")
+    p.add_argument("--noise", type=_parse_pair, default=(0.02, 0.2),
+                   help="min,max noise level of the synthetic stacks (Poisson with 1/noise^2 photons at the peak)")
     p.add_argument("--n-stacks", type=int, default=8)
     p.add_argument("--refresh-every", type=int, default=20)
     p.add_argument("--num-threads", type=int, default=None)
@@ -902,7 +906,7 @@ def main(argv=None, prog="cp3d train"):
         lr=a.lr, seed=a.seed, device=a.device, checkpoint_every=a.checkpoint_every, resume=a.resume, init=a.init,
         data=a.data, mask_filter=a.mask_filter, voxel_size=a.voxel_size, diameter=a.diameter,
         validate_data=a.validate_data,
-        progress=not a.no_progress, diameters=a.diameters, n_stacks=a.n_stacks,
+        progress=not a.no_progress, diameters=a.diameters, n_stacks=a.n_stacks, noise=a.noise,
         refresh_every=a.refresh_every, num_threads=a.num_threads, validate_stacks=a.validate_stacks,
         command=" ".join([prog] + argv), kind=a.kind, varied=a.varied,
     )
