@@ -257,24 +257,20 @@ _MAX_FLOW = 1.5
 _SIGN_SAMPLE_SLICES = 8
 
 
-def warn_on_flow_convention(flows, foreground, inward):
-    """Warn when the flows look scaled or signed otherwise than the call says.
+def flow_divergence(flows, foreground, largest=None):
+    """Summed divergence of `flows` inside `foreground` (bool) over a few z-slices: its sign is the flows'.
 
     Flows pointing away from the centres grow along their own axis inside a
-    cell (a positive divergence); the sign check samples a few z-slices, so
-    it costs little on any volume.
+    cell (a positive divergence); flows pointing towards them shrink. Only a
+    few slices are sampled, so it costs little on any volume. `largest` is
+    the flows' largest magnitude, when known.
     """
     xp = get_array_module(flows)
-    largest = max(float(flows.max()), -float(flows.min()))  # abs() would copy the flows: 4x slower
-    if largest > _MAX_FLOW:
-        warnings.warn(f"flows reach {largest:.3g} in magnitude, where tanh and heat flows are at most 1: "
-                      "Cellpose's dP is 5 times the unit flows (divide by 5, or use cp3d.cellpose.compute_masks)",
-                      stacklevel=3)
+    if largest is None:
+        largest = max(float(flows.max()), -float(flows.min()))
     nz = flows.shape[1]
-    if nz < 3:
-        return
     divergence = 0.0
-    for z in np.unique(np.linspace(1, nz - 2, min(_SIGN_SAMPLE_SLICES, nz - 2)).astype(int)):
+    for z in np.unique(np.linspace(1, nz - 2, min(_SIGN_SAMPLE_SLICES, nz - 2)).astype(int)) if nz >= 3 else ():
         inside = foreground[z]
         change = (flows[0, z + 1] - flows[0, z - 1], flows[1, z, 2:] - flows[1, z, :-2],
                   flows[2, z, :, 2:] - flows[2, z, :, :-2])
@@ -283,6 +279,20 @@ def warn_on_flow_convention(flows, foreground, inward):
             # A jump of more than the largest flow crosses a boundary between two
             # cells (where the flows flip); inside a cell, flows change smoothly.
             divergence += float(delta[mask & (xp.abs(delta) <= max(largest, 1.0))].sum())
+    return divergence
+
+
+def warn_on_flow_convention(flows, foreground, inward):
+    """Warn when the flows look scaled or signed otherwise than the call says.
+
+    The sign check is :func:`flow_divergence`'s.
+    """
+    largest = max(float(flows.max()), -float(flows.min()))  # abs() would copy the flows: 4x slower
+    if largest > _MAX_FLOW:
+        warnings.warn(f"flows reach {largest:.3g} in magnitude, where tanh and heat flows are at most 1: "
+                      "Cellpose's dP is 5 times the unit flows (divide by 5, or use cp3d.cellpose.compute_masks)",
+                      stacklevel=3)
+    divergence = flow_divergence(flows, foreground, largest)
     if divergence != 0 and (divergence < 0) != bool(inward):
         direction = "towards" if divergence < 0 else "away from"
         warnings.warn(f"the flows point {direction} the cell centres on average but inward={inward}: "

@@ -3,6 +3,7 @@
 import logging
 import numbers
 import time
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from ._backend import as_int_triple, as_triple, import_cupy, resolve_backend
 from .filters import border_ids
 from .metrics import median_diameter
-from .reconstruct import reconstruct, reconstruction_parameters
+from .reconstruct import flow_divergence, reconstruct, reconstruction_parameters
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,20 @@ def _check_cell_size(shape, config, extent, what):
     reconstruction_parameters(extent, config.targets, model_tanh_scale(config, extent))
 
 
+def _warn_if_the_model_does_not_fit(prediction):
+    """Warn when the predicted flows point towards the cell centres on average.
+
+    A model's flows point away from the centres of the cells it recognises; on
+    average inwards, they follow structures it was not trained on, as the
+    membrane model's do on nuclei, and the result is thousands of specks.
+    """
+    if flow_divergence(prediction.flows, prediction.foreground > 0.5) < 0:
+        warnings.warn("the model's flows point towards the cell centres on average, where a model that recognises "
+                      "the cells points away from them: the stack is probably not of the kind the model was "
+                      "trained on. For nuclear stains use model='nuclei' (cp3d segment --model nuclei); for "
+                      "membrane stains model='tanh'", stacklevel=4)
+
+
 def _segment_at(image, model, extent, augment, diameter, *, backend, device, tile_size, context, progress):
     """Predict and reconstruct `image` for cells of `extent` voxels along (z, y, x)."""
     from .model import predict
@@ -274,8 +289,13 @@ def _segment_at(image, model, extent, augment, diameter, *, backend, device, til
     if backend == "cuda":
         cupy = import_cupy()
         flows, foreground = cupy.asarray(flows), cupy.asarray(foreground)
-    labels = reconstruct(flows, foreground, diameter=extent, targets=config.targets, tanh_scale=scale,
-                         backend=backend)
+    _warn_if_the_model_does_not_fit(prediction)
+    with warnings.catch_warnings():
+        # the model's flows point outwards by construction: reconstruct's advice to pass inward=True (an option
+        # segment and the CLI do not have) would mislead; the check above says what is wrong instead
+        warnings.filterwarnings("ignore", message="the flows point", category=UserWarning)
+        labels = reconstruct(flows, foreground, diameter=extent, targets=config.targets, tanh_scale=scale,
+                             backend=backend)
     if backend == "cuda":
         labels = cupy.asnumpy(labels)
     seconds = {"predict": predicted - start, "reconstruct": time.perf_counter() - predicted}

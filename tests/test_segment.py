@@ -1,5 +1,6 @@
 import importlib
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -373,3 +374,20 @@ def test_bundled_nuclei_model_finds_most_nuclei():
     labels = segment(image, "nuclei", diameter=10, augment=False).labels
     scores = cp3d.metrics.evaluate(truth, labels)
     assert scores["dice"] > 0.7 and scores["ap50"] > 0.6, scores
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_segment_says_when_the_model_does_not_fit_the_stack_not_to_pass_inward(tiny_model, monkeypatch, sign):
+    labels = cubes_in_a_row((8, 8, 8, 8), shape=(12, 12, 48))
+    flows = sign * cp3d.tanh_flows(labels, scale=4.0)
+
+    def predicted(image, model, **kwargs):
+        return cp3d.model.Prediction(flows, (labels > 0).astype(np.float32))
+
+    monkeypatch.setattr(cp3d.model, "predict", predicted)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        segment(labels.astype(np.float32), tiny_model, diameter=8)
+    messages = [str(w.message) for w in caught]
+    assert not any("inward=" in m for m in messages)  # an option segment and the CLI do not have
+    assert any("model='nuclei'" in m for m in messages) == (sign < 0)
