@@ -53,10 +53,11 @@ _NUCLEI_RADIUS = 0.56
 _INTERIOR_LEVEL = 0.08
 # 6-connectivity, the one that defines a cell's pieces and its walls.
 _FACES = ndimage.generate_binary_structure(3, 1)
-# Brightness of the dim cells, against about 1 for the others.
-_DIM_LEVEL = 0.3
-# random_nuclei_options(wide=True): the highest background haze, against about 1 for the nuclei.
-_WIDE_HAZE = 0.6
+# random_nuclei_options(wide=True): the brightest out-of-focus light, against about 1 for the nuclei.
+_WIDE_OUT_OF_FOCUS = 0.6
+# Out-of-focus nuclei: their blur in cell diameters, across and along z.
+_OUT_OF_FOCUS_BLUR = 0.25
+_OUT_OF_FOCUS_BLUR_Z = 0.5
 # Gaussian read noise relative to the Poisson noise at peak intensity.
 _READ_NOISE_RATIO = 0.5
 # Nuclei: spread (standard deviation of the log) of the semi-axes by default.
@@ -140,6 +141,7 @@ def synthetic_stack(
     wall_thickness=1.0,
     patchiness=0.0,
     gamma=1.0,
+    out_of_focus=0.0,
 ):
     """Draw a synthetic 3D stack of cells and its instance labels.
 
@@ -208,6 +210,12 @@ def synthetic_stack(
         Intensity non-linearity in [0.2, 5]: the blurred, attenuated signal
         (scaled to a peak of 1) is raised to `gamma` before the noise, as a
         non-linear detector or display curve would. 1 leaves it linear.
+    out_of_focus : float, optional
+        Nuclei only: peak brightness, in [0, 1), of unlabelled nuclei out of
+        the focal plane, relative to a typical nucleus: nucleus-shaped blobs
+        in the gaps, blurred over a quarter of a diameter across and half of
+        one along z, as real stacks show the light of nuclei above and below
+        the section. 0 adds none.
 
     Returns
     -------
@@ -267,7 +275,7 @@ def synthetic_stack(
         shape, cell_diameter, anisotropy, kind, noise, psf_sigma, depth_attenuation, dim_fraction
     )
     nuclei = _validate_options(kind, background, elongation, irregularity, density, texture, wall_thickness,
-                               patchiness, gamma)
+                               patchiness, gamma, out_of_focus)
     rng = np.random.default_rng(seed)
     if kind == "membrane":
         labels = _membrane_labels(shape, cell_diameter, stretch, rng, irregularity)
@@ -283,6 +291,8 @@ def synthetic_stack(
             signal *= _nuclear_texture(labels, cell_diameter, texture, rng)
     if background > 0:
         signal += np.where(labels == 0, _haze(shape, cell_diameter, background, rng), np.float32(0))
+    if out_of_focus > 0:
+        signal += _out_of_focus_light(labels, cell_diameter, stretch, out_of_focus, rng, nuclei)
     image = _microscope(signal, psf_sigma, depth_attenuation, noise, rng, gamma)
     return SyntheticStack(image, labels)
 
@@ -300,12 +310,12 @@ def random_nuclei_options(rng, wide=False):
     rng : numpy.random.Generator
         Source of the random draws.
     wide : bool, optional
-        Draw the background haze from a wider range, up to 0.6 of the nuclei's
-        brightness, in every stack: real confocal nuclei crops sit on a
-        background about half as bright as the nuclei, and a model trained
-        on the default range (at most 0.15) calls that background nuclei.
-        Dim nuclei are drawn only where the haze leaves them brighter than
-        the background. The other settings are drawn as without it.
+        Add the light of unlabelled nuclei out of the focal plane
+        (``out_of_focus`` up to 0.6 of the nuclei's brightness) to every
+        stack, and no dim nuclei (dim, sharp nuclei and bright, blurred
+        ghosts would teach opposite answers): on real confocal crops the
+        nuclei model calls the blurred light between the nuclei foreground.
+        The other settings are drawn as without it.
 
     Returns
     -------
@@ -340,9 +350,8 @@ def random_nuclei_options(rng, wide=False):
     }
     if wide:
         # drawn after the others, so that a seed gives the default draws their values
-        options["background"] = float(rng.uniform(0.0, _WIDE_HAZE))
-        if options["background"] >= _DIM_LEVEL:
-            options["dim_fraction"] = 0.0
+        options["out_of_focus"] = float(rng.uniform(0.0, _WIDE_OUT_OF_FOCUS))
+        options["dim_fraction"] = 0.0
     return options
 
 
@@ -523,11 +532,14 @@ def _validate(shape, cell_diameter, anisotropy, kind, noise, psf_sigma, depth_at
 
 
 def _validate_options(kind, background, elongation, irregularity, density, texture, wall_thickness, patchiness,
-                      gamma):
+                      gamma, out_of_focus=0.0):
     """Check the texture, shape and intensity options; return the nuclei-shape ones as keywords."""
     if not isinstance(background, numbers.Real) or not 0 <= background < 1:
         raise ValueError(f"background must be in [0, 1), got {background!r}")
-    only = {"membrane": (("elongation", elongation, None), ("density", density, 1.0)),
+    if not isinstance(out_of_focus, numbers.Real) or not 0 <= out_of_focus < 1:
+        raise ValueError(f"out_of_focus must be in [0, 1), got {out_of_focus!r}")
+    only = {"membrane": (("elongation", elongation, None), ("density", density, 1.0),
+                         ("out_of_focus", out_of_focus, 0.0)),
             "nuclei": (("wall_thickness", wall_thickness, 1.0), ("patchiness", patchiness, 0.0))}
     given = [name for name, value, default in only[kind] if value != default]
     if given:
@@ -767,7 +779,7 @@ def _cell_brightness(n_cells, dim_fraction, rng):
     """
     brightness = np.clip(rng.lognormal(0.0, 0.15, n_cells + 1), 0.6, 1.4)
     dim = rng.random(n_cells + 1) < dim_fraction
-    brightness[dim] = _DIM_LEVEL
+    brightness[dim] = 0.3
     brightness[0] = 0.0
     return brightness.astype(np.float32)
 
@@ -809,6 +821,15 @@ def _haze(shape, cell_diameter, level, rng):
     """Uneven background haze of mean `level`, varying over a cell diameter or more."""
     field = _smooth_noise(shape, _HAZE_SCALE * cell_diameter, rng)
     return np.clip(np.float32(level) * (1 + np.float32(0.5) * field), 0, None)
+
+
+def _out_of_focus_light(labels, cell_diameter, stretch, level, rng, shape_options):
+    """Light of unlabelled nuclei out of the focal plane, peaking at `level`: blurred nuclei in the gaps."""
+    ghosts = _nuclei_labels(labels.shape, cell_diameter, stretch, rng, **shape_options)
+    light = ndimage.gaussian_filter(((ghosts > 0) & (labels == 0)).astype(np.float32),
+                                    (_OUT_OF_FOCUS_BLUR_Z * cell_diameter,) + (_OUT_OF_FOCUS_BLUR * cell_diameter,) * 2)
+    peak = float(light.max())
+    return light * np.float32(level / peak) if peak > 0 else light
 
 
 def _membrane_signal(labels, brightness, cell_diameter, thickness, patchiness, texture, rng):

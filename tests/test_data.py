@@ -286,18 +286,26 @@ def test_random_nuclei_options_render_varied_reproducible_stacks():
     assert image.shape == labels.shape == NUCLEI_SHAPE and labels.max() > 10
 
 
-def test_wide_nuclei_options_keep_the_other_draws_and_never_hide_dim_nuclei_in_the_background():
+def test_wide_nuclei_options_add_out_of_focus_light_and_keep_the_other_draws():
     from cp3d.data import random_nuclei_options
 
     for seed in range(20):
         plain = random_nuclei_options(np.random.default_rng(seed))
         wide = random_nuclei_options(np.random.default_rng(seed), wide=True)
-        assert {k: v for k, v in wide.items() if k not in ("background", "dim_fraction")} == \
-            {k: v for k, v in plain.items() if k not in ("background", "dim_fraction")}
-        assert 0 <= wide["background"] <= 0.6
-        assert wide["dim_fraction"] == (0.0 if wide["background"] >= 0.3 else plain["dim_fraction"])
-    backgrounds = [random_nuclei_options(np.random.default_rng(s), wide=True)["background"] for s in range(40)]
-    assert max(backgrounds) > 0.4
+        assert wide == dict(plain, dim_fraction=0.0, out_of_focus=wide["out_of_focus"])
+        assert 0 <= wide["out_of_focus"] <= 0.6
+    levels = [random_nuclei_options(np.random.default_rng(s), wide=True)["out_of_focus"] for s in range(40)]
+    assert max(levels) > 0.4
+
+
+def test_out_of_focus_light_brightens_the_gaps_and_leaves_the_labels():
+    options = dict(kind="nuclei", seed=3, noise=0.0, density=0.6)
+    plain = synthetic_stack(NUCLEI_SHAPE, DIAMETER, **options)
+    ghosts = synthetic_stack(NUCLEI_SHAPE, DIAMETER, out_of_focus=0.5, **options)
+    np.testing.assert_array_equal(plain.labels, ghosts.labels)
+    gaps = ndimage.distance_transform_edt(plain.labels == 0) > 3
+    assert gaps.sum() > 100
+    assert ghosts.image[gaps].mean() > plain.image[gaps].mean() + 0.02
 
 
 @pytest.mark.parametrize(
@@ -310,6 +318,8 @@ def test_wide_nuclei_options_keep_the_other_draws_and_never_hide_dim_nuclei_in_t
         ({"density": 0.1}, "density"),
         ({"density": 2.0}, "density"),
         ({"texture": 1.5}, "texture"),
+        ({"out_of_focus": 1.0}, "out_of_focus"),
+        ({"kind": "membrane", "out_of_focus": 0.3}, "out_of_focus: options of kind='nuclei'"),
         ({"kind": "membrane", "elongation": 0.2, "density": 0.8}, "elongation, density: options of kind='nuclei'"),
         ({"wall_thickness": 2.0}, "wall_thickness: options of kind='membrane'"),
         ({"patchiness": 0.5}, "patchiness"),

@@ -659,7 +659,7 @@ def test_cli_train_checks_out_dir_before_any_work(tmp_path, monkeypatch, capsys)
     assert started == [str(model), str(model), str(tmp_path / "new" / "run")]
 
 
-def test_varied_nuclei_training_draws_the_wide_background_and_validates_on_it(tmp_path, monkeypatch):
+def test_varied_nuclei_training_draws_out_of_focus_light_and_validates_on_it(tmp_path, monkeypatch):
     calls, real = [], cp3d.data.synthetic_stack
 
     def spy(*args, **kwargs):
@@ -677,5 +677,5 @@ def test_varied_nuclei_training_draws_the_wide_background_and_validates_on_it(tm
                       stretch=(0.75, 1.33), refresh_every=0, kind="nuclei", varied=True)
     for k in range(8):
         pool.make(k)
-    # the default nuclei range stops at 0.15; the wide one reaches 0.6
-    assert max(c["background"] for c in calls) <= 0.6 and sum(c["background"] > 0.15 for c in calls) >= 2
+    assert all(0 <= c["out_of_focus"] <= 0.6 and c["dim_fraction"] == 0 for c in calls)
+    assert sum(c["out_of_focus"] > 0.2 for c in calls) >= 2

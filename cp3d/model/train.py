@@ -481,9 +481,9 @@ def train(
         with :func:`cp3d.data.random_membrane_options` (wall thickness and
         patchiness, cytoplasm texture, wavy walls, PSF, anisotropy, noise up
         to 0.35, ...; their noise replaces `noise`), the rest with the
-        defaults. Nuclei: draw the background haze from the wider range of
-        ``random_nuclei_options(wide=True)``. Validate on plain and on
-        varied stacks.
+        defaults. Nuclei: add the light of unlabelled out-of-focus nuclei and
+        leave out dim nuclei (``random_nuclei_options(wide=True)``). Validate
+        on plain and on varied stacks.
 
     Returns
     -------
@@ -719,8 +719,8 @@ def validate(model, *, n_stacks=4, diameters=(8, 14), shape=(64, 96, 96), noise=
     Stack ``i`` has seed ``10**9 + i`` (never used in training), a diameter
     evenly spaced in `diameters` and a noise level evenly spaced in `noise`.
     Nuclei stacks (``kind="nuclei"``) draw their other rendering settings
-    with :func:`cp3d.data.random_nuclei_options` from the same seed (its
-    wider background with `varied`); so do membrane stacks with `varied`, by
+    with :func:`cp3d.data.random_nuclei_options` from the same seed (with
+    `varied`, its out-of-focus light); so do membrane stacks with `varied`, by
     :func:`cp3d.data.random_membrane_options`, their noise level included.
     The network output (one pass, no test-time augmentation) goes through
     :func:`cp3d.reconstruct` with the true diameter and is scored by :func:`cp3d.metrics.evaluate`.
@@ -849,8 +849,8 @@ def main(argv=None, prog="cp3d train"):
                    help="synthetic stacks to train and validate on (default membrane)")
     p.add_argument("--varied", action="store_true",
                    help="membranes: draw 3 in 4 stacks' rendering settings with cp3d.data.random_membrane_options "
-                        "(thick, patchy walls, textured cells, wider PSF and noise); nuclei: a background up to 0.6 "
-                        "of the nuclei's brightness (random_nuclei_options(wide=True)); validate on plain and varied")
+                        "(thick, patchy walls, textured cells, wider PSF and noise); nuclei: unlabelled out-of-focus "
+                        "nuclei, no dim ones (random_nuclei_options(wide=True)); validate on plain and varied")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--patch-size", type=lambda s: _parse_pair(s, int), default=(48, 48, 48), help="z,y,x")
