@@ -670,6 +670,7 @@ def test_varied_nuclei_training_draws_out_of_focus_light_and_validates_on_it(tmp
     train(tmp_path / "w", kind="nuclei", varied=True, **_tiny_training(steps=1, validate_stacks=1))
     card = json.loads((tmp_path / "w" / "model_card.json").read_text())
     assert "wide=True" in card["data"]["options"] and card["validation_varied"]["varied"]
+    assert card["validation_varied"]["kind"] == "nuclei"
     assert not card["validation"]["varied"]
     calls.clear()
     config = UNetConfig(**TINY, patch_size=(16, 16, 16))

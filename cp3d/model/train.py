@@ -668,7 +668,8 @@ def train(
         if data is None:
             card["validation"] = validate(saved, n_stacks=validate_stacks, kind=kind, progress=progress)
             if varied:
-                card["validation_varied"] = validate(saved, n_stacks=validate_stacks, varied=True, progress=progress)
+                card["validation_varied"] = validate(saved, n_stacks=validate_stacks, kind=kind, varied=True,
+                                                     progress=progress)
         else:
             card["validation"] = validate_annotated(saved, validation_set, diameter=diameter, voxel_size=voxel_size)
         if lineage:
