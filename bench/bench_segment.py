@@ -1199,6 +1199,37 @@ def _batch_norm_from(model, image, diameter, voxel_size):
     return adapted.eval()
 
 
+def _clipped_at_background(image, diameter, voxel_size):
+    """`image` with everything below its background level set to that level (for the ablation).
+
+    The level is the mode of the histogram of the image smoothed over a tenth of a diameter: the most common
+    brightness, which in a sparse nuclei crop is the background's.
+    """
+    smoothed = ndimage.gaussian_filter(np.asarray(image, np.float32),
+                                       [0.1 * diameter * voxel_size[2] / v for v in voxel_size])
+    counts, edges = np.histogram(smoothed, 256, range=tuple(np.percentile(smoothed, [0.5, 99.5])))
+    level = 0.5 * (edges[np.argmax(counts)] + edges[np.argmax(counts) + 1])
+    return np.maximum(np.asarray(image, np.float32), np.float32(level))
+
+
+def contrast_to_noise(image, labels, diameter, voxel_size, train_diameter):
+    """Contrast-to-noise ratio of nuclei on the grid the network sees (normalised, rescaled to `train_diameter`).
+
+    (mean inside the nuclei, two voxels in - mean of the background, two voxels out) / the background's standard
+    deviation.
+    """
+    from cp3d.model.predict import normalize_percentile, rescaled_shape, zoom_to_shape
+    from cp3d.segment import cell_extent
+
+    extent = cell_extent(diameter, voxel_size, train_diameter)
+    shape = rescaled_shape(image.shape, [train_diameter / e for e in extent], "stack")
+    x = zoom_to_shape(normalize_percentile(image), shape, 1)
+    nuclei = zoom_to_shape(labels.astype(np.float32), shape, 0) > 0
+    inside = ndimage.binary_erosion(nuclei, iterations=2)
+    outside = ~ndimage.binary_dilation(nuclei, iterations=2)
+    return float((x[inside].mean() - x[outside].mean()) / x[outside].std())
+
+
 def real_ablation(path, model):
     """Where the model's errors on a real crop come from, at the true diameter.
 
@@ -1227,8 +1258,11 @@ def real_ablation(path, model):
         "true flows + true foreground": rebuilt(oracle_flows, truth_fg.astype(np.float32)),
         "batch norm re-estimated on the crop": segment(image, _batch_norm_from(model, image, d_true, voxel_size),
                                                        diameter=d_true, voxel_size=voxel_size).labels,
+        "image clipped below its background level": segment(_clipped_at_background(image, d_true, voxel_size), model,
+                                                             diameter=d_true, voxel_size=voxel_size).labels,
     }
     return {"crop": path.name, "foreground_recall": float(called[truth_fg].mean()),
+            "contrast_to_noise": contrast_to_noise(image, gt, d_true, voxel_size, model.config.train_diameter),
             "background_called_foreground": float(called[~truth_fg].mean()),
             "cases": {k: _scores(gt, v) for k, v in cases.items()}}
 
@@ -1236,6 +1270,22 @@ def real_ablation(path, model):
 # Synthetic nuclei on a background of rising brightness (haze relative to the nuclei's ~1), two stacks each.
 BACKGROUND_ABLATION = {"levels": (0.0, 0.15, 0.3, 0.5), "seeds": (13_300, 13_301), "shape": (48, 96, 96),
                        "diameter": 12.0, "noise": 0.1, "density": 0.6, "texture": 0.5}
+
+
+CNR_NOISE = (0.02, 0.1, 0.2, 0.35)  # the training range is 0.02 to 0.2
+
+
+def synthetic_contrast_to_noise(train_diameter):
+    """Contrast-to-noise of synthetic nuclei (as `contrast_to_noise` measures it) at noise levels in and above the
+    training range, with plain and with strongly textured nuclei: where the real crops lie among them."""
+    c = BACKGROUND_ABLATION
+    rows = []
+    for noise, texture in itertools.product(CNR_NOISE, (0.0, 1.0)):
+        image, gt = synthetic_stack(c["shape"], train_diameter, kind="nuclei", seed=c["seeds"][0], noise=noise,
+                                    density=c["density"], texture=texture, background=0.1)
+        rows.append({"noise": noise, "texture": texture,
+                     "contrast_to_noise": contrast_to_noise(image, gt, train_diameter, (1, 1, 1), train_diameter)})
+    return rows
 
 
 def background_ablation(models):
@@ -1326,6 +1376,12 @@ def real_markdown(report):
                 lines.append(f"| {name} | {crop['crop']} | {case} | {sc['dice']:.3f} | {sc['ap50']:.3f} | "
                              f"{sc['ap75']:.3f} | {sc['n_pred']} / {sc['n_gt']} | {crop['foreground_recall']:.3f} | "
                              f"{crop['background_called_foreground']:.3f} |")
+    cnr = ", ".join(f"{c['crop']} {c['contrast_to_noise']:.2f}" for c in report["ablation"]["nuclei"])
+    synth = ", ".join(f"noise {r['noise']:g}{' textured' if r['texture'] else ''} {r['contrast_to_noise']:.2f}"
+                      for r in report["synthetic_contrast_to_noise"])
+    lines += ["", f"**Contrast-to-noise on the network's grid** ((mean inside the nuclei - mean of the background) / "
+              f"the background's standard deviation, normalised and rescaled as `predict` does): real crops {cnr}; "
+              f"synthetic nuclei (background 0.1, training noise 0.02-0.2) {synth}."]
     b = report["background_ablation"]
     lines += ["", f"**The same models on synthetic nuclei as the background brightens** ({len(b['config']['seeds'])} "
               f"stacks of {'x'.join(map(str, b['config']['shape']))} per level, d {b['config']['diameter']:g}, noise "
@@ -1381,6 +1437,7 @@ def run_real(a, argv):
         "crops": [{k: v for k, v in row.items() if k != "labels"} for row, _, _ in rows],
         "ablation": ablation,
         "background_ablation": background,
+        "synthetic_contrast_to_noise": synthetic_contrast_to_noise(models["nuclei"].config.train_diameter),
         "notes": list(a.note),
     }
     _write_report(report, out, real_markdown)
