@@ -488,8 +488,9 @@ def test_training_on_nuclei_validates_on_nuclei(tmp_path):
         train(tmp_path / "x", kind="nuclei", data=tmp_path, **_tiny_training())
 
 
-@pytest.mark.parametrize("varied", [False, True])
-def test_varied_membrane_pool_draws_varied_settings_only_when_asked(monkeypatch, varied):
+@pytest.fixture
+def rendered(monkeypatch):
+    """The keywords of every cp3d.data.synthetic_stack call, recorded while it runs as usual."""
     calls, real = [], cp3d.data.synthetic_stack
 
     def spy(*args, **kwargs):
@@ -497,6 +498,12 @@ def test_varied_membrane_pool_draws_varied_settings_only_when_asked(monkeypatch,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cp3d.data, "synthetic_stack", spy)
+    return calls
+
+
+@pytest.mark.parametrize("varied", [False, True])
+def test_varied_membrane_pool_draws_varied_settings_only_when_asked(rendered, varied):
+    calls = rendered
     config = UNetConfig(**TINY, patch_size=(16, 16, 16))
     pool = _StackPool(config, seed=0, diameters=(6, 8), n_stacks=1, stack_shape=(16, 32, 32), noise=(0.05, 0.1),
                       stretch=(0.75, 1.33), refresh_every=0, varied=varied)
@@ -659,14 +666,8 @@ def test_cli_train_checks_out_dir_before_any_work(tmp_path, monkeypatch, capsys)
     assert started == [str(model), str(model), str(tmp_path / "new" / "run")]
 
 
-def test_varied_nuclei_training_draws_out_of_focus_light_and_validates_on_it(tmp_path, monkeypatch):
-    calls, real = [], cp3d.data.synthetic_stack
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cp3d.data, "synthetic_stack", spy)
+def test_varied_nuclei_training_draws_out_of_focus_light_and_validates_on_it(tmp_path, rendered):
+    calls = rendered
     train(tmp_path / "w", kind="nuclei", varied=True, **_tiny_training(steps=1, validate_stacks=1))
     card = json.loads((tmp_path / "w" / "model_card.json").read_text())
     assert "wide=True" in card["data"]["options"] and card["validation_varied"]["varied"]
