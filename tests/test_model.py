@@ -670,7 +670,7 @@ def test_varied_nuclei_training_draws_out_of_focus_light_and_validates_on_it(tmp
     calls = rendered
     train(tmp_path / "w", kind="nuclei", varied=True, **_tiny_training(steps=1, validate_stacks=1))
     card = json.loads((tmp_path / "w" / "model_card.json").read_text())
-    assert "wide=True" in card["data"]["options"] and card["validation_varied"]["varied"]
+    assert "random_nuclei_options(rng, wide=True)" in card["data"]["options"] and card["validation_varied"]["varied"]
     assert card["validation_varied"]["kind"] == "nuclei"
     assert not card["validation"]["varied"]
     calls.clear()
@@ -679,5 +679,7 @@ def test_varied_nuclei_training_draws_out_of_focus_light_and_validates_on_it(tmp
                       stretch=(0.75, 1.33), refresh_every=0, kind="nuclei", varied=True)
     for k in range(8):
         pool.make(k)
-    assert all(0 <= c["out_of_focus"] <= 0.6 and c["dim_fraction"] == 0 for c in calls)
-    assert sum(c["out_of_focus"] > 0.2 for c in calls) >= 2
+    wide = [c for c in calls if "out_of_focus" in c]
+    assert 0 < len(wide) < len(calls)  # three in four stacks on average
+    assert all(0 <= c["out_of_focus"] <= 0.6 and c["dim_fraction"] == 0 for c in wide)
+    assert sum(c["out_of_focus"] > 0.2 for c in wide) >= 2

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 VALIDATION_SEED = 10**9  # held-out stacks use seeds VALIDATION_SEED + i; training seeds stay below
-VARIED_SHARE = 0.75  # with varied=True, the share of membrane stacks drawn by random_membrane_options
+VARIED_SHARE = 0.75  # with varied=True, the share of stacks drawn with the varied settings (membranes and nuclei)
 # and the chance of each of their settings to be drawn rather than left at the plain default: with every
 # setting drawn at once (1.0) many stacks were beyond recognition, and two fine-tunes lost 0.03 Dice on plain
 # stacks (bench/results/segment_generalise*.md)
@@ -161,7 +161,8 @@ class _StackPool:
         # nuclei vary in every rendering setting; the membrane stacks keep their defaults unless varied,
         # and then a share keeps them still, so the plain stacks are not forgotten
         if self.kind == "nuclei":
-            options = dict(cp3d.data.random_nuclei_options(rng, wide=self.varied), noise=noise)
+            wide = self.varied and rng.random() < VARIED_SHARE  # a share stays plain, dim nuclei included
+            options = dict(cp3d.data.random_nuclei_options(rng, wide=wide), noise=noise)
         elif self.varied and rng.random() < VARIED_SHARE:
             # a noise drawn from its own, wider, range replaces the pool's
             options = {"noise": noise} | cp3d.data.random_membrane_options(rng, VARIED_SETTINGS_SHARE)
@@ -481,9 +482,10 @@ def train(
         with :func:`cp3d.data.random_membrane_options` (wall thickness and
         patchiness, cytoplasm texture, wavy walls, PSF, anisotropy, noise up
         to 0.35, ...; their noise replaces `noise`), the rest with the
-        defaults. Nuclei: add the light of unlabelled out-of-focus nuclei and
-        leave out dim nuclei (``random_nuclei_options(wide=True)``). Validate
-        on plain and on varied stacks.
+        defaults. Nuclei: in three stacks in four, add the light of
+        unlabelled out-of-focus nuclei and leave out dim nuclei
+        (``random_nuclei_options(wide=True)``). Validate on plain and on
+        varied stacks.
 
     Returns
     -------
@@ -632,7 +634,9 @@ def train(
         "config": config.to_dict(),
         "data": {
             "generator": f"cp3d.data.synthetic_stack(kind={kind!r})",
-            "options": f"cp3d.data.random_nuclei_options(rng, wide={varied}), noise from 'noise'" if kind == "nuclei"
+            "options": (f"{VARIED_SHARE:.0%} of the stacks cp3d.data.random_nuclei_options(rng, wide=True), the rest "
+                        "random_nuclei_options(rng)" if varied else "cp3d.data.random_nuclei_options(rng)")
+            + ", noise from 'noise'" if kind == "nuclei"
             else f"{VARIED_SHARE:.0%} of the stacks cp3d.data.random_membrane_options(rng, settings_share="
             f"{VARIED_SETTINGS_SHARE}) (noise from its range when drawn), the rest defaults, noise from 'noise'"
             if varied else "defaults, noise from 'noise'",
@@ -850,8 +854,9 @@ def main(argv=None, prog="cp3d train"):
                    help="synthetic stacks to train and validate on (default membrane)")
     p.add_argument("--varied", action="store_true",
                    help="membranes: draw 3 in 4 stacks' rendering settings with cp3d.data.random_membrane_options "
-                        "(thick, patchy walls, textured cells, wider PSF and noise); nuclei: unlabelled out-of-focus "
-                        "nuclei, no dim ones (random_nuclei_options(wide=True)); validate on plain and varied")
+                        "(thick, patchy walls, textured cells, wider PSF and noise); nuclei: 3 in 4 stacks with "
+                        "unlabelled out-of-focus nuclei and no dim ones (random_nuclei_options(wide=True)); validate "
+                        "on plain and varied")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--patch-size", type=lambda s: _parse_pair(s, int), default=(48, 48, 48), help="z,y,x")
