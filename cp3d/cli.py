@@ -55,6 +55,7 @@ def _segment(args):
     from .preview import save_preview
     from .segment import segment
 
+    _check_output_suffixes(output=args.output, save_flows=args.save_flows, table=args.table, preview=args.preview)
     if args.chunks or _is_zarr_path(args.input) or _is_zarr_path(args.output):
         return _segment_chunked(args)
     # before the minutes of prediction, not after
@@ -98,6 +99,29 @@ def _is_zarr_path(path):
     return str(path).rstrip("/").endswith(".zarr")
 
 
+def _dask_layer():
+    """cp3d.dask, or an ImportError that names the extra to install."""
+    try:
+        from . import dask as cp3d_dask
+    except ImportError as e:
+        raise ImportError(f"chunked runs and .zarr files need the dask extra ({e}): pip install 'cp3d[dask]'") from e
+    return cp3d_dask
+
+
+# What each output option writes, by file name ending: a name that says another format would be misleading.
+_OUTPUT_SUFFIXES = {"--output": (".tif", ".tiff", ".zarr"), "--save-flows": (".tif", ".tiff", ".zarr"),
+                    "--table": (".csv",), "--preview": (".png",)}
+
+
+def _check_output_suffixes(**paths):
+    """Refuse an output whose name ends otherwise than what its option writes (keywords: option names)."""
+    for option, path in paths.items():
+        option = "--" + option.replace("_", "-")
+        allowed = _OUTPUT_SUFFIXES[option]
+        if path is not None and not str(path).rstrip("/").lower().endswith(allowed):
+            raise ValueError(f"{option} {path!r}: it writes {' or '.join(allowed)} files; name it so")
+
+
 def _dask_client(args):
     """A context holding a dask.distributed client: the given scheduler, or a LocalCluster on this machine."""
     try:
@@ -139,8 +163,9 @@ def _write_labels_any(path, labels, voxel_size, quiet):
 def _segment_chunked(args):
     import time
 
-    from . import dask as cp3d_dask
     from . import io
+
+    cp3d_dask = _dask_layer()
     from .model import load_model
 
     chunks = _check_chunk_shape(args.chunks) or (128, 256, 256)
@@ -247,8 +272,8 @@ def _open_maps(path):
 def _reconstruct(args):
     import time
 
-    from . import dask as cp3d_dask
-
+    cp3d_dask = _dask_layer()
+    _check_output_suffixes(output=args.output)
     chunks = _check_chunk_shape(args.chunks) or (128, 256, 256)
     _check_chunked_outputs([args.output], [args.flows], args.overwrite)
     flows, foreground, voxel_size, saved = _open_maps(args.flows)

@@ -173,3 +173,24 @@ def test_segment_estimates_the_cell_size_by_default(tmp_path, capsys):
                      "--no-augment"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 11.5 < report["diameter"] < 17.5 and "estimate" in report["seconds"]
+
+
+@pytest.mark.parametrize("option, name", [("-o", "labels.png"), ("--save-flows", "maps.npy"), ("--table", "cells.tsv"),
+                                          ("--preview", "preview.tif")])
+def test_segment_refuses_an_output_named_for_another_format(tmp_path, image, fake_segment, capsys, option, name):
+    outputs = {"-o": "labels.tif"} | {option: name}
+    argv = ["segment", str(image)] + [x for o, n in outputs.items() for x in (o, str(tmp_path / n))]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert name in err and "name it so" in err and not fake_segment
+    assert sorted(os.listdir(tmp_path)) == ["in.tif"]
+
+
+def test_chunked_run_without_the_dask_extra_says_what_to_install(tmp_path, image, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cp3d.dask", None)  # what an install without the dask extra gives
+    monkeypatch.delattr(cp3d, "dask", raising=False)  # left by an earlier import in this process
+    assert cli.main(["segment", str(image), "-o", str(tmp_path / "l.zarr")]) == 2
+    assert "pip install 'cp3d[dask]'" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["in.tif"]
