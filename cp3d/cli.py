@@ -353,8 +353,11 @@ def _add_overwrite_option(parser):
 
 
 def _add_segment_options(parser):
-    parser.add_argument("--model", default=None, help="bundled model name (tanh, heat: membranes; nuclei) or model folder")
-    parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "numba", "cuda"))
+    parser.add_argument("--model", default=None,
+                        help="bundled model name: tanh (the default) or heat for membrane stains, nuclei for nuclear "
+                             "stains; or a model folder written by cp3d train")
+    parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "numba", "cuda"),
+                        help="reconstruction backend (default auto: numba on the CPU; cuda moves the maps to the GPU)")
     parser.add_argument("--device", default="auto", help="torch device for prediction")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help="one network pass instead of averaging four mirror images (4x faster, less accurate)")
@@ -374,17 +377,20 @@ def build_parser():
 
     p = sub.add_parser("demo", help="synthesize a stack, segment it with the bundled model, score it")
     p.add_argument("--out", default="cp3d_demo", help="folder for the TIFFs and preview.png (default: ./cp3d_demo)")
-    p.add_argument("--shape", type=int, nargs=3, default=(64, 128, 128), metavar=("Z", "Y", "X"))
-    p.add_argument("--diameter", type=float, default=10.0)
-    p.add_argument("--noise", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 128, 128), metavar=("Z", "Y", "X"),
+                   help="size of the synthetic stack (default 64 128 128)")
+    p.add_argument("--diameter", type=float, default=10.0, help="cell diameter of the stack in voxels (default 10)")
+    p.add_argument("--noise", type=float, default=0.1, help="noise level of the stack (default 0.1)")
+    p.add_argument("--seed", type=int, default=2026, help="random seed of the stack (default 2026)")
     _add_overwrite_option(p)
     _add_segment_options(p)
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("segment", help="segment a TIFF stack")
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True, help="labels TIFF to write (uint32)")
+    p.add_argument("input", help="the stack: a 3D TIFF (Z, Y, X), or an OME-Zarr image (.zarr, worked chunk by chunk)")
+    p.add_argument("-o", "--output", required=True,
+                   help="labels to write (uint32): a .tif, or a new .zarr (OME-Zarr, chunk by chunk); an existing "
+                        "OME-Zarr image gets them in its labels/ group")
     p.add_argument("--diameter", type=_diameter, default="auto",
                    help="typical cell diameter in voxels along x, or 'auto' (default) to estimate it from the image "
                         "(chunked runs: from a central crop); give the model's training size (10.25 for the bundled "
