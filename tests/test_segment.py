@@ -348,9 +348,9 @@ def test_cli_segment_writes_a_table_and_a_preview(tmp_path, tiny_model_dir, caps
 def test_cli_checks_table_and_preview_folders_first(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(SEGMENT_MODULE, "segment", lambda *a, **k: pytest.fail("segmented before the check"))
     cp3d.io.write_image(tmp_path / "in.tif", np.ones((4, 8, 8), np.float32))
-    for option in ("--table", "--preview"):
+    for option, name in (("--table", "x.csv"), ("--preview", "x.png")):
         assert cli.main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"),
-                         option, str(tmp_path / "nodir" / "x")]) == 2
+                         option, str(tmp_path / "nodir" / name)]) == 2
         assert "output folder does not exist" in capsys.readouterr().err
 
 
