@@ -1305,7 +1305,7 @@ def background_ablation(models):
     return {"config": dict(c, levels=list(c["levels"]), seeds=list(c["seeds"]), shape=list(c["shape"])), "rows": rows}
 
 
-def real_figure(rows, path, shown=("default/auto", "watershed/tuned")):
+def real_figure(rows, path, shown=("default/auto", "nuclei/auto", "nuclei/true_diameter", "watershed/tuned")):
     """XY (middle plane) and XZ (middle row) sections of each crop: the truth's outlines, then each of `shown`'s."""
     import matplotlib
 
