@@ -67,6 +67,8 @@ def _segment(args):
     result = segment(stack.data, model, diameter=args.diameter, voxel_size=voxel_size, backend=args.backend,
                      device=args.device, augment=args.augment, tile_size=args.tile_size, context=args.context,
                      progress=not args.quiet)
+    if args.diameter == "auto":
+        print(f"diameter 'auto': {result.diameter:.2f} voxels along x", file=sys.stderr)
     settings = _reconstruction(model, result, voxel_size)
     with io.written_together(overwrite=args.overwrite):
         io.write_labels(args.output, result.labels, voxel_size=voxel_size)

@@ -128,7 +128,9 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
         Voxels of context around each tile (see :func:`cp3d.predict`); the
         default, the network's receptive radius, makes tiling invisible.
     progress : bool
-        Show a progress bar over the prediction tiles.
+        Show a progress bar over the prediction tiles, one per network pass,
+        each named: ``diameter="auto"``'s estimating passes by their number
+        and the diameter they assume.
 
     Returns
     -------
@@ -205,9 +207,11 @@ def _segment_auto(image, model, voxel_size, augment, **options):
     """``diameter="auto"``: measure the cells of a pass at the training size, refine, segment at the estimate."""
     start = time.perf_counter()
 
-    def measured_at(d):
-        """The pass at `d`, its volume-weighted median diameter and its plain median without fragments."""
-        result = _segment_at(image, model, cell_extent(d, voxel_size, d), False, d, **options)
+    def measured_at(d, number):
+        """Pass `number` at `d`, its volume-weighted median diameter and its plain median without fragments."""
+        label = f"estimate {number}: d {d:.1f}"
+        result = _segment_at(image, model, cell_extent(d, voxel_size, d), False, d,
+                             **dict(options, progress=options["progress"] and label))
         # Cells cut by the stack's faces read small; they are left out unless there is nothing else.
         # Weighted by volume: an oversegmented pass (many small fragments) still measures the cells.
         cut = border_ids(result.labels)
@@ -224,11 +228,9 @@ def _segment_auto(image, model, voxel_size, augment, **options):
         return result, weighted, plain
 
     assumed = model.config.train_diameter
-    result, climbing, estimate = measured_at(assumed)
+    result, climbing, estimate = measured_at(assumed, 1)
     history = [assumed]
     if estimate is None:
-        import warnings
-
         warnings.warn("diameter='auto' found no cell at the training size; segmenting at the training size",
                       stacklevel=3)
         estimate = assumed
@@ -238,13 +240,15 @@ def _segment_auto(image, model, voxel_size, augment, **options):
         while len(history) < 2 or (climbing > _AUTO_GROWTH * assumed and len(history) < _AUTO_PASSES):
             assumed = climbing
             history.append(assumed)
-            result, climbing, estimate = measured_at(assumed)
+            result, climbing, estimate = measured_at(assumed, len(history))
             if estimate is None:
                 climbing = estimate = assumed
     log.info("diameter='auto': %.2f voxels (passes at %s)", estimate, ", ".join(f"{d:.2f}" for d in history))
     estimated = time.perf_counter() - start
     if augment or abs(estimate / assumed - 1) >= _REUSE_TOLERANCE:
-        result = _segment_at(image, model, cell_extent(estimate, voxel_size, estimate), augment, estimate, **options)
+        label = f"predict at d {estimate:.1f}"
+        result = _segment_at(image, model, cell_extent(estimate, voxel_size, estimate), augment, estimate,
+                             **dict(options, progress=options["progress"] and label))
     else:
         estimated -= sum(result.seconds.values())  # the reused pass's stages are counted as such
     return result._replace(seconds=dict(result.seconds, estimate=estimated), diameter=float(estimate))

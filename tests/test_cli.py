@@ -171,8 +171,19 @@ def test_segment_estimates_the_cell_size_by_default(tmp_path, capsys):
     cp3d.io.write_image(tmp_path / "stack.tif", image)
     assert cli.main(["segment", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "labels.tif"), "--quiet",
                      "--no-augment"]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
     assert 11.5 < report["diameter"] < 17.5 and "estimate" in report["seconds"]
+    assert f"diameter 'auto': {report['diameter']:.2f} voxels" in captured.err
+
+
+def test_segment_names_each_progress_bar(tmp_path, capsys):
+    image, _ = cp3d.data.synthetic_stack((32, 64, 64), 14, seed=3)
+    cp3d.io.write_image(tmp_path / "stack.tif", image)
+    assert cli.main(["segment", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "labels.tif"),
+                     "--no-augment"]) == 0
+    err = capsys.readouterr().err
+    assert "estimate 1: d 10.2" in err and "estimate 2: d " in err  # the passes of diameter='auto', numbered
 
 
 @pytest.mark.parametrize("option, name", [("-o", "labels.png"), ("--save-flows", "maps.npy"), ("--table", "cells.tsv"),

@@ -318,8 +318,9 @@ def predict(
         negated back). Four network passes instead of one, for a slightly
         higher Dice on the held-out benchmark stacks (figures in the
         README's Benchmarks; eight mirrorings, z too, gained nothing more).
-    progress : bool, optional
-        Show a progress bar over the tile batches.
+    progress : bool or str, optional
+        Show a progress bar over the tile batches; a string is its label
+        (default ``"predict"``).
     normalize : bool, optional
         Normalise `image` by its own percentiles (:func:`normalize_percentile`);
         ``False`` takes it as already normalised, e.g. one chunk of a larger
@@ -404,7 +405,8 @@ def predict(
     mirrors = MIRRORS if augment else ((),)
     n_batches = len(mirrors) * -(-math.prod(len(p[2]) for p in plans) // batch_size)
     acc = None
-    with tqdm(total=n_batches, desc="predict", unit="batch", disable=not progress) as bar:
+    label = progress if isinstance(progress, str) else "predict"
+    with tqdm(total=n_batches, desc=label, unit="batch", disable=not progress) as bar:
         for axes in mirrors:
             out = _blended_tiles(np.flip(x, axes), net, dev, plans, batch_size, pad_mode, bar)
             out = np.flip(out, [a + 1 for a in axes])
