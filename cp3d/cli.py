@@ -12,6 +12,7 @@ import secrets
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -462,7 +463,18 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
         command, run = args.command, lambda: args.run(args)
     try:
-        run()
+        with warnings.catch_warnings():
+            # one line a warning, as the errors below, once (not once a pass), without the source line that means
+            # nothing to a CLI user
+            shown = set()
+
+            def show(message, *_, **__):
+                if str(message) not in shown:
+                    shown.add(str(message))
+                    print(f"cp3d {command}: warning: {message}", file=sys.stderr)
+
+            warnings.showwarning = show
+            run()
     except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"cp3d {command}: error: {error}", file=sys.stderr)
         return 2

@@ -205,3 +205,20 @@ def test_chunked_run_without_the_dask_extra_says_what_to_install(tmp_path, image
     assert cli.main(["segment", str(image), "-o", str(tmp_path / "l.zarr")]) == 2
     assert "pip install 'cp3d[dask]'" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["in.tif"]
+
+
+def test_warnings_reach_the_cli_user_as_one_line_each(tmp_path, image, monkeypatch, capsys):
+    import warnings
+
+    def warns_each_pass(image, model=None, **kwargs):
+        for _ in range(3):  # as each pass of diameter='auto' would
+            warnings.warn("the stack is probably not of the kind the model was trained on")
+        labels = np.zeros(image.shape, np.uint32)
+        return Segmentation(labels, np.zeros((3, *image.shape), np.float32), np.zeros(image.shape, np.float32),
+                            {"predict": 0.0, "reconstruct": 0.0}, 10.0)
+
+    monkeypatch.setattr(SEGMENT_MODULE, "segment", warns_each_pass)
+    assert cli.main(["segment", str(image), "-o", str(tmp_path / "l.tif"), "--diameter", "10", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("cp3d segment: warning: the stack is probably not of the kind") == 1
+    assert "UserWarning" not in err and "warns_each_pass" not in err
