@@ -167,10 +167,9 @@ def _segment_chunked(args):
     import time
 
     from . import io
-
-    cp3d_dask = _dask_layer()
     from .model import load_model
 
+    cp3d_dask = _dask_layer()
     chunks = _check_chunk_shape(args.chunks) or (128, 256, 256)
     if args.table or args.preview:
         raise ValueError("--table and --preview work on a stack in memory; drop --chunks (and .zarr paths) for them")
