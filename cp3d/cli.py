@@ -28,8 +28,12 @@ def _demo(args):
     names = ("image.tif", "truth.tif", "labels.tif", "flows.tif", "preview.png")
     io.check_outputs([out / name for name in names], overwrite=args.overwrite)
     start = time.perf_counter()
+    print(f"cp3d demo: synthesizing a {'x'.join(map(str, args.shape))} membrane stack", file=sys.stderr)
     image, truth = data.synthetic_stack(tuple(args.shape), args.diameter, seed=args.seed, noise=args.noise)
     seconds = {"synthesize": time.perf_counter() - start}
+    # the first run after installing also compiles the Numba kernels: say so rather than sit silent
+    print(f"cp3d demo: segmenting it with the {args.model or 'bundled tanh'} model (the first run after installing "
+          "also compiles the kernels, 10-20 s)", file=sys.stderr)
     result = segment(image, args.model, diameter=args.diameter, backend=args.backend, device=args.device,
                      augment=args.augment, tile_size=args.tile_size, context=args.context)
     seconds.update(result.seconds)

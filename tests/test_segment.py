@@ -239,9 +239,11 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
 def test_cli_demo_with_a_model_folder(tmp_path, tiny_model_dir, capsys):
     assert cli.main(["demo", "--out", str(tmp_path), "--shape", "16", "32", "32", "--diameter", "8",
                      "--model", str(tiny_model_dir)]) == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
     assert {"scores", "seconds", "cells"} <= set(report)
     assert set(report["seconds"]) == {"synthesize", "predict", "reconstruct", "evaluate"}
+    assert "cp3d demo: synthesizing a 16x32x32" in captured.err and "cp3d demo: segmenting it" in captured.err
     assert all((tmp_path / name).exists() for name in ("image.tif", "truth.tif", "labels.tif", "flows.tif"))
     # --tile-size reaches predict: a tile narrower than the network's context is refused with a message
     assert cli.main(["demo", "--out", str(tmp_path), "--shape", "16", "64", "64", "--diameter", "8",
