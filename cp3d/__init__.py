@@ -10,7 +10,7 @@ from .filters import filter_instances
 from .follow import follow_flows
 from .group import close_and_label
 from .measure import CellTable, cell_table
-from .reconstruct import reconstruct, reconstruction_parameters
+from .reconstruct import estimate_tanh_scale, reconstruct, reconstruction_parameters
 from .segment import Segmentation, segment
 from .targets import heat_flows, tanh_flows
 
@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 _MODEL_API = ("UNet3D", "load_model", "predict", "train")
 
 __all__ = ["data", "io", "metrics", "tanh_flows", "heat_flows", "follow_flows", "close_and_label",
-           "filter_instances", "reconstruct", "reconstruction_parameters", "segment", "Segmentation", "cell_table",
+           "filter_instances", "reconstruct", "reconstruction_parameters", "estimate_tanh_scale", "segment",
+           "Segmentation", "cell_table",
            "CellTable",
            *_MODEL_API]
 

@@ -7,6 +7,7 @@ paper's defaults or are derived from one typical cell ``diameter``.
 """
 
 import dataclasses
+import logging
 import math
 import warnings
 
@@ -18,6 +19,8 @@ from ._backend import (as_triple, check_bool, check_flows, check_foreground, che
 from .filters import PAPER_VOLUME_RANGE, filter_validated, check_targets, check_thresholds, sphere_volume
 from .follow import follow_starts, check_sigma, smooth_flows
 from .group import ball_bytes, ball_offsets, close_and_label
+
+log = logging.getLogger(__name__)
 
 PAPER_DIAMETER = 10.0
 
@@ -177,8 +180,12 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
         uses the paper's defaults (cells about 10 across).
     targets : {"tanh", "heat"}
         Formulation of `flows`, used by the flow-error filter.
-    tanh_scale : float, optional
+    tanh_scale : float or (float, float, float) or "auto", optional
         Scale of the tanh flows; by default derived from `diameter`.
+        ``"auto"`` estimates it from the flows themselves
+        (:func:`estimate_tanh_scale`, logged at INFO level), for flows of
+        unknown scale; it falls back to the default, with a warning, when
+        no voxel can be measured.
     inward : bool
         Set for flows pointing towards the centres (Cellpose's sign).
     sigma : float
@@ -205,6 +212,17 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     backend = resolve_backend(backend, flows, foreground)
     flows = check_flows(flows)
     foreground = check_foreground(foreground, flows.shape[1:])
+    if isinstance(tanh_scale, str):
+        if tanh_scale != "auto":
+            raise ValueError(f"tanh_scale must be a positive number, a (z, y, x) triple or 'auto', got {tanh_scale!r}")
+        check_targets(targets)
+        if targets != "tanh":
+            raise ValueError(f"tanh_scale='auto' measures tanh flows; targets={targets!r} has no tanh scale")
+        tanh_scale = estimate_tanh_scale(flows, foreground, inward)
+        if tanh_scale is None:
+            warnings.warn("tanh_scale='auto' found no foreground voxel to measure; using the default scale",
+                          stacklevel=2)
+        log.info("tanh_scale='auto': %s voxels", tanh_scale)
     params = reconstruction_parameters(diameter, targets, tanh_scale)
     step, n_iter = check_step(params.step if step is None else step, params.n_iter if n_iter is None else n_iter)
     radius = params.closing_radius if closing_radius is None else closing_radius
@@ -255,6 +273,83 @@ def warn_all_filtered(found, volume_range, max_flow_error, targets, inward):
 _MAX_FLOW = 1.5
 # Voxels sampled for the sign check: enough for a clear mean, cheap on any volume.
 _SIGN_SAMPLE_SLICES = 8
+
+
+# Flows at most this large take part in estimate_tanh_scale: atanh grows steep towards 1, and a saturated flow says
+# little about its scale.
+_SCALE_FLOW_LIMIT = 0.9
+# estimate_tanh_scale reads the flows of at most this many z-slices (and their neighbours): a clear median, cheap on
+# any volume.
+_SCALE_SAMPLE_SLICES = 16
+
+
+def estimate_tanh_scale(flows, foreground, inward=False):
+    """Estimate the scale ``s`` of tanh flows ``tanh(offset / s)``, per axis, from the flows themselves.
+
+    Two voxels apart along an axis inside one cell, tanh flows differ by
+    exactly ``2 / s`` once mapped back by ``atanh``; the estimate is the
+    median of ``2 / (atanh(f[+1]) - atanh(f[-1]))`` over foreground voxels
+    whose flow and its two neighbours' are below 0.9 in magnitude and
+    whose neighbours' flows grow away from the centre (pairs across a
+    boundary between two cells, where the flows flip, are left out). A few
+    z-slices are sampled, so it costs little on any volume.
+
+    Parameters
+    ----------
+    flows : ndarray, shape (3, Z, Y, X)
+        Tanh flows (z, y, x), pointing away from the centres unless `inward`.
+    foreground : ndarray, shape (Z, Y, X)
+        Bool mask, or a probability map thresholded at 0.5.
+    inward : bool
+        Set for flows pointing towards the centres.
+
+    Returns
+    -------
+    (float, float, float) or None
+        The scale along (z, y, x), in voxels; ``None`` when some axis has no
+        voxel to measure (e.g. a stack of one or two z-slices, or no
+        foreground).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cp3d
+    >>> truth = np.zeros((24, 24, 48), np.uint32)
+    >>> truth[2:22, 2:22, 2:23], truth[2:22, 2:22, 25:46] = 1, 2
+    >>> flows = cp3d.tanh_flows(truth, scale=(3.0, 6.0, 6.0))
+    >>> [round(s, 2) for s in cp3d.estimate_tanh_scale(flows, truth > 0)]
+    [3.0, 6.0, 6.0]
+    """
+    flows = check_flows(flows)
+    foreground = check_foreground(foreground, flows.shape[1:])
+    inward = check_bool(inward, "inward")
+    xp = get_array_module(flows)
+    nz = flows.shape[1]
+    zs = np.unique(np.linspace(1, nz - 2, min(_SCALE_SAMPLE_SLICES, nz - 2)).astype(int)) if nz >= 3 else []
+    sign = -1.0 if inward else 1.0
+    scales = []
+    for axis in range(3):
+        samples = []
+        for z in zs:
+            # the flow along `axis` at each voxel of slice z and at its two neighbours along that axis
+            f = flows[axis, z - 1:z + 2]
+            inside = foreground[z - 1:z + 2]
+            if axis == 0:
+                before, here, after, mask = f[0], f[1], f[2], inside[0] & inside[1] & inside[2]
+            else:
+                lo, mid, hi = ((slice(None),) * (axis - 1) + (part,) for part in (slice(None, -2), slice(1, -1),
+                                                                                  slice(2, None)))
+                before, here, after = f[1][lo], f[1][mid], f[1][hi]
+                mask = inside[1][lo] & inside[1][mid] & inside[1][hi]
+            limit = _SCALE_FLOW_LIMIT
+            mask = mask & (xp.abs(before) < limit) & (xp.abs(here) < limit) & (xp.abs(after) < limit)
+            rise = sign * (xp.arctanh(after[mask]) - xp.arctanh(before[mask]))
+            samples.append(rise[rise > 0])
+        rises = xp.concatenate(samples) if samples else xp.zeros(0, np.float32)
+        if rises.size == 0:
+            return None
+        scales.append(float(2.0 / float(xp.median(rises))))
+    return tuple(scales)
 
 
 def flow_divergence(flows, foreground, largest=None):

@@ -197,3 +197,30 @@ def test_first_cpu_kernel_keeps_the_torch_thread_count(call):
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("scale", [2.0, 5.0, 10.0, 20.0, (3.0, 6.0, 6.0)])
+def test_estimate_tanh_scale_reads_the_scale_of_tanh_flows(scale):
+    _, labels = cp3d.data.synthetic_stack((48, 96, 96), 24, kind="nuclei", seed=1, noise=0)
+    flows = cp3d.tanh_flows(labels, scale=scale)
+    expected = np.broadcast_to(scale, 3)
+    np.testing.assert_allclose(cp3d.estimate_tanh_scale(flows, labels > 0), expected, rtol=1e-3)
+    np.testing.assert_allclose(cp3d.estimate_tanh_scale(-flows, labels > 0, inward=True), expected, rtol=1e-3)
+
+
+def test_estimate_tanh_scale_without_foreground_is_none():
+    flows = np.zeros((3, 8, 16, 16), np.float32)
+    assert cp3d.estimate_tanh_scale(flows, np.zeros((8, 16, 16), bool)) is None
+
+
+def test_reconstruct_with_the_scale_read_from_the_flows():
+    # scale-5 flows (tanh_flows' default, the released Cellpose3D code's) of cells 40 voxels across: the scale
+    # the diameter implies (20) steps far past the centres; the scale read from the flows does not
+    _, labels = cp3d.data.synthetic_stack((80, 128, 128), 40, kind="nuclei", seed=2, noise=0)
+    flows = cp3d.tanh_flows(labels)
+    assert evaluate(labels, cp3d.reconstruct(flows, labels > 0, diameter=40))["ap50"] < 0.5
+    assert evaluate(labels, cp3d.reconstruct(flows, labels > 0, diameter=40, tanh_scale="auto"))["ap50"] >= 0.98
+    with pytest.raises(ValueError, match="tanh_scale"):
+        cp3d.reconstruct(flows, labels > 0, tanh_scale="scale")
+    with pytest.raises(ValueError, match="heat"):
+        cp3d.reconstruct(flows, labels > 0, targets="heat", tanh_scale="auto")
