@@ -212,13 +212,14 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     backend = resolve_backend(backend, flows, foreground)
     flows = check_flows(flows)
     foreground = check_foreground(foreground, flows.shape[1:])
+    inward = check_bool(inward, "inward")
     if isinstance(tanh_scale, str):
         if tanh_scale != "auto":
             raise ValueError(f"tanh_scale must be a positive number, a (z, y, x) triple or 'auto', got {tanh_scale!r}")
         check_targets(targets)
         if targets != "tanh":
             raise ValueError(f"tanh_scale='auto' measures tanh flows; targets={targets!r} has no tanh scale")
-        tanh_scale = estimate_tanh_scale(flows, foreground, inward)
+        tanh_scale = _estimate_tanh_scale(flows, foreground, inward)
         if tanh_scale is None:
             warnings.warn("tanh_scale='auto' found no foreground voxel to measure; using the default scale",
                           stacklevel=2)
@@ -231,7 +232,6 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
         map(sphere_volume, check_size_range(diameter_range, "diameter_range")))
     scale = as_triple(params.tanh_scale, "tanh_scale")
     min_overlap, max_flow_error = check_thresholds(min_overlap, max_flow_error)
-    inward = check_bool(inward, "inward")
     sigma = check_sigma(sigma, foreground.shape)
     if sigma > 0:
         flows = smooth_flows(flows, sigma)
@@ -321,8 +321,11 @@ def estimate_tanh_scale(flows, foreground, inward=False):
     [3.0, 6.0, 6.0]
     """
     flows = check_flows(flows)
-    foreground = check_foreground(foreground, flows.shape[1:])
-    inward = check_bool(inward, "inward")
+    return _estimate_tanh_scale(flows, check_foreground(foreground, flows.shape[1:]), check_bool(inward, "inward"))
+
+
+def _estimate_tanh_scale(flows, foreground, inward):
+    """:func:`estimate_tanh_scale` on checked float32 flows and a bool foreground."""
     xp = get_array_module(flows)
     nz = flows.shape[1]
     zs = np.unique(np.linspace(1, nz - 2, min(_SCALE_SAMPLE_SLICES, nz - 2)).astype(int)) if nz >= 3 else []
