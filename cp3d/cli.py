@@ -218,6 +218,22 @@ def _estimate_diameter(image, model, voxel_size, device):
     return diameter
 
 
+def _estimate_tanh_scale(flows, foreground, targets):
+    """``--tanh-scale auto``: the scale of (lazy) tanh maps, read from their central crop, as a (z, y, x) list."""
+    from ._backend import central_box
+    from .reconstruct import estimate_tanh_scale
+
+    if targets != "tanh":
+        raise ValueError(f"--tanh-scale auto reads the scale of tanh flows; these maps are {targets!r} flows")
+    box = central_box(tuple(slice(0, n) for n in foreground.shape), AUTO_CROP)
+    scale = estimate_tanh_scale(np.asarray(flows[(slice(None), *box)]), np.asarray(foreground[box]))
+    if scale is None:
+        raise ValueError("--tanh-scale auto found no foreground in the maps' central crop to measure; give the scale")
+    print(f"tanh scale 'auto' from the central {'x'.join(str(b.stop - b.start) for b in box)} crop: "
+          f"{', '.join(f'{v:.2f}' for v in scale)} voxels (z, y, x)", file=sys.stderr)
+    return [round(v, 4) for v in scale]
+
+
 def _check_chunked_outputs(outputs, inputs, overwrite):
     """The in-memory path's checks for TIFF outputs (never an input, never an existing file unasked); a .zarr
     output is a new store or an existing OME-Zarr image that gains a labels group, never replaced."""
@@ -290,10 +306,15 @@ def _reconstruct(args):
     targets = args.targets or saved.get("targets", "tanh")
     settings = {"diameter": args.diameter or saved.get("diameter"), "targets": targets,
                 "tanh_scale": args.tanh_scale or (saved.get("tanh_scale") if targets == "tanh" else None)}
-    if targets == "tanh" and settings["tanh_scale"] is None:
+    if args.tanh_scale and "auto" in args.tanh_scale:
+        if len(args.tanh_scale) > 1:
+            raise ValueError(f"--tanh-scale takes one scale, Z Y X scales or 'auto' alone, got {args.tanh_scale}")
+        settings["tanh_scale"] = _estimate_tanh_scale(flows, foreground, targets)
+    elif targets == "tanh" and settings["tanh_scale"] is None:
         print(f"{args.flows} holds no reconstruction settings (maps from before cp3d stored them, or not from "
               "cp3d segment): the tanh scale is taken as half the diameter; pass --diameter and --tanh-scale as "
-              "cp3d segment printed them to get its labels", file=sys.stderr)
+              "cp3d segment printed them to get its labels, or --tanh-scale auto to read it from the maps",
+              file=sys.stderr)
     start = time.perf_counter()
     with _dask_client(args):
         diameter, tanh_scale = (None if v is None else v[0] if len(v) == 1 else v
@@ -425,9 +446,9 @@ def build_parser():
                    help="cell diameter in voxels (or Z Y X); default: the one cp3d segment stored with the maps")
     p.add_argument("--targets", default=None, choices=("tanh", "heat"),
                    help="the maps' flow convention; default: the one stored with the maps, else tanh")
-    p.add_argument("--tanh-scale", type=float, nargs="+", default=None,
-                   help="scale of the tanh flows, or Z Y X; default: the one cp3d segment stored with the maps "
-                        "(its model's flows), else diameter / 2")
+    p.add_argument("--tanh-scale", type=_diameter, nargs="+", default=None,
+                   help="scale of the tanh flows, or Z Y X, or 'auto' to read it from the maps' central crop; "
+                        "default: the one cp3d segment stored with the maps (its model's flows), else diameter / 2")
     p.add_argument("--max-flow-error", type=float, default=0.8)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_overwrite_option(p)

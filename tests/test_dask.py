@@ -387,3 +387,22 @@ def test_cli_reconstruct_on_saved_maps_reproduces_segment(tmp_path, capsys, maps
                  "12"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reconstruction"] == {
         "diameter": [12.0], "tanh_scale": settings["tanh_scale"], "targets": "tanh"}
+
+
+def test_cli_reconstruct_reads_the_tanh_scale_from_maps_without_settings(tmp_path, capsys):
+    from cp3d.cli import main
+
+    # oracle maps of scale 3 written without cp3d segment's settings: the default (diameter / 2 = 9) is not theirs
+    _, truth = cp3d.data.synthetic_stack((32, 64, 64), 18, kind="nuclei", seed=4, noise=0)
+    maps = np.concatenate([cp3d.tanh_flows(truth, scale=3.0), (truth > 0)[None].astype(np.float32)])
+    io.write_image(tmp_path / "maps.tif", maps.reshape(-1, *maps.shape[2:]))
+    assert main(["reconstruct", str(tmp_path / "maps.tif"), "-o", str(tmp_path / "l.tif"), "--diameter", "18",
+                 "--tanh-scale", "auto", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    np.testing.assert_allclose(report["reconstruction"]["tanh_scale"], [3.0, 3.0, 3.0], rtol=1e-3)
+    assert "tanh scale 'auto' from the central" in captured.err
+    assert cp3d.metrics.evaluate(truth, io.read_image(tmp_path / "l.tif").data)["ap50"] >= 0.95
+    assert main(["reconstruct", str(tmp_path / "maps.tif"), "-o", str(tmp_path / "x.tif"), "--tanh-scale", "auto",
+                 "3"]) == 2
+    assert "'auto' alone" in capsys.readouterr().err
