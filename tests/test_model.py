@@ -2,12 +2,14 @@
 
 import importlib
 import json
+import logging
 import os
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+from scipy import ndimage
 
 import cp3d
 from cp3d.model import UNet3D, UNetConfig, load_model, normalize_percentile, predict, save_model, train
@@ -683,3 +685,137 @@ def test_varied_nuclei_training_draws_out_of_focus_light_and_validates_on_it(tmp
     assert 0 < len(wide) < len(calls)  # three in four stacks on average
     assert all(0 <= c["out_of_focus"] <= 0.6 and c["dim_fraction"] == 0 for c in wide)
     assert sum(c["out_of_focus"] > 0.2 for c in wide) >= 2
+
+
+# --------------------------------------------------------------------------- sparse annotations
+
+
+def test_loss_ignores_the_voxels_a_sparse_annotation_leaves_unknown():
+    labels = _labels()
+    fg = torch.from_numpy((labels > 0).astype(np.float32))[None]
+    flows = torch.from_numpy(cp3d.tanh_flows(labels))[None]
+    known = torch.zeros_like(fg)
+    known[..., : labels.shape[-1] // 2] = 1
+    raw = torch.randn(1, 4, *labels.shape, requires_grad=True)
+    total, _, _ = compute_loss(raw, fg, flows, known)
+    total.backward()
+    unknown = (known == 0)[:, None].expand_as(raw)
+    assert raw.grad[unknown].abs().max() == 0 and raw.grad[~unknown].abs().max() > 0
+    # all known is the dense loss
+    dense = compute_loss(raw.detach(), fg, flows)
+    torch.testing.assert_close(compute_loss(raw.detach(), fg, flows, torch.ones_like(fg)), dense)
+
+
+def test_sparse_patches_hold_a_labelled_voxel_and_pad_as_unknown():
+    from cp3d.model.train import _sample_patches, sparse_entry
+
+    labels = np.zeros((20, 40, 40), np.uint32)
+    labels[2:6, 30:36, 3:9] = 7  # one small annotated cell in a corner
+    background = np.zeros(labels.shape, bool)
+    background[:, 20:, :20] = labels[:, 20:, :20] == 0
+    background[:, :, 20:] = True
+    entry = {"image": np.random.default_rng(0).random(labels.shape, dtype=np.float32),
+             "fg": (labels > 0).astype(np.float32), "flows": cp3d.tanh_flows(labels)} | sparse_entry(labels, background)
+    assert entry["known"].sum() == background.sum() + (labels > 0).sum()
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        image, fg, flows, known = _sample_patches([entry], rng, 2, (24, 16, 16))
+        assert known.shape == fg.shape == (2, 24, 16, 16)
+        assert (fg.flatten(1).sum(1) > 0).all()  # every patch holds part of the annotated cell
+        # each stack slice holds known voxels; the 4 slices of z padding are unknown, not background
+        assert ((known.flatten(2).sum(2) == 0).sum(1) == 4).all()
+        assert ((fg > 0) <= (known > 0)).all()
+
+
+def _write_sparse(folder, shape=(16, 32, 32), diameter=8, seed=0, keep=3, h5=False):
+    """A stack with only `keep` cells labelled and the background around them marked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image, labels = cp3d.data.synthetic_stack(shape, diameter, seed=seed, noise=0.1)
+    kept = np.isin(labels, np.unique(labels[labels > 0])[:keep])
+    sparse = np.where(kept, labels, 0).astype(np.uint32)
+    background = (labels == 0) & ndimage.binary_dilation(kept, iterations=3)
+    if h5:
+        import h5py
+
+        with h5py.File(folder / f"sparse{seed}.h5", "w") as f:
+            f["raw"], f["label"], f["background"] = image, sparse, background.astype(np.uint8)
+    else:
+        cp3d.io.write_image(folder / f"sparse{seed}.tif", image)
+        cp3d.io.write_labels(folder / f"sparse{seed}_masks.tif", sparse)
+        cp3d.io.write_labels(folder / f"sparse{seed}_background.tif", background.astype(np.uint8))
+    return folder, labels, sparse, background
+
+
+def test_sparse_annotations_are_read_from_tiff_and_hdf5(tmp_path, caplog):
+    pytest.importorskip("h5py")
+    from cp3d.model.annotated import find_pairs, read_annotated
+
+    folder, _, sparse, background = _write_sparse(tmp_path / "data")
+    _write_sparse(folder, seed=1, h5=True)
+    with caplog.at_level(logging.WARNING):
+        pairs = find_pairs(folder)
+    assert [p[0].name for p in pairs] == ["sparse0.tif", "sparse1.h5"] and "skipping" not in caplog.text
+    tiff, h5 = (read_annotated(*pair) for pair in pairs)
+    assert tiff.background.dtype == bool and np.array_equal(tiff.background, background)
+    np.testing.assert_array_equal(tiff.labels, sparse)
+    assert h5.background is not None and h5.background.any()
+    dense = read_annotated(*find_pairs(_write_pairs(tmp_path / "dense", 1))[0])
+    assert dense.background is None
+
+
+@pytest.mark.parametrize("background, match", [
+    (np.ones((16, 32, 33), np.uint8), "shape"),
+    (np.ones((16, 32, 32), np.uint8), "cells as background"),
+])
+def test_bad_background_masks_are_refused(tmp_path, background, match):
+    from cp3d.model.annotated import find_pairs, read_annotated
+
+    folder, *_ = _write_sparse(tmp_path / "data")
+    cp3d.io.write_labels(folder / "sparse0_background.tif", background)
+    with pytest.raises(ValueError, match=match):
+        read_annotated(*find_pairs(folder)[0])
+
+
+def test_sparse_training_end_to_end(tmp_path):
+    folder, *_ = _write_sparse(tmp_path / "data")
+    _write_pairs(folder, 1)  # a wholly annotated stack beside it, made sparse by sparse=True
+    out = tmp_path / "run"
+    train(out, **_tiny_training(steps=2, validate_stacks=1) | {"data": folder, "sparse": True})
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["data"]["sparse"] is True and card["data"]["validation_stacks"] == []  # none held out
+    fractions = {s["name"]: s["known_fraction"] for s in card["data"]["stacks"]}
+    assert 0 < fractions["sparse0.tif"] < 0.5 and 0 < fractions["stack0.tif"] < 1
+    # sparse validation masks would score every unlabelled cell as a false positive
+    with pytest.raises(ValueError, match="whole annotations"):
+        train(tmp_path / "x", **_tiny_training(steps=1) | {"data": folder, "validate_data": folder})
+    with pytest.raises(ValueError, match="pass data"):
+        train(tmp_path / "x", **_tiny_training(steps=1, sparse=True))
+
+
+def test_training_from_annotated_stacks_in_memory_and_stopped_by_the_callback(tmp_path):
+    from cp3d.model.annotated import AnnotatedStack
+
+    image, labels = cp3d.data.synthetic_stack((16, 32, 32), 8, seed=3, noise=0.1)
+    stack = AnnotatedStack("corrected", image, labels.astype(np.uint32), (1.0, 1.0, 1.0), labels == 0)
+    seen = []
+    out = tmp_path / "run"
+    train(out, **_tiny_training(steps=5, checkpoint_every=100) | {
+        "data": [stack], "callback": lambda info: seen.append(info["step"]) or info["step"] == 2})
+    assert seen == [1, 2]
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["stopped_at"] == 2 and card["steps"] == 2 and card["data"]["folder"] == ["corrected"]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert load_model(out).config.base_features == TINY["base_features"]
+    with pytest.raises(TypeError, match="AnnotatedStack"):
+        train(tmp_path / "x", **_tiny_training(steps=1) | {"data": [image]})
+
+
+def test_cli_train_sparse(tmp_path):
+    from cp3d import cli
+
+    folder = _write_pairs(tmp_path / "data", 1)
+    out = tmp_path / "run"
+    assert cli.main(["train", str(out), "--data", str(folder), "--sparse", "--steps", "1", "--patch-size",
+                     "16,16,16", "--no-progress"]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["arguments"]["sparse"] is True and card["data"]["stacks"][0]["sparse"] is True

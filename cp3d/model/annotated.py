@@ -9,6 +9,12 @@ Two layouts are read, in one folder, side by side:
   ``label`` instance dataset, the layout of the released Cellpose3D code and
   of PlantSeg. Their voxel size is read from an ``element_size_um``
   attribute (PlantSeg's) when present.
+
+Sparse annotations, where only some cells are drawn, mark what is known to be
+background in a mask beside them: ``NAME_background.tif`` (nonzero =
+background), or a ``background`` dataset in the HDF5 file. A stack with such
+a mask is sparse: its other unlabelled voxels are unknown, and training
+ignores them (see :func:`cp3d.model.train`, ``sparse``).
 """
 
 import logging
@@ -30,7 +36,8 @@ log = logging.getLogger(__name__)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
-HDF5_IMAGE, HDF5_LABELS = "raw", "label"
+HDF5_IMAGE, HDF5_LABELS, HDF5_BACKGROUND = "raw", "label", "background"
+BACKGROUND_SUFFIX = "_background"  # NAME_background.tif beside NAME.tif: the voxels known to be background
 
 
 class AnnotatedStack(NamedTuple):
@@ -45,12 +52,16 @@ class AnnotatedStack(NamedTuple):
         Instances 1..N (ids need not be consecutive), 0 for background.
     voxel_size : tuple of 3 float or None
         ``(z, y, x)`` as recorded in the file, or None.
+    background : ndarray of bool, shape (Z, Y, X), or None
+        For sparse annotations: the unlabelled voxels known to be background
+        (the others are unknown). None when the file has no background mask.
     """
 
     name: str
     image: np.ndarray
     labels: np.ndarray
     voxel_size: Optional[Tuple[float, float, float]]
+    background: Optional[np.ndarray] = None
 
 
 def find_pairs(folder, mask_filter="_masks"):
@@ -60,7 +71,9 @@ def find_pairs(folder, mask_filter="_masks"):
     ----------
     folder : path-like
         Folder holding ``NAME.tif`` + ``NAME{mask_filter}.tif`` pairs and/or
-        HDF5 files with ``raw`` and ``label`` datasets.
+        HDF5 files with ``raw`` and ``label`` datasets. A
+        ``NAME_background.tif`` beside a pair is its background mask (read by
+        :func:`read_annotated`), not an image.
     mask_filter : str
         Suffix of the mask files' stems (Cellpose's ``--mask_filter``).
 
@@ -93,6 +106,8 @@ def find_pairs(folder, mask_filter="_masks"):
     files = sorted(p for p in folder.iterdir() if p.is_file())
     tiffs = {p.stem: p for p in files if p.suffix.lower() in TIFF_SUFFIXES}
     masks = {stem: p for stem, p in tiffs.items() if stem.endswith(mask_filter)}
+    backgrounds = {stem for stem in tiffs if stem.endswith(BACKGROUND_SUFFIX)
+                   and stem[: -len(BACKGROUND_SUFFIX)] + mask_filter in masks}
     pairs = []
     for stem, mask in masks.items():
         image = tiffs.get(stem[: -len(mask_filter)])
@@ -101,7 +116,8 @@ def find_pairs(folder, mask_filter="_masks"):
                              f"{stem[: -len(mask_filter)]}.tif beside it")
         pairs.append((image, mask))
     paired = {image.stem for image, _ in pairs}
-    unpaired = sorted(p.name for stem, p in tiffs.items() if stem not in masks and stem not in paired)
+    unpaired = sorted(p.name for stem, p in tiffs.items()
+                      if stem not in masks and stem not in paired and stem not in backgrounds)
     if unpaired:
         log.warning("skipping %d image(s) without a %s file in %s: %s", len(unpaired), mask_filter, folder,
                     ", ".join(unpaired[:5]) + (" ..." if len(unpaired) > 5 else ""))
@@ -121,7 +137,9 @@ def read_annotated(image_path, masks_path=None):
         A TIFF image, or an HDF5 file with ``raw`` and ``label`` datasets
         (then `masks_path` is None).
     masks_path : path-like, optional
-        The TIFF instance masks of a TIFF image.
+        The TIFF instance masks of a TIFF image. A ``NAME_background.tif``
+        beside the image (or a ``background`` dataset in the HDF5 file) is
+        read as the stack's background mask.
 
     Returns
     -------
@@ -130,21 +148,25 @@ def read_annotated(image_path, masks_path=None):
     Raises
     ------
     ValueError
-        For a file that is not a 3D stack, image and masks of different
-        shapes, masks that hold no instance, or an HDF5 file without the
-        datasets.
+        For a file that is not a 3D stack, image, masks or background mask
+        of different shapes, masks that hold no instance, a background mask
+        that overlaps the cells, or an HDF5 file without the datasets.
     TypeError
         For masks that are not integer labels (floats, booleans).
     """
     image_path = Path(image_path)
     if masks_path is None:
-        image, labels, voxel_size = _read_hdf5(image_path)
+        image, labels, background, voxel_size = _read_hdf5(image_path)
         masks_name = f"{image_path.name}/{HDF5_LABELS}"
+        background_name = f"{image_path.name}/{HDF5_BACKGROUND}"
     else:
         stack = read_image(image_path)
         image, voxel_size = stack.data, stack.voxel_size
         labels = read_image(masks_path).data
         masks_name = Path(masks_path).name
+        background_path = image_path.with_name(image_path.stem + BACKGROUND_SUFFIX + image_path.suffix)
+        background = read_image(background_path).data if background_path.is_file() else None
+        background_name = background_path.name
     if image.ndim != 3 or labels.ndim != 3:
         raise ValueError(f"{image_path.name}: training needs 3D stacks, got image {image.shape} and masks "
                          f"{labels.shape}")
@@ -159,8 +181,17 @@ def read_annotated(image_path, masks_path=None):
         raise ValueError(f"{masks_name} holds no instance (all zero)")
     if image.dtype.kind not in "biuf":
         raise TypeError(f"{image_path.name}: the image must be real-valued, got dtype {image.dtype}")
+    if background is not None:
+        if background.shape != labels.shape:
+            raise ValueError(f"{background_name} has shape {background.shape} but the masks {masks_name} have "
+                             f"{labels.shape}")
+        background = np.asarray(background) != 0
+        overlap = int(np.count_nonzero(background & (labels > 0)))
+        if overlap:
+            raise ValueError(f"{background_name} marks {overlap} voxels of labelled cells as background: a voxel "
+                             "is a cell's or background, not both")
     return AnnotatedStack(image_path.name, image.astype(np.float32, copy=False),
-                          labels.astype(np.uint32, copy=False), voxel_size)
+                          labels.astype(np.uint32, copy=False), voxel_size, background)
 
 
 def _read_hdf5(path):
@@ -175,13 +206,14 @@ def _read_hdf5(path):
                 raise ValueError(f"{path.name} has no {' or '.join(map(repr, missing))} dataset (it holds "
                                  f"{sorted(f.keys())}); training reads {HDF5_IMAGE!r} and {HDF5_LABELS!r}")
             image, labels = f[HDF5_IMAGE][()], f[HDF5_LABELS][()]
+            background = f[HDF5_BACKGROUND][()] if HDF5_BACKGROUND in f else None
             size = f[HDF5_IMAGE].attrs.get("element_size_um")
     except OSError as e:
         raise ValueError(f"cannot read {path.name} as HDF5: {e}") from e
     voxel_size = None
     if size is not None and np.size(size) == 3:
         voxel_size = as_triple(np.asarray(size, np.float64), f"{path.name} element_size_um")
-    return image, labels, voxel_size
+    return image, labels, background, voxel_size
 
 
 def to_model_grid(stack, config, *, diameter=None, voxel_size=None):
@@ -205,6 +237,8 @@ def to_model_grid(stack, config, *, diameter=None, voxel_size=None):
         Linearly resampled.
     labels : ndarray, uint32
         Resampled by nearest neighbour.
+    background : ndarray of bool or None
+        The stack's background mask, resampled by nearest neighbour.
     info : dict
         ``diameter``, ``voxel_size``, ``zoom`` (z, y, x) and the shapes, for the model card.
     """
@@ -215,10 +249,12 @@ def to_model_grid(stack, config, *, diameter=None, voxel_size=None):
     # As in cp3d.segment: cells of `extent` voxels become train_diameter voxels on the model's grid.
     zoom = tuple(config.train_diameter / e for e in extent)
     shape = tuple(max(1, int(round(s * z))) for s, z in zip(stack.image.shape, zoom))
-    image, labels = stack.image, stack.labels
+    image, labels, background = stack.image, stack.labels, stack.background
     if shape != image.shape:
         image = zoom_to_shape(image, shape, order=1)
         labels = zoom_to_shape(labels, shape, order=0)
+        if background is not None:
+            background = zoom_to_shape(background.view(np.uint8), shape, order=0) > 0
     info = {"name": stack.name, "diameter": d, "voxel_size": list(vs), "zoom": list(zoom),
             "shape": list(stack.image.shape), "model_grid_shape": list(shape), "cells": int(len(np.unique(labels)) - 1)}
-    return image, labels, info
+    return image, labels, background, info

@@ -199,8 +199,8 @@ class _FolderPool:
     checkpoint's when training resumes.
     """
 
-    def __init__(self, config, annotated, diameter, voxel_size):
-        self.config, self.annotated = config, annotated
+    def __init__(self, config, annotated, diameter, voxel_size, sparse=False):
+        self.config, self.annotated, self.sparse = config, annotated, sparse
         self.diameter, self.voxel_size = diameter, voxel_size
         self.ids = [a.name for a in annotated]
         self.stacks, self.info, self.next_id, self.gen_seconds = [], [], len(annotated), 0.0
@@ -213,12 +213,16 @@ class _FolderPool:
 
         t0 = time.perf_counter()
         for stack in self.annotated:
-            image, labels, info = to_model_grid(stack, self.config, diameter=self.diameter,
-                                                voxel_size=self.voxel_size)
+            image, labels, background, info = to_model_grid(stack, self.config, diameter=self.diameter,
+                                                            voxel_size=self.voxel_size)
             log.info("%s: cells %.1f voxels across, zoom %s to %s", info["name"], info["diameter"],
                      tuple(round(z, 3) for z in info["zoom"]), tuple(info["model_grid_shape"]))
-            self.stacks.append({"image": normalize_percentile(image), "fg": (labels > 0).astype(np.float32),
-                                "flows": flow_targets(labels, self.config)})
+            entry = {"image": normalize_percentile(image), "fg": (labels > 0).astype(np.float32),
+                     "flows": flow_targets(labels, self.config)}
+            if self.sparse or background is not None:
+                entry |= sparse_entry(labels, background)
+                info |= {"sparse": True, "known_fraction": float(entry["known"].mean())}
+            self.stacks.append(entry)
             self.info.append(info)
         self.gen_seconds += time.perf_counter() - t0
 
@@ -229,29 +233,63 @@ class _FolderPool:
         return _sample_patches(self.stacks, rng, batch_size, patch)
 
 
+def sparse_entry(labels, background=None):
+    """What a sparsely annotated stack adds to its training entry.
+
+    Returns
+    -------
+    dict
+        ``known``: float32 map, 1 on the labelled cells and on `background`,
+        0 on the unknown voxels the loss ignores; ``anchors``: flat indices
+        of the labelled voxels, around which patches are drawn.
+    """
+    cells = labels > 0
+    known = cells if background is None else cells | background
+    return {"known": known.astype(np.float32), "anchors": np.flatnonzero(cells)}
+
+
 def _sample_patches(stacks, rng, batch_size, patch):
-    """A batch of random, augmented patches from `stacks` (dicts of image, fg and flows)."""
-    images, fgs, flows = [], [], []
+    """A batch of random, augmented patches from `stacks` (dicts of image, fg and flows).
+
+    A sparsely annotated stack (with ``known`` and ``anchors``, see
+    :func:`sparse_entry`) gives patches holding a random labelled voxel at a
+    random place, so the few cells drawn are seen in every context.
+
+    Returns
+    -------
+    images, fgs, flows, known : torch.Tensor
+        ``known`` weighs each voxel in the loss: 1, or 0 where a sparse
+        annotation does not say.
+    """
+    images, fgs, flows, knowns = [], [], [], []
     for _ in range(batch_size):
         st = stacks[rng.integers(len(stacks))]
         shape = st["image"].shape
-        starts = [int(rng.integers(0, max(1, s - p) + 1)) for s, p in zip(shape, patch)]
+        if "anchors" in st:
+            anchor = np.unravel_index(st["anchors"][rng.integers(len(st["anchors"]))], shape)
+            starts = [int(np.clip(a - rng.integers(0, p), 0, max(0, s - p))) for a, s, p in zip(anchor, shape, patch)]
+        else:
+            starts = [int(rng.integers(0, max(1, s - p) + 1)) for s, p in zip(shape, patch)]
         sl = tuple(slice(a, a + p) for a, p in zip(starts, patch))
         img, fg, fl = st["image"][sl], st["fg"][sl], st["flows"][(slice(None),) + sl]
-        if img.shape != tuple(patch):  # stack smaller than the patch: zero-pad (background)
+        known = st["known"][sl] if "known" in st else np.ones_like(fg)
+        if img.shape != tuple(patch):  # stack smaller than the patch: zero-pad (background, unknown when sparse)
             pad = [(0, p - s) for p, s in zip(patch, img.shape)]
             img, fg = np.pad(img, pad), np.pad(fg, pad)
+            known = np.pad(known, pad, constant_values=0.0 if "known" in st else 1.0)
             fl = np.pad(fl, [(0, 0)] + pad)
         flips = tuple(bool(b) for b in rng.random(3) < 0.5)
-        (img, fg), fl = augment_geometry([img, fg], fl, flips=flips, swap_yx=bool(rng.random() < 0.5))
+        (img, fg, known), fl = augment_geometry([img, fg, known], fl, flips=flips, swap_yx=bool(rng.random() < 0.5))
         img = _augment_intensity(img, rng)
         images.append(img)
         fgs.append(fg)
         flows.append(fl)
+        knowns.append(known)
     return (
         torch.from_numpy(np.stack(images)[:, None]),
         torch.from_numpy(np.stack(fgs)),
         torch.from_numpy(np.stack(flows)),
+        torch.from_numpy(np.stack(knowns)),
     )
 
 
@@ -267,19 +305,24 @@ def _augment_intensity(img, rng):
 # --------------------------------------------------------------------------- loss
 
 
-def compute_loss(raw, fg, flows, *, flow_weight=5.0, background_weight=0.1):
+def compute_loss(raw, fg, flows, known=None, *, flow_weight=5.0, background_weight=0.1):
     """Training loss on a raw network output.
 
     BCE (with logits) on the foreground channel, plus `flow_weight` times
     an MSE on the ``tanh`` flow channels in which foreground voxels weigh 1
     and background voxels `background_weight` (they should predict ~0).
+    Both are means over the `known` voxels: those of a sparse annotation
+    that it leaves unlabelled (``known`` 0) do not count.
 
     Returns
     -------
     total, bce, mse : torch.Tensor
     """
-    bce = F.binary_cross_entropy_with_logits(raw[:, 3], fg)
-    w = fg + background_weight * (1.0 - fg)
+    if known is None:
+        known = torch.ones_like(fg)
+    bce_map = F.binary_cross_entropy_with_logits(raw[:, 3], fg, reduction="none")
+    bce = (known * bce_map).sum() / known.sum().clamp_min(1.0)
+    w = known * (fg + background_weight * (1.0 - fg))
     err = (torch.tanh(raw[:, :3]) - flows).pow(2).mean(dim=1)
     mse = (w * err).sum() / w.sum().clamp_min(1e-6)
     return bce + flow_weight * mse, bce, mse
@@ -334,15 +377,32 @@ def _lineage(init_dir):
 HOLD_OUT = 5  # without validate_data, one annotated stack in HOLD_OUT is kept for validation
 
 
-def _annotated_sets(data, validate_data, mask_filter, validate_stacks):
-    """Training and validation stacks read from the `data` (and `validate_data`) folders."""
+def _annotated_sets(data, validate_data, mask_filter, validate_stacks, sparse=False):
+    """Training and validation stacks: read from the `data` (and `validate_data`) folders, or given."""
     if data is None:
         return [], []
-    from .annotated import find_pairs, read_annotated
+    from .annotated import AnnotatedStack, find_pairs, read_annotated
 
-    stacks = [read_annotated(*pair) for pair in find_pairs(data, mask_filter)]
+    def stacks_of(source):
+        if isinstance(source, (str, os.PathLike)):
+            return [read_annotated(*pair) for pair in find_pairs(source, mask_filter)]
+        stacks = list(source)
+        if not stacks or not all(isinstance(s, AnnotatedStack) for s in stacks):
+            raise TypeError("data must be a folder or a non-empty sequence of cp3d.model.annotated.AnnotatedStack")
+        return stacks
+
+    stacks = stacks_of(data)
     if validate_data is not None:
-        return stacks, [read_annotated(*pair) for pair in find_pairs(validate_data, mask_filter)]
+        validation = stacks_of(validate_data)
+        partial = [v.name for v in validation if v.background is not None]
+        if partial:
+            raise ValueError(f"validation needs whole annotations, but {', '.join(partial)} mark(s) background as "
+                             "sparse annotations do")
+        return stacks, validation
+    if sparse or any(s.background is not None for s in stacks):
+        if validate_stacks:
+            log.info("sparse annotations: no stack held out for validation (pass validate_data, wholly annotated)")
+        return stacks, []
     held = max(1, len(stacks) // HOLD_OUT) if validate_stacks and len(stacks) > 1 else 0
     if validate_stacks and not held:
         log.warning("one annotated stack only: training on it without validation (pass validate_data)")
@@ -386,6 +446,8 @@ def train(
     command=None,
     kind="membrane",
     varied=False,
+    sparse=False,
+    callback=None,
 ):
     """Train a :class:`UNet3D` on synthetic membrane or nuclei stacks, or on annotated stacks of your own.
 
@@ -421,16 +483,18 @@ def train(
         and carries the runs before it in ``lineage``.
     resume : path-like, optional
         A checkpoint file, or a directory holding ``checkpoint.pt``.
-    data : path-like, optional
+    data : path-like or sequence of AnnotatedStack, optional
         Train on the annotated stacks of this folder instead of synthetic
         ones: ``NAME.tif`` beside ``NAME_masks.tif`` (Cellpose's convention)
         and/or HDF5 files with ``raw`` and ``label`` datasets (see
-        :mod:`cp3d.model.annotated`). Each stack is resampled so its cells are
+        :mod:`cp3d.model.annotated`), or on the given
+        :class:`~cp3d.model.annotated.AnnotatedStack` s. Each stack is resampled so its cells are
         ``train_diameter`` voxels across on the model's voxel grid, and
         random patches are drawn from them with the same augmentation as
         synthetic stacks. Without `validate_data`, one stack in five (at
         least one, none when there is only one stack or `validate_stacks`
-        is 0) is held out for validation: the last ones by name.
+        is 0) is held out for validation: the last ones by name; sparse
+        annotations are never held out.
     mask_filter : str
         Suffix of the mask files' stems in `data` and `validate_data`.
     voxel_size : float or (float, float, float), optional
@@ -486,6 +550,17 @@ def train(
         unlabelled out-of-focus nuclei and leave out dim nuclei
         (``random_nuclei_options(wide=True)``). Validate on plain and on
         varied stacks.
+    sparse : bool
+        The masks in `data` label only some cells: their unlabelled voxels
+        are unknown and the loss ignores them, but for those a background
+        mask marks (``NAME_background.tif`` or an HDF5 ``background``
+        dataset). A stack with a background mask is read as sparse without
+        it. Patches are drawn around the labelled cells, and their flows are
+        exact: each cell's targets depend on that cell alone.
+    callback : callable, optional
+        Called after every step with a dict (``step``, ``steps``, ``loss``,
+        ``bce``, ``flow_mse``); when it returns True, training stops there
+        and the model is saved as it is (its card says so).
 
     Returns
     -------
@@ -496,8 +571,11 @@ def train(
     arguments["out_dir"] = str(out_dir)
     arguments["resume"] = None if resume is None else str(resume)
     arguments["init"] = None if init is None else str(init)
-    arguments["data"] = None if data is None else str(data)
-    arguments["validate_data"] = None if validate_data is None else str(validate_data)
+    arguments["data"] = None if data is None else str(data) if isinstance(data, (str, os.PathLike)) else [
+        getattr(s, "name", None) for s in data]
+    arguments["validate_data"] = None if validate_data is None else str(validate_data) if isinstance(
+        validate_data, (str, os.PathLike)) else [getattr(s, "name", None) for s in validate_data]
+    arguments["callback"] = None if callback is None else repr(callback)
     if init is not None and resume is not None:
         raise ValueError("pass init (start a new run from trained weights) or resume (continue a run), not both")
     if validate_data is not None and data is None:
@@ -508,11 +586,13 @@ def train(
         raise ValueError(f"kind={kind!r} chooses synthetic stacks; with data the stacks are the annotated ones")
     if varied and data is not None:
         raise ValueError("varied applies to synthetic stacks (annotated data is what it is)")
+    if sparse and data is None:
+        raise ValueError("sparse applies to annotated data (pass data)")
     if diameter is not None and not (np.isfinite(diameter) and diameter > 0):
         raise ValueError(f"diameter must be positive and finite, got {diameter!r}")
     if voxel_size is not None:
         voxel_size = as_triple(voxel_size, "voxel_size")
-    train_set, validation_set = _annotated_sets(data, validate_data, mask_filter, validate_stacks)
+    train_set, validation_set = _annotated_sets(data, validate_data, mask_filter, validate_stacks, sparse)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if num_threads is not None:
@@ -543,7 +623,7 @@ def train(
         pool = _StackPool(config, seed, diameters, n_stacks, stack_shape, noise, stretch, refresh_every, kind,
                           varied)
     else:
-        pool = _FolderPool(config, train_set, diameter, voxel_size)
+        pool = _FolderPool(config, train_set, diameter, voxel_size, sparse)
     step, history = 0, []
     steps_before, lineage = 0, []  # of the model a fine-tuning run starts from
 
@@ -597,10 +677,10 @@ def train(
     with open(log_path, "a") as log_file:
         while step < steps:
             pool.refresh(step)
-            x, fg, fl = pool.sample(rng, batch_size, patch)
-            x, fg, fl = x.to(dev), fg.to(dev), fl.to(dev)
+            x, fg, fl, known = (t.to(dev) for t in pool.sample(rng, batch_size, patch))
             raw = model(x)
-            loss, bce, mse = compute_loss(raw, fg, fl, flow_weight=flow_weight, background_weight=background_weight)
+            loss, bce, mse = compute_loss(raw, fg, fl, known, flow_weight=flow_weight,
+                                          background_weight=background_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -619,8 +699,13 @@ def train(
                     "data_gen_seconds": pool.gen_seconds, "elapsed_s": elapsed,
                 }) + "\n")
                 log_file.flush()
-            if checkpoint_every and (step % checkpoint_every == 0 or step == steps):
+            stop = bool(callback and callback({"step": step, "steps": steps, "loss": history[-1][0],
+                                                "bce": history[-1][1], "flow_mse": history[-1][2]}))
+            if checkpoint_every and (step % checkpoint_every == 0 or step == steps or stop):
                 checkpoint()
+            if stop:
+                log.info("stopped at step %d of %d", step, steps)
+                break
     bar.close()
     elapsed = time.perf_counter() - t_start
 
@@ -648,13 +733,15 @@ def train(
             "half the stacks with targets recomputed, dim cells, gamma, contrast/offset, Gaussian noise",
             "stacks_generated": pool.next_id,
         } if data is None else {
-            "folder": str(data), "mask_filter": mask_filter, "stacks": pool.info,
-            "validation_folder": None if validate_data is None else str(validate_data),
+            "folder": arguments["data"], "mask_filter": mask_filter, "stacks": pool.info,
+            "sparse": any(info.get("sparse", False) for info in pool.info),
+            "validation_folder": arguments["validate_data"],
             "validation_stacks": [v.name for v in validation_set],
             "augmentation": "flips (flow channel negated), y<->x swap (flow channels swapped), gamma, "
             "contrast/offset, Gaussian noise",
         },
         "steps": steps_before + step,
+        **({"stopped_at": step} if step < steps else {}),
         "final_losses": {"loss": tail[0], "bce": tail[1], "flow_mse": tail[2], "averaged_over_steps": min(50, len(history))},
         "seconds_per_step": elapsed / max(1, step - start_step),
         "n_parameters": model.n_parameters,
@@ -871,6 +958,10 @@ def main(argv=None, prog="cp3d train"):
                    help="train on the annotated stacks of DIR: NAME.tif beside NAME_masks.tif, and/or HDF5 files "
                         "with 'raw' and 'label' datasets")
     p.add_argument("--mask-filter", default="_masks", help="suffix of the mask files' names (default _masks)")
+    p.add_argument("--sparse", action="store_true",
+                   help="the --data masks label only some cells: unlabelled voxels are ignored by the loss unless "
+                        "NAME_background.tif (or an HDF5 'background' dataset) marks them background; a stack with "
+                        "such a mask is sparse without this flag")
     p.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="voxel size of the --data stacks (default: read from the files, else isotropic)")
     p.add_argument("--diameter", type=float, default=None,
@@ -914,7 +1005,7 @@ def main(argv=None, prog="cp3d train"):
         validate_data=a.validate_data,
         progress=not a.no_progress, diameters=a.diameters, n_stacks=a.n_stacks, noise=a.noise,
         refresh_every=a.refresh_every, num_threads=a.num_threads, validate_stacks=a.validate_stacks,
-        command=" ".join([prog] + argv), kind=a.kind, varied=a.varied,
+        command=" ".join([prog] + argv), kind=a.kind, varied=a.varied, sparse=a.sparse,
     )
 
 
