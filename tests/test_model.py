@@ -819,3 +819,13 @@ def test_cli_train_sparse(tmp_path):
                      "16,16,16", "--no-progress"]) == 0
     card = json.loads((out / "model_card.json").read_text())
     assert card["arguments"]["sparse"] is True and card["data"]["stacks"][0]["sparse"] is True
+
+
+def test_fine_tuning_takes_the_network_of_the_model_it_starts_from(tmp_path):
+    start = save_model(UNet3D(base_features=4, depth=2, train_diameter=12.0, tanh_scale=4.0).eval(), tmp_path / "m")
+    folder = _write_pairs(tmp_path / "data", 1)
+    tuned = train(tmp_path / "run", data=folder, init=start, steps=1, batch_size=1, patch_size=(16, 16, 16),
+                  device="cpu", progress=False, validate_stacks=0)
+    assert tuned.config.to_dict() | {"patch_size": None} == load_model(start).config.to_dict() | {"patch_size": None}
+    with pytest.raises(ValueError, match="different configuration"):
+        train(tmp_path / "x", data=folder, init=start, steps=1, patch_size=(16, 16, 16), depth=3, progress=False)

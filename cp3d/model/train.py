@@ -409,10 +409,14 @@ def _annotated_sets(data, validate_data, mask_filter, validate_stacks, sparse=Fa
     return stacks[: len(stacks) - held], stacks[len(stacks) - held :]
 
 
+NETWORK_DEFAULTS = {"targets": "tanh", "base_features": 16, "depth": 3, "norm": "batch"}
+DEFAULT_DIAMETERS = (7, 15)
+
+
 def train(
     out_dir,
     *,
-    targets="tanh",
+    targets=None,
     steps=1500,
     batch_size=2,
     patch_size=(48, 48, 48),
@@ -429,15 +433,15 @@ def train(
     diameter=None,
     validate_data=None,
     progress=True,
-    diameters=(7, 15),
+    diameters=None,
     n_stacks=8,
     stack_shape=None,
     refresh_every=20,
     noise=(0.02, 0.2),
     stretch=(0.75, 1.33),
-    base_features=16,
-    depth=3,
-    norm="batch",
+    base_features=None,
+    depth=None,
+    norm=None,
     flow_weight=5.0,
     background_weight=0.1,
     num_threads=None,
@@ -457,8 +461,9 @@ def train(
         Receives ``checkpoint.pt`` (every `checkpoint_every` steps),
         ``train_log.jsonl`` and, at the end, ``config.json``, ``weights.pt``
         and ``model_card.json``.
-    targets : {"tanh", "heat"}
-        Gradient formulation: :func:`cp3d.tanh_flows` or :func:`cp3d.heat_flows`.
+    targets : {"tanh", "heat"}, optional
+        Gradient formulation: :func:`cp3d.tanh_flows` or :func:`cp3d.heat_flows`;
+        default that of `init`, else ``"tanh"``.
     steps : int
         Total optimiser steps (a resumed run continues up to this number).
     batch_size : int
@@ -510,8 +515,11 @@ def train(
         scored with :func:`cp3d.metrics.evaluate`.
     progress : bool
         Show a tqdm progress bar.
-    diameters : (float, float)
-        Range of cell diameters (voxels) of the synthetic stacks.
+    diameters : (float, float), optional
+        Range of cell diameters (voxels) of the synthetic stacks, default
+        (7, 15); their geometric mean is the model's ``train_diameter``, the
+        size annotated stacks are resampled to. Default with `init`: the
+        training size of that model.
     n_stacks : int
         Stacks in the data pool.
     stack_shape : tuple of 3 ints, optional
@@ -522,8 +530,9 @@ def train(
         Range of the ``noise`` level passed to :func:`cp3d.data.synthetic_stack`.
     stretch : (float, float)
         Range of the z-stretch factor applied (log-uniformly) to half the stacks.
-    base_features, depth, norm
-        Architecture, see :class:`UNetConfig`.
+    base_features, depth, norm : optional
+        Architecture, see :class:`UNetConfig`; default that of `init`, else
+        16, 3 and ``"batch"``.
     flow_weight, background_weight : float
         Loss weights, see :func:`compute_loss`.
     num_threads : int, optional
@@ -602,14 +611,20 @@ def train(
     if not (isinstance(steps, int) and steps >= 1 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError("steps and batch_size must be positive ints")
     dev = resolve_device(device)
-    config = UNetConfig(
-        targets=targets,
-        base_features=base_features,
-        depth=depth,
-        norm=norm,
-        patch_size=patch_size,
-        train_diameter=float(np.sqrt(diameters[0] * diameters[1])),
-    )
+    # a fine-tuning run takes the network of the model it starts from, unless told otherwise (and refused below
+    # if it differs)
+    start_config = load_model(resolve_model_dir(init)).config if init is not None else None
+    network = {key: value if value is not None else getattr(start_config, key) if start_config else
+               NETWORK_DEFAULTS[key] for key, value in (("targets", targets), ("base_features", base_features),
+                                                        ("depth", depth), ("norm", norm))}
+    if diameters is not None:
+        train_diameter = float(np.sqrt(diameters[0] * diameters[1]))
+    else:
+        diameters = DEFAULT_DIAMETERS
+        train_diameter = start_config.train_diameter if start_config else float(np.sqrt(diameters[0] * diameters[1]))
+    config = UNetConfig(**network, patch_size=patch_size, train_diameter=train_diameter,
+                        **({"tanh_scale": start_config.tanh_scale} if start_config else {}))
+    targets = config.targets
     patch = config.patch_size
     if stack_shape is None:
         stack_shape = tuple(int(math.ceil(1.5 * p)) for p in patch)
@@ -936,7 +951,8 @@ def main(argv=None, prog="cp3d train"):
     p = argparse.ArgumentParser(prog=prog, description="Train a cp3d UNet3D on synthetic stacks, or on annotated "
                                 "stacks of your own (--data).")
     p.add_argument("out_dir")
-    p.add_argument("--targets", choices=("tanh", "heat"), default="tanh")
+    p.add_argument("--targets", choices=("tanh", "heat"), default=None,
+                   help="gradient formulation (default: that of --init, else tanh)")
     p.add_argument("--kind", choices=("membrane", "nuclei"), default="membrane",
                    help="synthetic stacks to train and validate on (default membrane)")
     p.add_argument("--varied", action="store_true",
@@ -970,7 +986,9 @@ def main(argv=None, prog="cp3d train"):
     p.add_argument("--validate-data", default=None, metavar="DIR",
                    help="annotated stacks to validate on (default: hold out one --data stack in five)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--diameters", type=_parse_pair, default=(7.0, 15.0), help="min,max")
+    p.add_argument("--diameters", type=_parse_pair, default=None,
+                   help="min,max cell diameter of the synthetic stacks (default 7,15; with --init, that model's "
+                        "training size)")
     p.add_argument("--noise", type=_parse_pair, default=(0.02, 0.2),
                    help="min,max noise level of the synthetic stacks (Poisson with 1/noise^2 photons at the peak)")
     p.add_argument("--n-stacks", type=int, default=8)
