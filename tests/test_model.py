@@ -829,3 +829,30 @@ def test_fine_tuning_takes_the_network_of_the_model_it_starts_from(tmp_path):
     assert tuned.config.to_dict() | {"patch_size": None} == load_model(start).config.to_dict() | {"patch_size": None}
     with pytest.raises(ValueError, match="different configuration"):
         train(tmp_path / "x", data=folder, init=start, steps=1, patch_size=(16, 16, 16), depth=3, progress=False)
+
+
+def test_from_corrections_learns_the_cells_touched_and_the_background_erased():
+    from cp3d.model.annotated import from_corrections
+
+    segmented = np.zeros((4, 12, 12), np.uint32)
+    segmented[:, :4, :4], segmented[:, :4, 6:10], segmented[:, 8:, :4], segmented[:, 8:, 8:] = 1, 2, 3, 4
+    image = np.ones(segmented.shape, np.float32)
+    corrected = segmented.copy()
+    corrected[:, :4, 4:6] = 1  # cell 1 grown into the gap: merged with cell 2
+    corrected[corrected == 2] = 1
+    corrected[:, 8:, 2:4] = 5  # cell 3 split in two
+    corrected[:, 8:, 8:] = 0  # cell 4 erased: not a cell
+    stack = from_corrections(image, corrected, segmented, voxel_size=(2, 1, 1))
+    assert sorted(np.unique(stack.labels)) == [0, 1, 3, 5] and stack.voxel_size == (2.0, 1.0, 1.0)
+    assert np.array_equal(stack.background, segmented == 4)
+    # unchanged labels: nothing to learn from; without the segmentation every cell is learnt and 0 is unknown
+    with pytest.raises(ValueError, match="no corrected cell"):
+        from_corrections(image, segmented, segmented)
+    painted = from_corrections(image, segmented)
+    assert np.array_equal(painted.labels, segmented) and painted.background is None
+    whole = from_corrections(image, corrected, segmented, whole=True)
+    assert np.array_equal(whole.labels, corrected) and np.array_equal(whole.background, corrected == 0)
+    with pytest.raises(ValueError, match="same 3D stack"):
+        from_corrections(image, segmented[:2])
+    with pytest.raises(ValueError, match="integers"):
+        from_corrections(image, segmented.astype(float))

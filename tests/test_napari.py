@@ -4,6 +4,7 @@ The manifest is registered from its file through npe2, so these tests do not
 depend on the installed entry point.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -65,7 +66,8 @@ def test_manifest_validates_and_is_packaged():
     manifest = npe2.PluginManifest.from_file(MANIFEST)
     manifest.validate_imports()  # every command's python_name imports
     assert manifest.name == "cp3d"
-    assert {w.display_name for w in manifest.contributions.widgets} == {"Segment", "Reconstruct from flows"}
+    assert {w.display_name for w in manifest.contributions.widgets} == {"Segment", "Reconstruct from flows",
+                                                                         "Train from corrections"}
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert project["project"]["entry-points"]["napari.manifest"] == {"cp3d": "cp3d.napari:napari.yaml"}
@@ -180,3 +182,102 @@ def test_a_failing_run_is_reported_in_the_viewer(make_napari_viewer, plugin, qtb
     widget()
     qtbot.waitUntil(lambda: len(errors) == 1, timeout=WAIT_MS)
     assert "NaN" in errors[0] and "bad labels" not in viewer.layers
+
+
+# --------------------------------------------------------------------------- Train from corrections
+
+
+@pytest.fixture
+def no_trained_models(monkeypatch):
+    monkeypatch.setattr(_widgets, "TRAINED_MODELS", [])
+
+
+def _segmented_stack(viewer, qtbot, model_dir, shown):
+    """An image segmented by the Segment widget: its layer and the labels layer the widget made."""
+    image, truth = cp3d.data.synthetic_stack((16, 48, 48), 8, seed=3, noise=0.05)
+    layer = viewer.add_image(image, name="stack", scale=(2.0, 1.0, 1.0))
+    _, segment = viewer.window.add_plugin_dock_widget("cp3d", "Segment")
+    segment.image.value = layer
+    segment.model.value = "folder"
+    segment.model_folder.value = model_dir
+    segment.diameter.value = 8
+    segment.augment.value = False
+    segment()
+    qtbot.waitUntil(lambda: len(shown) == 1, timeout=WAIT_MS)
+    return layer, viewer.layers["stack labels"], truth, segment
+
+
+def test_train_from_corrections_fine_tunes_saves_and_segments_again(
+        make_napari_viewer, plugin, qtbot, tiny_model_dir, shown, tmp_path, no_trained_models):
+    viewer = make_napari_viewer()
+    image, labels, truth, segment = _segmented_stack(viewer, qtbot, tiny_model_dir, shown)
+    # the user's corrections, as napari's paint and erase tools make them: in place in the layer's data
+    ids = np.unique(truth[truth > 0])
+    labels.data[truth == ids[0]] = 1000  # a cell painted right
+    labels.data[truth == ids[1]] = 1001
+    erased = (truth == 0) & (labels.data > 0)
+    labels.data[erased] = 0  # false cells in the background erased
+    corrected = labels.data.copy()
+    out = tmp_path / "retrained"
+    _, widget = viewer.window.add_plugin_dock_widget("cp3d", "Train from corrections")
+    widget.image.value, widget.corrected.value = image, labels
+    widget.model.value = "folder"
+    widget.model_folder.value = tiny_model_dir
+    widget.steps.value = 3
+    widget.save_to.value = out
+    steps = []
+    worker = widget.start()
+    worker.yielded.connect(lambda info: steps.append(info["step"]))
+    assert not widget.train_button.enabled and widget.stop_button.enabled
+    qtbot.waitUntil(lambda: len(shown) == 2, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: widget.train_button.enabled, timeout=WAIT_MS)
+
+    # the model folder, with its card: learnt from the two corrected cells and the erased background only
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["steps"] == 3 and card["data"]["sparse"] and card["data"]["folder"] == ["stack labels"]
+    (info,) = card["data"]["stacks"]
+    assert info["cells"] == 2 and 0 < info["known_fraction"] < 1
+    assert steps[-1] == 3
+    # the image segmented again with it, into a new layer; the corrected layer is untouched
+    new = viewer.layers[f"stack labels ({out.name})"]
+    expected = cp3d.segment(image.data, str(out), diameter=cp3d.metrics.median_diameter(
+        np.where(np.isin(corrected, [1000, 1001]), corrected, 0), (2.0, 1.0, 1.0)), voxel_size=(2.0, 1.0, 1.0))
+    np.testing.assert_array_equal(new.data, expected.labels)
+    np.testing.assert_array_equal(labels.data, corrected)
+    assert tuple(new.scale) == (2.0, 1.0, 1.0)
+    # offered by both widgets, and chosen to continue from
+    assert widget.model.value == str(out) and _widgets.TRAINED_MODELS == [str(out)]
+    segment.reset_choices()
+    assert str(out) in segment.model.choices
+    # a new Segment run does not overwrite the corrected layer
+    segment()
+    qtbot.waitUntil(lambda: len(shown) == 3, timeout=WAIT_MS)
+    np.testing.assert_array_equal(labels.data, corrected)
+    assert "stack labels [1]" in viewer.layers
+    # the next round goes into a new folder, never into one holding a model
+    assert widget.save_to.value is None
+    widget.model.value = "tanh"
+    widget.save_to.value = out
+    with pytest.raises(FileExistsError, match="holds a trained model"):
+        widget.start()
+
+
+def test_train_from_corrections_stops_early_and_refuses_no_corrections(
+        make_napari_viewer, plugin, qtbot, tiny_model_dir, shown, tmp_path, no_trained_models):
+    viewer = make_napari_viewer()
+    image, labels, truth, _ = _segmented_stack(viewer, qtbot, tiny_model_dir, shown)
+    _, widget = viewer.window.add_plugin_dock_widget("cp3d", "Train from corrections")
+    widget.image.value, widget.corrected.value = image, labels
+    widget.model.value = "folder"
+    widget.model_folder.value = tiny_model_dir
+    widget.save_to.value = tmp_path / "stopped"
+    with pytest.raises(ValueError, match="no corrected cell"):
+        widget.start()
+    widget.learn_from.value = "all cells"  # the whole layer taken as right
+    labels.data[:] = truth
+    widget.steps.value = 10_000
+    worker = widget.start()
+    worker.yielded.connect(lambda info: widget.stop() if info["step"] == 2 else None)
+    qtbot.waitUntil(lambda: len(shown) == 2, timeout=WAIT_MS)
+    card = json.loads((tmp_path / "stopped" / "model_card.json").read_text())
+    assert 2 <= card["stopped_at"] < 10_000 and card["data"]["stacks"][0]["known_fraction"] == 1.0

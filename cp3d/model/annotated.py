@@ -30,7 +30,7 @@ from ..metrics import median_diameter
 from ..segment import cell_extent
 from .predict import zoom_to_shape
 
-__all__ = ["AnnotatedStack", "find_pairs", "read_annotated", "to_model_grid"]
+__all__ = ["AnnotatedStack", "find_pairs", "from_corrections", "read_annotated", "to_model_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,77 @@ def read_annotated(image_path, masks_path=None):
                              "is a cell's or background, not both")
     return AnnotatedStack(image_path.name, image.astype(np.float32, copy=False),
                           labels.astype(np.uint32, copy=False), voxel_size, background)
+
+
+def from_corrections(image, corrected, segmented=None, *, voxel_size=None, whole=False, name="corrections"):
+    """The annotation a user made by correcting a segmentation: the cells they fixed, the background they erased.
+
+    Parameters
+    ----------
+    image : array_like, shape (Z, Y, X)
+    corrected : array_like of int, shape (Z, Y, X)
+        The labels after correction (painted, filled, erased).
+    segmented : array_like of int, shape (Z, Y, X), optional
+        The labels before correction. The annotated cells are those whose
+        voxels changed (painted, grown, shrunk, split or merged), and the
+        voxels erased to 0 are background; the rest is unknown. Without it,
+        every labelled cell of `corrected` is annotated and 0 is unknown.
+    voxel_size : float or (float, float, float), optional
+    whole : bool
+        The whole of `corrected` is right: every cell annotated, every 0
+        background (a dense annotation).
+    name : str
+        The name the stack is known by in the model card.
+
+    Returns
+    -------
+    AnnotatedStack
+        Sparse (with a background mask) unless `whole`.
+
+    Raises
+    ------
+    ValueError
+        For shapes that differ, labels that are not integers, or no
+        correction at all.
+
+    Examples
+    --------
+    >>> segmented = np.zeros((4, 8, 8), np.uint32)
+    >>> segmented[:, :4], segmented[:, 4:, :2] = 1, 2
+    >>> corrected = segmented.copy()
+    >>> corrected[:, 4:, :2] = 0        # an object that is not a cell, erased
+    >>> corrected[:, 5:, 4:] = 3        # a missed cell, painted
+    >>> stack = from_corrections(np.ones((4, 8, 8)), corrected, segmented)
+    >>> np.unique(stack.labels).tolist(), int(stack.background.sum())
+    ([0, 3], 32)
+    """
+    image = np.asarray(image)
+    corrected = np.asarray(corrected)
+    for what, arr in (("corrected", corrected), ("segmented", segmented)):
+        if arr is None:
+            continue
+        arr = np.asarray(arr)
+        if arr.shape != image.shape or arr.ndim != 3:
+            raise ValueError(f"the {what} labels have shape {arr.shape}, the image {image.shape}: they must be the "
+                             "same 3D stack")
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"the {what} labels must be integers, got dtype {arr.dtype}")
+    vs = None if voxel_size is None else as_triple(voxel_size, "voxel_size")
+    labels = corrected.astype(np.uint32)
+    if whole:
+        cells, background = labels > 0, labels == 0
+    elif segmented is None:
+        cells, background = labels > 0, None
+    else:
+        changed = labels != np.asarray(segmented)
+        touched = np.union1d(labels[changed], np.asarray(segmented)[changed])
+        cells = np.isin(labels, touched[touched > 0])
+        background = changed & (labels == 0)
+    if not cells.any():
+        raise ValueError("no corrected cell to learn from: paint, fill or erase some cells first" if segmented is
+                         not None and not whole else "the labels hold no cell to learn from")
+    return AnnotatedStack(name, image.astype(np.float32, copy=False), np.where(cells, labels, 0).astype(np.uint32),
+                          vs, background)
 
 
 def _read_hdf5(path):
