@@ -19,8 +19,11 @@ A corrected cell is a true cell, drawn at random (nested: the 10 include the
 5); "whole stack" is the dense annotation, every cell and all the background.
 The background marked with a corrected cell is the true background within half a
 cell diameter of the corrected cells (what a user erases around the cells
-they fix); every other voxel is unknown to the loss
-(:func:`cp3d.model.train`, ``sparse=True``). Training goes through
+they fix); every other voxel is unknown to the corrections' loss
+(:func:`cp3d.model.train`, ``sparse=True``) and kept near the starting
+model's output (``keep_weight``, default 1). Two ablations on the synthetic
+case: 5 cells with ``keep_weight=0`` (unknown voxels left out of the loss)
+and 20 cells without any background marked. Training goes through
 ``cp3d.model.train(data=[AnnotatedStack], sparse=True)``: ``--steps`` steps
 of batch 2, patches 48^3, learning rate ``--lr``; seconds are wall time on
 this machine with ``--threads`` threads.
@@ -88,12 +91,13 @@ def corrected(labels, n, voxel_size=None, *, margin=BACKGROUND_MARGIN, with_back
     return sparse, near & (labels == 0)
 
 
-def fine_tune(name, stack, init, work, steps, lr, threads):
-    """Fine-tune `init` on one sparse AnnotatedStack; the model and its training seconds."""
+def fine_tune(name, stack, init, work, a, keep_weight):
+    """Fine-tune `init` on one sparse AnnotatedStack; the model, its training seconds and its card."""
     out = Path(work) / name
     t0 = time.perf_counter()
-    train(out, data=[stack], sparse=True, init=init, steps=steps, lr=lr, num_threads=threads, progress=False,
-          validate_stacks=0, checkpoint_every=0, command=f"bench_sparse.py {name}")
+    train(out, data=[stack], sparse=True, init=init, steps=a.steps, lr=a.lr, keep_weight=keep_weight,
+          num_threads=a.threads, progress=False, validate_stacks=0, checkpoint_every=0,
+          command=f"bench_sparse.py {name}")
     seconds = time.perf_counter() - t0
     return load_model(out), seconds, json.loads((out / "model_card.json").read_text())
 
@@ -109,30 +113,29 @@ def score(model, image, gt, voxel_size, settings):
     return out
 
 
-def runs_of(counts, labels, voxel_size, extra_no_background):
-    """(run name, cells, with_background) for every fine-tuning run."""
-    runs = [(f"{n} cells", n, True) for n in counts] + [("whole stack", None, True)]
-    if extra_no_background is not None:
-        runs.insert(len(counts), (f"{extra_no_background} cells, no background", extra_no_background, False))
+def runs_of(counts, labels, ablations, whole):
+    """(run name, cells, with_background, keep_weight or None) for every fine-tuning run."""
+    runs = [(f"{n} cells", n, True, None) for n in counts] + list(ablations)
+    runs += [("whole stack", None, True, None)] if whole else []
     n_cells = len(np.unique(labels)) - 1
     return [r for r in runs if r[1] is None or r[1] < n_cells]
 
 
-def case(title, base, train_image, train_labels, voxel_size, tests, counts, settings, a, work,
-         extra_no_background=None):
+def case(title, base, train_image, train_labels, voxel_size, tests, counts, settings, a, work, ablations=()):
     """One benchmark case: the base model and every fine-tune, scored on `tests` [(name, image, gt, vs)]."""
     print(f"== {title}", flush=True)
     rows = [{"run": "bundled", "cells": 0, "train_seconds": 0.0,
              "scores": {t[0]: score(load_model(base), t[1], t[2], t[3], settings) for t in tests}}]
-    for run, n, with_background in runs_of(counts, train_labels, voxel_size, extra_no_background):
+    print(json.dumps(rows[0]), flush=True)
+    for run, n, with_background, keep_weight in runs_of(counts, train_labels, ablations, not a.no_whole):
+        keep_weight = a.keep_weight if keep_weight is None else keep_weight
         sparse, background = corrected(train_labels, n, voxel_size, with_background=with_background)
         stack = AnnotatedStack(f"{title}: {run}", train_image, sparse, voxel_size, background)
-        model, seconds, card = fine_tune(f"{len(rows)}", stack, base, work, a.steps, a.lr, a.threads)
+        model, seconds, card = fine_tune(f"{len(rows)}", stack, base, work, a, keep_weight)
         rows.append({"run": run, "cells": int(len(np.unique(sparse)) - 1), "train_seconds": seconds,
-                     "known_fraction": card["data"]["stacks"][0]["known_fraction"],
+                     "keep_weight": keep_weight, "known_fraction": card["data"]["stacks"][0]["known_fraction"],
                      "scores": {t[0]: score(model, t[1], t[2], t[3], settings) for t in tests}})
         print(json.dumps(rows[-1]), flush=True)
-    print(json.dumps(rows[0]), flush=True)
     return {"title": title, "base_model": base, "tests": [t[0] for t in tests], "settings": list(settings),
             "rows": rows}
 
@@ -141,9 +144,11 @@ def synthetic_case(a, work):
     image, labels = new_kind_stack(FINETUNE["train_seeds"][0])
     test_seeds = FINETUNE["test_seeds"][: 1 if a.quick else a.test_stacks]
     tests = [(f"seed {s}", *new_kind_stack(s), None) for s in test_seeds]
-    counts = CELL_COUNTS[:1] if a.quick else CELL_COUNTS
+    counts = CELL_COUNTS[:1] if a.quick else a.counts or CELL_COUNTS
+    ablations = () if a.quick or a.counts else (("5 cells, keep_weight 0", 5, True, 0.0),
+                                                 ("20 cells, no background", 20, False, None))
     return case("synthetic new kind", "tanh", image, labels, None, tests, counts, ("true_diameter",), a, work,
-                extra_no_background=None if a.quick else 20)
+                ablations)
 
 
 def real_cases(a, work):
@@ -178,17 +183,18 @@ def markdown(report):
     ]
     for c in report["cases"]:
         lines += [f"## {c['title']} (from the bundled `{c['base_model']}` model)", ""]
-        head = "| run | cells | known | train s |"
+        head = "| run | cells | known | keep | train s |"
         for t in c["tests"]:
             for s in c["settings"]:
                 head += f" {t} {'true d' if s == 'true_diameter' else 'auto d'}: Dice / AP@0.5 / n |"
-        lines += [head, "|" + "---|" * (4 + len(c["tests"]) * len(c["settings"]))]
+        lines += [head, "|" + "---|" * (5 + len(c["tests"]) * len(c["settings"]))]
         for r in c["rows"]:
             cells = " |".join(f" {r['scores'][t][s]['dice']:.3f} / {r['scores'][t][s]['ap50']:.3f} / "
                               f"{r['scores'][t][s]['n_pred']} of {r['scores'][t][s]['n_gt']}"
                               for t in c["tests"] for s in c["settings"])
             known = f"{r['known_fraction']:.1%}" if "known_fraction" in r else "-"
-            lines.append(f"| {r['run']} | {r['cells']} | {known} | {r['train_seconds']:.0f} | {cells} |")
+            keep = f"{r['keep_weight']:g}" if "keep_weight" in r else "-"
+            lines.append(f"| {r['run']} | {r['cells']} | {known} | {keep} | {r['train_seconds']:.0f} | {cells} |")
         if len(c["tests"]) > 1:
             lines += ["", "Mean over the test stacks (true d): " + "; ".join(
                 f"{r['run']} {np.mean([r['scores'][t]['true_diameter']['ap50'] for t in c['tests']]):.3f} AP@0.5"
@@ -204,6 +210,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--keep-weight", type=float, default=1.0, help="cp3d.model.train's keep_weight (default 1)")
+    p.add_argument("--counts", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
+                   help="corrected cells of the synthetic runs (default 5,10,20,50)")
+    p.add_argument("--no-whole", action="store_true", help="leave out the whole-stack run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--test-stacks", type=int, default=2, help="held-out synthetic stacks scored (of 4)")
     p.add_argument("--only", choices=("synthetic", "real"), default=None)
@@ -226,7 +236,7 @@ def main(argv=None):
     report = {"command": " ".join(["python", "bench/bench_sparse.py"] + [shlex.quote(x) for x in argv]),
               "machine": machine, "wall_seconds": time.perf_counter() - t0,
               "load_average_end": [round(x, 2) for x in os.getloadavg()],
-              "config": {"steps": a.steps, "lr": a.lr, "threads": a.threads, "cell_counts": CELL_COUNTS,
+              "config": {"steps": a.steps, "lr": a.lr, "keep_weight": a.keep_weight, "threads": a.threads, "cell_counts": CELL_COUNTS,
                          "real_cell_counts": REAL_CELL_COUNTS, "selection_seed": SELECTION_SEED,
                          "background_margin_diameters": BACKGROUND_MARGIN, "new_kind": NEW_KIND},
               "cases": cases, "notes": list(a.note)}

@@ -856,3 +856,33 @@ def test_from_corrections_learns_the_cells_touched_and_the_background_erased():
         from_corrections(image, segmented[:2])
     with pytest.raises(ValueError, match="integers"):
         from_corrections(image, segmented.astype(float))
+
+
+def test_keep_loss_pulls_only_the_unknown_voxels_towards_the_starting_model():
+    from cp3d.model.train import keep_loss
+
+    teacher = torch.randn(1, 4, 6, 8, 8)
+    unknown = torch.zeros(1, 6, 8, 8)
+    unknown[..., :4] = 1
+    raw = teacher.clone().requires_grad_(True)
+    at_teacher = keep_loss(raw, teacher, unknown)
+    at_teacher.backward()
+    assert raw.grad.abs().max() < 1e-6  # the teacher's own output is the minimum
+    other = (teacher + torch.randn_like(teacher)).requires_grad_(True)
+    keep_loss(other, teacher, unknown).backward()
+    known = (unknown == 0)[:, None].expand_as(other)
+    assert other.grad[known].abs().max() == 0 and other.grad[~known].abs().max() > 0
+
+
+def test_sparse_fine_tuning_keeps_the_starting_model_where_the_annotation_is_silent(tmp_path):
+    start = save_model(UNet3D(**TINY).eval(), tmp_path / "start")
+    folder, *_ = _write_sparse(tmp_path / "data")
+    kw = dict(data=folder, init=start, steps=2, batch_size=1, patch_size=(16, 16, 16), device="cpu",
+              progress=False, validate_stacks=0)
+    train(tmp_path / "kept", **kw)
+    card = json.loads((tmp_path / "kept" / "model_card.json").read_text())
+    assert card["data"]["keep"] == {"weight": 1.0, "starting_model": str(start)}
+    train(tmp_path / "left_out", keep_weight=0.0, **kw)
+    assert json.loads((tmp_path / "left_out" / "model_card.json").read_text())["data"]["keep"] is None
+    with pytest.raises(ValueError, match="keep_weight"):
+        train(tmp_path / "x", keep_weight=-1.0, **kw)
