@@ -16,10 +16,20 @@ with oracle flows, so that every reconstruction has a known right answer:
 4. ``memory``: peak extra resident memory of ``reconstruct`` in a fresh
    process, over the size of the flows.
 
+``--oracle`` measures instead how much the engine loses from exact flows
+(``cp3d.tanh_flows`` of the true labels) on label shapes it was not written
+around: power-diagram phantoms of ``bench_segment.py``'s second renderer,
+d 6 to 60, anisotropic voxels 2x and 3x, a crop where most cells touch the
+border, synthetic nuclei with background between them, and the real nuclei
+shapes of ``../shared/data/real-nuclei/`` with their voxel size. Each case
+states the flows' scale, and ``tanh_scale="auto"``'s estimate stands beside
+it; results in ``bench/results/oracle.{json,md}``.
+
 Usage::
 
     python bench/bench_reconstruct.py            # full benchmark (25-35 min on 2 busy cores)
     python bench/bench_reconstruct.py --quick    # smoke test, under a minute
+    python bench/bench_reconstruct.py --oracle   # the engine on oracle flows (a few minutes)
 
 Results go to ``bench/results/reconstruct.json`` and ``reconstruct.png``
 (``reconstruct_quick.*`` with ``--quick``).
@@ -436,7 +446,132 @@ def plot(record, path):
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- --oracle
+
+ORACLE_PHANTOM = {"min_spacing": 0.6, "weight_spread": 0.35, "stretch_y": 1.25}
+ORACLE_SEED = 40_000
+
+
+def oracle_cases(quick):
+    """(name, labels, voxel size, diameter along x, flows' scale (z, y, x), reconstruct's options) of every case."""
+    sys.path.insert(0, str(HERE))
+    from bench_segment import REAL_DATA, phantom_labels
+
+    def phantom(d, shape, z_step=1, seed=0):
+        labels = phantom_labels(np.random.default_rng([ORACLE_SEED, seed]),
+                                ORACLE_PHANTOM | {"shape": shape, "diameter": d})[::z_step]
+        return labels.astype(np.uint32)
+
+    def extent(d, vs):
+        return tuple(d * vs[2] / v for v in vs)
+
+    cases = []
+    sizes = ((6, 48), (10, 64), (14, 80)) if quick else ((6, 64), (7, 64), (10, 96), (14, 112), (24, 128), (40, 144),
+                                                         (60, 180))
+    for d, side in sizes:
+        labels = phantom(d, (side,) * 3, seed=d)
+        cases.append((f"phantom d {d}", labels, (1.0, 1.0, 1.0), d, (d / 2,) * 3, {}))
+        if d == 10:
+            cases.append(("phantom d 10, the paper's fixed defaults", labels, (1.0, 1.0, 1.0), None, (5.0,) * 3, {}))
+        if d == 14:
+            cases.append(("phantom d 14, scale-5 flows, tanh_scale=5", labels, (1.0, 1.0, 1.0), d, (5.0,) * 3,
+                          {"tanh_scale": 5.0}))
+            cases.append(("phantom d 14, scale-5 flows, tanh_scale='auto'", labels, (1.0, 1.0, 1.0), d, (5.0,) * 3,
+                          {"tanh_scale": "auto"}))
+    for step in ((2,) if quick else (2, 3)):
+        labels = phantom(9, (36 * step, 64, 64) if quick else (48 * step, 96, 96), z_step=step, seed=100 + step)
+        vs = (float(step), 1.0, 1.0)
+        cases.append((f"phantom d 9, voxels {step}x longer in z", labels, vs, 9, tuple(9 / 2 / v for v in vs), {}))
+    border = phantom(24, (48, 64, 64), seed=200)
+    cases.append(("crop of d 24 cells, most touching the border", border, (1.0, 1.0, 1.0), 24, (12.0,) * 3, {}))
+    nuclei = synthetic_stack((48, 96, 96) if quick else (64, 160, 160), 14, kind="nuclei", seed=ORACLE_SEED).labels
+    cases.append(("synthetic nuclei d 14 (background between them)", nuclei.astype(np.uint32), (1.0, 1.0, 1.0), 14,
+                  (7.0,) * 3, {}))
+    for path in sorted(Path(REAL_DATA).glob("*.h5"))[: 1 if quick else None]:
+        from cp3d.model.annotated import read_annotated
+
+        crop = read_annotated(path)
+        vs = crop.voxel_size
+        d = cp3d.metrics.median_diameter(crop.labels, vs)
+        name = f"real nuclei {path.stem.split('_')[0]} (d {d:.0f}, voxels {vs[0] / vs[2]:.1f}x longer in z)"
+        scale = tuple(d / 2 * vs[2] / v for v in vs)
+        cases.append((name, crop.labels, vs, d, scale, {}))
+        cases.append((name + ", cp3d.tanh_flows default scale 5, tanh_scale='auto'", crop.labels, vs, d,
+                      (5.0,) * 3, {"tanh_scale": "auto"}))
+        cases.append((name + ", default scale 5, scale not given", crop.labels, vs, d, (5.0,) * 3, {}))
+    return [(name, labels, vs, None if d is None else extent(d, vs), scale, options)
+            for name, labels, vs, d, scale, options in cases]
+
+
+def bench_oracle(quick):
+    rows = []
+    for name, labels, vs, diameter, scale, options in oracle_cases(quick):
+        flows = cp3d.tanh_flows(labels, scale)
+        fg = labels > 0
+        estimate = cp3d.estimate_tanh_scale(flows, fg)
+        seconds, result = timed(lambda: cp3d.reconstruct(flows, fg, diameter=diameter, **options))
+        s = evaluate(labels, np.asarray(result).astype(np.uint32), thresholds=(0.5,))
+        n_border = len(np.unique(np.concatenate([np.unique(labels[i]) for i in
+                                                 (np.s_[0], np.s_[-1], np.s_[:, 0], np.s_[:, -1], np.s_[:, :, 0],
+                                                  np.s_[:, :, -1])])))
+        row = {"case": name, "shape": list(labels.shape), "voxel_size": list(vs), "cells": int(s["n_gt"]),
+               "border_cells": n_border, "diameter": None if diameter is None else [round(x, 2) for x in diameter],
+               "true_scale": [round(x, 3) for x in scale],
+               "estimated_scale": None if estimate is None else [round(x, 3) for x in estimate],
+               "options": {k: v for k, v in options.items()}, "ap50": round(s["ap50"], 4),
+               "dice": round(s["dice"], 4), "n_pred": int(s["n_pred"]), "seconds": round(seconds, 2)}
+        rows.append(row)
+        log(f"  {name}: AP@0.5 {row['ap50']:.3f} Dice {row['dice']:.3f} {row['n_pred']}/{row['cells']} cells, "
+            f"scale {row['true_scale']} est. {row['estimated_scale']}, {seconds:.1f} s")
+    return rows
+
+
+def oracle_markdown(record):
+    m = record["machine"]
+    lines = [
+        "# The engine on oracle flows",
+        "",
+        f"`{record['command']}`",
+        "",
+        f"{m['date_utc']}, {m['platform']}, {m['cpu_count']} CPUs, cp3d commit {m['git_commit']}. Flows: "
+        "`cp3d.tanh_flows(labels, scale)` of the true labels; foreground: `labels > 0`; "
+        "`cp3d.reconstruct(flows, fg, diameter=extent)` (the cells' extent in voxels along z, y, x; none for the "
+        "paper's fixed defaults) with the options shown. Goal (issue 24): AP@0.5 and Dice >= 0.98 everywhere.",
+        "",
+        "| case | shape | cells (at border) | flows' scale (z, y, x) | `estimate_tanh_scale` | options | AP@0.5 | Dice | "
+        "cells found | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["oracle"]:
+        fmt = lambda v: "-" if v is None else "(" + ", ".join(f"{x:.2f}" for x in v) + ")"  # noqa: E731
+        opts = ", ".join(f"{k}={v!r}" for k, v in r["options"].items()) or "-"
+        ok = "" if r["ap50"] >= 0.98 and r["dice"] >= 0.98 else " **below**"
+        lines.append(f"| {r['case']} | {'x'.join(map(str, r['shape']))} | {r['cells']} ({r['border_cells']}) | "
+                     f"{fmt(r['true_scale'])} | {fmt(r['estimated_scale'])} | {opts} | {r['ap50']:.3f}{ok} | "
+                     f"{r['dice']:.3f} | {r['n_pred']} | {r['seconds']:.1f} |")
+    below = [r for r in record["oracle"] if r["ap50"] < 0.98 or r["dice"] < 0.98]
+    lines += ["", f"{len(below)} of {len(record['oracle'])} cases below the goal.", ""]
+    return "\n".join(lines)
+
+
+def run_oracle(args, argv):
+    start = time.perf_counter()
+    warm_up()
+    record = {"benchmark": "cp3d.reconstruct on oracle flows", "machine": machine_info(),
+              "command": " ".join(["python", "bench/bench_reconstruct.py"] + list(argv)),
+              "oracle": bench_oracle(args.quick)}
+    record["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    record["total_seconds"] = round(time.perf_counter() - start, 1)
+    out = args.out or RESULTS / ("oracle_quick.json" if args.quick else "oracle.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text(oracle_markdown(record))
+    print(out.with_suffix(".md").read_text())
+    log(f"wrote {out} and {out.with_suffix('.md')}")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke configuration (under a minute)")
     parser.add_argument("--repeat", type=int, help="runs per configuration (best is kept)")
@@ -446,9 +581,13 @@ def main(argv=None):
                         help="sections to leave out")
     parser.add_argument("--out", type=Path, help="JSON path (PNG beside it); default bench/results/reconstruct*.json")
     parser.add_argument("--memory-child", nargs=2, metavar=("BACKEND", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--oracle", action="store_true", help="the engine on oracle flows: bench/results/oracle.md")
     args = parser.parse_args(argv)
     if args.memory_child:
         memory_child(*args.memory_child)
+        return
+    if args.oracle:
+        run_oracle(args, argv)
         return
 
     config = dict(QUICK if args.quick else FULL)

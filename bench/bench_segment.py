@@ -717,9 +717,28 @@ PHANTOM_KINDS = {"phantom": PHANTOM, "phantom_hard": PHANTOM_HARD, "phantom_dim"
 
 def phantom_stack(seed, kind=PHANTOM):
     """A membrane phantom of the second renderer (see `PHANTOM`), and its labels."""
+    rng = np.random.default_rng([seed, 11])
+    labels = phantom_labels(rng, kind)
+    shape = kind["shape"]
+    wall = segmentation.find_boundaries(labels, mode="inner").astype(np.float32)
+    brightness = np.clip(rng.normal(1.0, kind["wall_cv"], labels.max() + 1), 0.2, None).astype(np.float32)
+    if kind.get("dim_fraction"):  # drawn only then: the other kinds keep the stream (and images) of before
+        # dim cells: a share of the cells whose walls are much fainter than the rest
+        brightness[rng.uniform(size=brightness.size) < kind["dim_fraction"]] *= kind["dim_level"]
+    signal = ndimage.gaussian_filter(wall * brightness[labels], kind["psf_sigma"])
+    signal /= np.percentile(signal, 99.5)
+    z = np.linspace(0, 1, shape[0], dtype=np.float32)[:, None, None]
+    signal = (signal * (1 - kind["z_falloff"] * z) + kind["background"]).clip(0, None)
+    image = rng.poisson(signal * kind["photons"]).astype(np.float32) / kind["photons"]
+    image += rng.normal(0, kind["read_noise"], shape).astype(np.float32)
+    step = kind.get("z_step", 1)  # anisotropic voxels: every step-th plane of the fine grid
+    return image[::step].copy(), segmentation.relabel_sequential(labels[::step])[0].astype(np.uint32)
+
+
+def phantom_labels(rng, kind=PHANTOM):
+    """The cells of the second renderer on its fine grid: a power diagram of darts filling ``kind["shape"]``."""
     from scipy.spatial import cKDTree
 
-    rng = np.random.default_rng([seed, 11])
     shape, d = kind["shape"], kind["diameter"]
     stretch = np.array([1.0, kind["stretch_y"], 1.0])
     n_seeds = int(np.prod(shape) / (np.pi / 6 * d**3))
@@ -734,20 +753,7 @@ def phantom_stack(seed, kind=PHANTOM):
     points = np.indices(shape).reshape(3, -1).T / stretch
     near_distance, near = cKDTree(seeds).query(points, k=8)
     labels = 1 + near[np.arange(len(points)), np.argmin(near_distance**2 - weights[near], axis=1)]
-    labels = measure.label(labels.reshape(shape).astype(np.int32), connectivity=1)  # split cut-off pieces
-    wall = segmentation.find_boundaries(labels, mode="inner").astype(np.float32)
-    brightness = np.clip(rng.normal(1.0, kind["wall_cv"], labels.max() + 1), 0.2, None).astype(np.float32)
-    if kind.get("dim_fraction"):  # drawn only then: the other kinds keep the stream (and images) of before
-        # dim cells: a share of the cells whose walls are much fainter than the rest
-        brightness[rng.uniform(size=brightness.size) < kind["dim_fraction"]] *= kind["dim_level"]
-    signal = ndimage.gaussian_filter(wall * brightness[labels], kind["psf_sigma"])
-    signal /= np.percentile(signal, 99.5)
-    z = np.linspace(0, 1, shape[0], dtype=np.float32)[:, None, None]
-    signal = (signal * (1 - kind["z_falloff"] * z) + kind["background"]).clip(0, None)
-    image = rng.poisson(signal * kind["photons"]).astype(np.float32) / kind["photons"]
-    image += rng.normal(0, kind["read_noise"], shape).astype(np.float32)
-    step = kind.get("z_step", 1)  # anisotropic voxels: every step-th plane of the fine grid
-    return image[::step].copy(), segmentation.relabel_sequential(labels[::step])[0].astype(np.uint32)
+    return measure.label(labels.reshape(shape).astype(np.int32), connectivity=1)  # split cut-off pieces
 
 
 BEYOND = {"noise": 0.42, "psf_sigma": (4.0, 1.9, 1.9), "anisotropy": (2.4, 1.0, 1.0), "depth_attenuation": 0.9,

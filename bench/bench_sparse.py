@@ -177,8 +177,9 @@ def markdown(report):
         f"Each run: `cp3d.model.train(data=[one sparse stack], sparse=True, init=BASE, steps={report['config']['steps']}, "
         f"lr={report['config']['lr']:g})` with {report['config']['threads']} threads, batch 2, patches 48^3. Corrected "
         f"cells are true cells drawn at random (nested sets); with them, the true background within "
-        f"{BACKGROUND_MARGIN:g} cell diameter of them; every other voxel is unknown to the loss. `known` is the share "
-        "of the training stack the loss sees. Scores: `cp3d.segment` defaults (test-time augmentation).",
+        f"{BACKGROUND_MARGIN:g} cell diameter of them; every other voxel is unknown to the corrections' loss and, with "
+        "`keep` > 0, pulled towards the starting model's output (`keep_weight`). `known` is the share of the training "
+        "stack the corrections' loss sees. Scores: `cp3d.segment` defaults (test-time augmentation).",
         "",
     ]
     for c in report["cases"]:

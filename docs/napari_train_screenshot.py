@@ -40,7 +40,7 @@ def wait_for(done, timeout=1800):
         time.sleep(0.05)
 
 
-def main(steps=200):
+def main(steps=300):
     qt_main_window.SHOW_QT_WARNING = False  # keeps napari's PyQt5 deprecation toast off the picture
     manager = npe2.PluginManager.instance()
     if "cp3d" not in manager._manifests:  # not installed from this checkout: register the manifest file

@@ -32,7 +32,7 @@ FOLDER = "folder"
 SEGMENTED_KEY = "cp3d_segmented"
 # model folders trained in this session, newest last: offered by the Segment and Train widgets
 TRAINED_MODELS = []
-TRAIN_STEPS, TRAIN_LR = 200, 1e-3  # a few minutes on a laptop's CPU; bench/bench_sparse.py measured them
+TRAIN_STEPS, TRAIN_LR = 300, 1e-3  # about 4 minutes on 2 CPU cores: what bench/bench_sparse.py measures
 MODELS_HOME = Path.home() / "cp3d_models"
 
 
