@@ -79,7 +79,8 @@ def main(steps=300):
     viewer.layers.selection.active = result
     viewer.dims.ndisplay = 2
     viewer.dims.set_point(0, crop.image.shape[0] // 2 * crop.voxel_size[0])
-    wait_for(lambda: False, timeout=1)
+    viewer.reset_view()
+    wait_for(lambda: False, timeout=6)  # the notification fades
     viewer.screenshot(str(OUT), canvas_only=False)
     print(f"{int(result.data.max())} cells after training on {CORRECTED} corrected ones; wrote {OUT}")
     viewer.close()
