@@ -245,6 +245,13 @@ def test_train_from_corrections_fine_tunes_saves_and_segments_again(
     np.testing.assert_array_equal(new.data, expected.labels)
     np.testing.assert_array_equal(labels.data, corrected)
     assert tuple(new.scale) == (2.0, 1.0, 1.0)
+    # a model folder as cp3d train writes them: the command line takes it
+    from cp3d import cli
+
+    cp3d.io.write_image(tmp_path / "stack.tif", image.data, voxel_size=(2.0, 1.0, 1.0))
+    assert cli.main(["segment", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "labels.tif"), "--model", str(out),
+                     "--diameter", "8", "--no-augment"]) == 0
+    assert (tmp_path / "labels.tif").is_file()
     # offered by both widgets, and chosen to continue from
     assert widget.model.value == str(out) and _widgets.TRAINED_MODELS == [str(out)]
     segment.reset_choices()
