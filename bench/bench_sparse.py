@@ -129,7 +129,7 @@ def case(title, base, train_image, train_labels, voxel_size, tests, counts, sett
     print(json.dumps(rows[0]), flush=True)
     for run, n, with_background, keep_weight in runs_of(counts, train_labels, ablations, not a.no_whole):
         keep_weight = a.keep_weight if keep_weight is None else keep_weight
-        sparse, background = corrected(train_labels, n, voxel_size, with_background=with_background)
+        sparse, background = corrected(train_labels, n, voxel_size, margin=a.margin, with_background=with_background)
         stack = AnnotatedStack(f"{title}: {run}", train_image, sparse, voxel_size, background)
         model, seconds, card = fine_tune(f"{len(rows)}", stack, base, work, a, keep_weight)
         rows.append({"run": run, "cells": int(len(np.unique(sparse)) - 1), "train_seconds": seconds,
@@ -156,7 +156,7 @@ def real_cases(a, work):
     if len(crops) < 2:
         raise SystemExit(f"the real case needs two annotated crops in {a.real_data}")
     names = sorted(crops)[:2]
-    counts = REAL_CELL_COUNTS[:1] if a.quick else REAL_CELL_COUNTS
+    counts = REAL_CELL_COUNTS[:1] if a.quick else a.counts or REAL_CELL_COUNTS
     out = []
     for train_name, test_name in (names, names[::-1]):
         tr, te = crops[train_name], crops[test_name]
@@ -177,7 +177,7 @@ def markdown(report):
         f"Each run: `cp3d.model.train(data=[one sparse stack], sparse=True, init=BASE, steps={report['config']['steps']}, "
         f"lr={report['config']['lr']:g})` with {report['config']['threads']} threads, batch 2, patches 48^3. Corrected "
         f"cells are true cells drawn at random (nested sets); with them, the true background within "
-        f"{BACKGROUND_MARGIN:g} cell diameter of them; every other voxel is unknown to the corrections' loss and, with "
+        f"{report['config']['background_margin_diameters']:g} cell diameter of them; every other voxel is unknown to the corrections' loss and, with "
         "`keep` > 0, pulled towards the starting model's output (`keep_weight`). `known` is the share of the training "
         "stack the corrections' loss sees. Scores: `cp3d.segment` defaults (test-time augmentation).",
         "",
@@ -213,8 +213,10 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--keep-weight", type=float, default=1.0, help="cp3d.model.train's keep_weight (default 1)")
     p.add_argument("--counts", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
-                   help="corrected cells of the synthetic runs (default 5,10,20,50)")
+                   help="corrected cells (default 5,10,20,50 synthetic, 10,20 real)")
     p.add_argument("--no-whole", action="store_true", help="leave out the whole-stack run")
+    p.add_argument("--margin", type=float, default=BACKGROUND_MARGIN,
+                   help="background marked around the corrected cells, in cell diameters (default 0.5)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--test-stacks", type=int, default=2, help="held-out synthetic stacks scored (of 4)")
     p.add_argument("--only", choices=("synthetic", "real"), default=None)
@@ -239,7 +241,7 @@ def main(argv=None):
               "load_average_end": [round(x, 2) for x in os.getloadavg()],
               "config": {"steps": a.steps, "lr": a.lr, "keep_weight": a.keep_weight, "threads": a.threads, "cell_counts": CELL_COUNTS,
                          "real_cell_counts": REAL_CELL_COUNTS, "selection_seed": SELECTION_SEED,
-                         "background_margin_diameters": BACKGROUND_MARGIN, "new_kind": NEW_KIND},
+                         "background_margin_diameters": a.margin, "new_kind": NEW_KIND},
               "cases": cases, "notes": list(a.note)}
     name = "sparse_finetune" + ("_quick" if a.quick else "") + (f"_{a.only}" if a.only else "")
     _write_report(report, Path(a.out) if a.out else RESULTS / f"{name}.json", markdown)
