@@ -641,7 +641,9 @@ def train(
     dev = resolve_device(device)
     # a fine-tuning run takes the network of the model it starts from, unless told otherwise (and refused below
     # if it differs)
-    start_config = load_model(resolve_model_dir(init)).config if init is not None else None
+    init_dir = None if init is None else resolve_model_dir(init)
+    start = None if init is None else load_model(init_dir)
+    start_config = None if start is None else start.config
     network = {key: value if value is not None else getattr(start_config, key) if start_config else
                NETWORK_DEFAULTS[key] for key, value in (("targets", targets), ("base_features", base_features),
                                                         ("depth", depth), ("norm", norm))}
@@ -688,9 +690,7 @@ def train(
         log.info("resumed from %s at step %d", ck_path, step)
     else:
         pool.fill()
-    if init is not None:
-        init_dir = resolve_model_dir(init)
-        start = load_model(init_dir)
+    if start is not None:
         _check_same_network(start.config, config, f"model {init_dir}")
         model.load_state_dict(start.state_dict())
         lineage = _lineage(init_dir)
@@ -699,7 +699,7 @@ def train(
     # the model a fine-tuning run started from (a resumed run reads it from its checkpoint's arguments)
     source = init if init is not None else ck["arguments"].get("init") if resume is not None else None
     if keep_weight and source is not None and any("known" in stack for stack in pool.stacks):
-        teacher = load_model(resolve_model_dir(source), device=dev).eval()
+        teacher = start.to(dev) if start is not None else load_model(resolve_model_dir(source), device=dev)
 
     def checkpoint():
         ck = {
