@@ -829,6 +829,10 @@ def test_fine_tuning_takes_the_network_of_the_model_it_starts_from(tmp_path):
     assert tuned.config.to_dict() | {"patch_size": None} == load_model(start).config.to_dict() | {"patch_size": None}
     with pytest.raises(ValueError, match="different configuration"):
         train(tmp_path / "x", data=folder, init=start, steps=1, patch_size=(16, 16, 16), depth=3, progress=False)
+    # resumed without restating the network: the checkpoint's
+    resumed = train(tmp_path / "run", data=folder, resume=tmp_path / "run", steps=2, batch_size=1,
+                    patch_size=(16, 16, 16), device="cpu", progress=False, validate_stacks=0)
+    assert resumed.config == tuned.config
 
 
 def test_from_corrections_learns_the_cells_touched_and_the_background_erased():

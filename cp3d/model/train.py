@@ -549,8 +549,8 @@ def train(
     stretch : (float, float)
         Range of the z-stretch factor applied (log-uniformly) to half the stacks.
     base_features, depth, norm : optional
-        Architecture, see :class:`UNetConfig`; default that of `init`, else
-        16, 3 and ``"batch"``.
+        Architecture, see :class:`UNetConfig`; default that of `init` (or of
+        the checkpoint `resume` continues), else 16, 3 and ``"batch"``.
     flow_weight, background_weight : float
         Loss weights, see :func:`compute_loss`.
     num_threads : int, optional
@@ -639,11 +639,18 @@ def train(
     if not (isinstance(steps, int) and steps >= 1 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError("steps and batch_size must be positive ints")
     dev = resolve_device(device)
-    # a fine-tuning run takes the network of the model it starts from, unless told otherwise (and refused below
-    # if it differs)
+    ck = None
+    if resume is not None:
+        ck_path = _find_checkpoint(resume)
+        try:
+            ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {ck_path}: {e}") from e
+    # a run takes the network of the model it starts from or of the checkpoint it resumes, unless told otherwise
+    # (and refused below if it differs)
     init_dir = None if init is None else resolve_model_dir(init)
     start = None if init is None else load_model(init_dir)
-    start_config = None if start is None else start.config
+    start_config = start.config if start is not None else UNetConfig.from_dict(ck["config"]) if ck else None
     network = {key: value if value is not None else getattr(start_config, key) if start_config else
                NETWORK_DEFAULTS[key] for key, value in (("targets", targets), ("base_features", base_features),
                                                         ("depth", depth), ("norm", norm))}
@@ -672,12 +679,7 @@ def train(
     step, history = 0, []
     steps_before, lineage = 0, []  # of the model a fine-tuning run starts from
 
-    if resume is not None:
-        ck_path = _find_checkpoint(resume)
-        try:
-            ck = torch.load(ck_path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ValueError(f"cannot read checkpoint {ck_path}: {e}") from e
+    if ck is not None:
         _check_same_network(UNetConfig.from_dict(ck["config"]), config, f"checkpoint {ck_path}")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -697,7 +699,7 @@ def train(
         steps_before = int(str(lineage[-1]["steps"]).split("-")[-1]) if lineage else 0
     teacher = None
     # the model a fine-tuning run started from (a resumed run reads it from its checkpoint's arguments)
-    source = init if init is not None else ck["arguments"].get("init") if resume is not None else None
+    source = init if init is not None else ck["arguments"].get("init") if ck is not None else None
     if keep_weight and source is not None and any("known" in stack for stack in pool.stacks):
         teacher = start.to(dev) if start is not None else load_model(resolve_model_dir(source), device=dev)
 
