@@ -238,10 +238,10 @@ def from_corrections(image, corrected, segmented=None, *, voxel_size=None, whole
     """
     image = np.asarray(image)
     corrected = np.asarray(corrected)
+    segmented = None if segmented is None else np.asarray(segmented)
     for what, arr in (("corrected", corrected), ("segmented", segmented)):
         if arr is None:
             continue
-        arr = np.asarray(arr)
         if arr.shape != image.shape or arr.ndim != 3:
             raise ValueError(f"the {what} labels have shape {arr.shape}, the image {image.shape}: they must be the "
                              "same 3D stack")
@@ -254,8 +254,8 @@ def from_corrections(image, corrected, segmented=None, *, voxel_size=None, whole
     elif segmented is None:
         cells, background = labels > 0, None
     else:
-        changed = labels != np.asarray(segmented)
-        touched = np.union1d(labels[changed], np.asarray(segmented)[changed])
+        changed = labels != segmented
+        touched = np.union1d(labels[changed], segmented[changed])
         cells = np.isin(labels, touched[touched > 0])
         background = changed & (labels == 0)
     if not cells.any():
