@@ -55,6 +55,11 @@ _INTERIOR_LEVEL = 0.08
 _FACES = ndimage.generate_binary_structure(3, 1)
 # random_nuclei_options(wide=True): the brightest out-of-focus light, against about 1 for the nuclei.
 _WIDE_OUT_OF_FOCUS = 0.6
+# random_nuclei_options(bright_background=True): the brightest haze against about 1 for the nuclei, the share of
+# the stacks that have one, and the sparsest packing drawn (about a fifth of the stack in nuclei).
+_BRIGHT_BACKGROUND = 0.6
+_BRIGHT_BACKGROUND_SHARE = 0.8
+_SPARSE_DENSITY = 0.2
 # Out-of-focus nuclei: their blur in cell diameters, across and along z.
 _OUT_OF_FOCUS_BLUR = 0.25
 _OUT_OF_FOCUS_BLUR_Z = 0.5
@@ -68,6 +73,11 @@ _NUCLEI_ELONGATION = 0.12
 _OUTLINE_SCALE = 0.2
 _CHROMATIN_SCALE = 0.06
 _HAZE_SCALE = 1.0
+# Background haze: its spread (standard deviation over the mean) when smooth and when grainy
+# (background_grain=1), and the share of its correlation length that full grain takes away.
+_HAZE_SPREAD = 0.5
+_GRAINY_HAZE_SPREAD = 0.9
+_GRAIN_SCALE_CUT = 0.9
 _WALL_BEND_SCALE = 0.5
 _PATCH_SCALE = 0.4
 # Irregular membrane cells: typical (one standard deviation) shift of the walls, in seed spacings, at
@@ -142,6 +152,7 @@ def synthetic_stack(
     patchiness=0.0,
     gamma=1.0,
     out_of_focus=0.0,
+    background_grain=0.0,
 ):
     """Draw a synthetic 3D stack of cells and its instance labels.
 
@@ -180,6 +191,11 @@ def synthetic_stack(
         Brightness, in [0, 1), of an uneven haze outside the cells relative
         to a typical cell (out-of-focus light, autofluorescence). 0 leaves
         the background dark.
+    background_grain : float, optional
+        How grainy that haze is, in [0, 1]. 0 varies it smoothly, by about
+        50 % over a cell diameter; 1 varies it by about 90 % over a tenth of
+        a diameter: blotches of the nuclei's size and smaller, as the
+        cytoplasm and autofluorescence between real nuclei show.
     elongation : float, optional
         Nuclei only: standard deviation of the log of a nucleus' three
         semi-axes (their product stays fixed), default 0.12. 0.3 gives many
@@ -276,6 +292,8 @@ def synthetic_stack(
     )
     nuclei = _validate_options(kind, background, elongation, irregularity, density, texture, wall_thickness,
                                patchiness, gamma, out_of_focus)
+    if not isinstance(background_grain, numbers.Real) or not 0 <= background_grain <= 1:
+        raise ValueError(f"background_grain must be in [0, 1], got {background_grain!r}")
     rng = np.random.default_rng(seed)
     if kind == "membrane":
         labels = _membrane_labels(shape, cell_diameter, stretch, rng, irregularity)
@@ -290,14 +308,15 @@ def synthetic_stack(
         if texture > 0:
             signal *= _nuclear_texture(labels, cell_diameter, texture, rng)
     if background > 0:
-        signal += np.where(labels == 0, _haze(shape, cell_diameter, background, rng), np.float32(0))
+        signal += np.where(labels == 0, _haze(shape, cell_diameter, background, background_grain, rng),
+                           np.float32(0))
     if out_of_focus > 0:
         signal += _out_of_focus_light(labels, cell_diameter, stretch, out_of_focus, rng, nuclei)
     image = _microscope(signal, psf_sigma, depth_attenuation, noise, rng, gamma)
     return SyntheticStack(image, labels)
 
 
-def random_nuclei_options(rng, wide=False):
+def random_nuclei_options(rng, wide=False, bright_background=False):
     """Draw varied nuclei settings for `synthetic_stack`, as the nuclei model is trained on.
 
     Everything but the shape, diameter and seed is drawn: anisotropy,
@@ -316,6 +335,14 @@ def random_nuclei_options(rng, wide=False):
         ghosts would teach opposite answers): on real confocal crops the
         nuclei model calls the blurred light between the nuclei foreground.
         The other settings are drawn as without it.
+    bright_background : bool, optional
+        Nuclei standing in a bright, grainy background, as real confocal
+        crops of tissue show them (there the background is 0.4 of the
+        nuclei's brightness, in blotches of their size): in 4 stacks of 5 a
+        haze up to 0.6 of the nuclei's brightness of any `background_grain`,
+        the nuclei from sparse (a fifth of the stack) to packed, and no dim
+        nuclei, which such a background would outshine. The other settings
+        are drawn as without it.
 
     Returns
     -------
@@ -351,6 +378,12 @@ def random_nuclei_options(rng, wide=False):
     if wide:
         # drawn after the others, so that a seed gives the default draws their values
         options["out_of_focus"] = float(rng.uniform(0.0, _WIDE_OUT_OF_FOCUS))
+        options["dim_fraction"] = 0.0
+    if bright_background:
+        level = float(rng.uniform(0.0, _BRIGHT_BACKGROUND))
+        options["background"] = level if rng.random() < _BRIGHT_BACKGROUND_SHARE else 0.0
+        options["background_grain"] = float(rng.uniform(0.0, 1.0))
+        options["density"] = float(rng.uniform(_SPARSE_DENSITY, options["density"]))
         options["dim_fraction"] = 0.0
     return options
 
@@ -817,10 +850,11 @@ def _random_balls(inside, radius, mean_count, rng):
     return ndimage.distance_transform_edt(~centres) <= radius
 
 
-def _haze(shape, cell_diameter, level, rng):
-    """Uneven background haze of mean `level`, varying over a cell diameter or more."""
-    field = _smooth_noise(shape, _HAZE_SCALE * cell_diameter, rng)
-    return np.clip(np.float32(level) * (1 + np.float32(0.5) * field), 0, None)
+def _haze(shape, cell_diameter, level, grain, rng):
+    """Uneven background haze of mean `level`: smooth over a cell diameter (`grain` 0) to blotchy (`grain` 1)."""
+    field = _smooth_noise(shape, _HAZE_SCALE * (1 - _GRAIN_SCALE_CUT * grain) * cell_diameter, rng)
+    spread = _HAZE_SPREAD + (_GRAINY_HAZE_SPREAD - _HAZE_SPREAD) * grain
+    return np.clip(np.float32(level) * (1 + np.float32(spread) * field), 0, None)
 
 
 def _out_of_focus_light(labels, cell_diameter, stretch, level, rng, shape_options):

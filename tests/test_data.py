@@ -298,6 +298,40 @@ def test_wide_nuclei_options_add_out_of_focus_light_and_keep_the_other_draws():
     assert max(levels) > 0.4
 
 
+def test_bright_background_options_brighten_the_background_and_keep_the_other_draws():
+    from cp3d.data import random_nuclei_options
+
+    draws = []
+    for seed in range(40):
+        plain = random_nuclei_options(np.random.default_rng(seed))
+        bright = random_nuclei_options(np.random.default_rng(seed), bright_background=True)
+        changed = {"background", "background_grain", "density", "dim_fraction"}
+        assert {k: v for k, v in bright.items() if k not in changed} == {k: v for k, v in plain.items()
+                                                                           if k not in changed}
+        assert 0.2 <= bright["density"] <= plain["density"] and bright["dim_fraction"] == 0
+        draws.append(bright)
+    levels = [d["background"] for d in draws]
+    assert max(levels) > 0.45 and 0 < sum(level == 0 for level in levels) < 20  # a share stays dark
+    image, labels = synthetic_stack(NUCLEI_SHAPE, DIAMETER, kind="nuclei", seed=0, **draws[0])
+    assert labels.max() > 0
+
+
+def test_background_grain_makes_the_haze_blotchy_at_the_nuclei_scale():
+    options = dict(kind="nuclei", seed=4, noise=0.0, density=0.3, background=0.4, psf_sigma=0)
+    smooth = synthetic_stack((32, 64, 64), DIAMETER, **options)
+    grainy = synthetic_stack((32, 64, 64), DIAMETER, background_grain=1.0, **options)
+    np.testing.assert_array_equal(smooth.labels, grainy.labels)
+    outside = smooth.labels == 0
+
+    def blotchiness(image):  # spread of the haze within a nucleus-sized neighbourhood
+        local = ndimage.uniform_filter(image, DIAMETER)
+        return float(np.std((image - local)[outside]) / np.mean(image[outside]))
+
+    assert blotchiness(grainy.image) > 2 * blotchiness(smooth.image)
+    with pytest.raises(ValueError, match="background_grain"):
+        synthetic_stack(NUCLEI_SHAPE, DIAMETER, kind="nuclei", background_grain=1.5)
+
+
 def test_out_of_focus_light_brightens_the_gaps_and_leaves_the_labels():
     options = dict(kind="nuclei", seed=3, noise=0.0, density=0.6)
     plain = synthetic_stack(NUCLEI_SHAPE, DIAMETER, **options)

@@ -668,23 +668,47 @@ def test_cli_train_checks_out_dir_before_any_work(tmp_path, monkeypatch, capsys)
     assert started == [str(model), str(model), str(tmp_path / "new" / "run")]
 
 
-def test_varied_nuclei_training_draws_out_of_focus_light_and_validates_on_it(tmp_path, rendered):
+def test_varied_nuclei_training_draws_bright_grainy_backgrounds_and_validates_on_them(tmp_path, rendered):
     calls = rendered
     train(tmp_path / "w", kind="nuclei", varied=True, **_tiny_training(steps=1, validate_stacks=1))
     card = json.loads((tmp_path / "w" / "model_card.json").read_text())
-    assert "random_nuclei_options(rng, wide=True)" in card["data"]["options"] and card["validation_varied"]["varied"]
-    assert card["validation_varied"]["kind"] == "nuclei"
+    assert "random_nuclei_options(rng, bright_background=True)" in card["data"]["options"]
+    assert card["validation_varied"]["varied"] and card["validation_varied"]["kind"] == "nuclei"
     assert not card["validation"]["varied"]
     calls.clear()
     config = UNetConfig(**TINY, patch_size=(16, 16, 16))
     pool = _StackPool(config, seed=0, diameters=(6, 8), n_stacks=1, stack_shape=(16, 32, 32), noise=(0.05, 0.1),
                       stretch=(0.75, 1.33), refresh_every=0, kind="nuclei", varied=True)
-    for k in range(8):
+    for k in range(12):
         pool.make(k)
-    wide = [c for c in calls if "out_of_focus" in c]
-    assert 0 < len(wide) < len(calls)  # three in four stacks on average
-    assert all(0 <= c["out_of_focus"] <= 0.6 and c["dim_fraction"] == 0 for c in wide)
-    assert sum(c["out_of_focus"] > 0.2 for c in wide) >= 2
+    bright = [c for c in calls if "background_grain" in c]
+    assert 0 < len(bright) < len(calls)  # half the stacks on average; the rest plain, dim nuclei included
+    assert all(c["dim_fraction"] == 0 and 0 <= c["background"] <= 0.6 and c["density"] >= 0.2 for c in bright)
+    assert sum(c["background"] > 0.2 for c in bright) >= 2
+    assert all("background_grain" not in c and c["background"] <= 0.15 for c in calls if c not in bright)
+
+
+def test_dimmed_cells_stay_brighter_than_the_background_haze(monkeypatch):
+    lows = []
+    monkeypatch.setattr(importlib.import_module("cp3d.model.train"), "_dim_cells", lambda image, labels, rng, **kw: lows.append(kw["low"]) or image)
+    config = UNetConfig(**TINY, patch_size=(16, 16, 16))
+    pool = _StackPool(config, seed=0, diameters=(6, 8), n_stacks=1, stack_shape=(16, 32, 32), noise=(0.05, 0.1),
+                      stretch=(0.75, 1.33), refresh_every=0, kind="nuclei", varied=True)
+    backgrounds = []
+    real = cp3d.data.synthetic_stack
+
+    def spy(*args, **kwargs):
+        backgrounds.append(kwargs["background"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cp3d.data, "synthetic_stack", spy)
+    for k in range(16):
+        n = len(lows)
+        pool.make(k)
+        if len(lows) > n:  # dimmed: never below the haze plus the margin
+            assert lows[-1] == pytest.approx(max(0.25, backgrounds[-1] + 0.3))
+            assert lows[-1] < 0.7
+    assert lows and any(b >= 0.4 for b in backgrounds)  # stacks too bright to dim a cell visibly were drawn
 
 
 # --------------------------------------------------------------------------- sparse annotations
