@@ -1285,9 +1285,9 @@ def error_kinds(gt, labels):
     gt_ids, gt_sizes = np.unique(gt[gt > 0], return_counts=True)
     pairs, overlap = np.unique(np.stack([gt[labels > 0], labels[labels > 0]]), axis=1, return_counts=True)
     pred_ids, pred_sizes = np.unique(labels[labels > 0], return_counts=True)
-    in_truth = np.zeros(pred_ids.size)
-    np.add.at(in_truth, np.searchsorted(pred_ids, pairs[1][pairs[0] > 0]), overlap[pairs[0] > 0])
     of_truth = pairs[0] > 0
+    in_truth = np.zeros(pred_ids.size)
+    np.add.at(in_truth, np.searchsorted(pred_ids, pairs[1][of_truth]), overlap[of_truth])
     share = overlap[of_truth] / gt_sizes[np.searchsorted(gt_ids, pairs[0][of_truth])]
     pieces = np.bincount(np.searchsorted(gt_ids, pairs[0][of_truth][share > 0.1]), minlength=gt_ids.size)
     best = np.zeros(gt_ids.size)
