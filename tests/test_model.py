@@ -686,27 +686,20 @@ def test_varied_nuclei_training_draws_bright_grainy_backgrounds_and_validates_on
     assert sum(c["background"] > 0.2 for c in calls) >= 2 and any(c["background"] == 0 for c in calls)
 
 
-def test_dimmed_cells_stay_brighter_than_the_background_haze(monkeypatch):
+def test_dimmed_cells_stay_brighter_than_the_background_haze(monkeypatch, rendered):
     lows = []
-    monkeypatch.setattr(importlib.import_module("cp3d.model.train"), "_dim_cells", lambda image, labels, rng, **kw: lows.append(kw["low"]) or image)
+    monkeypatch.setattr(importlib.import_module("cp3d.model.train"), "_dim_cells",
+                        lambda image, labels, rng, **kw: lows.append(kw["low"]) or image)
     config = UNetConfig(**TINY, patch_size=(16, 16, 16))
     pool = _StackPool(config, seed=0, diameters=(6, 8), n_stacks=1, stack_shape=(16, 32, 32), noise=(0.05, 0.1),
                       stretch=(0.75, 1.33), refresh_every=0, kind="nuclei", varied=True)
-    backgrounds = []
-    real = cp3d.data.synthetic_stack
-
-    def spy(*args, **kwargs):
-        backgrounds.append(kwargs["background"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cp3d.data, "synthetic_stack", spy)
     for k in range(16):
         n = len(lows)
         pool.make(k)
         if len(lows) > n:  # dimmed: never below the haze plus the margin
-            assert lows[-1] == pytest.approx(max(0.25, backgrounds[-1] + 0.3))
+            assert lows[-1] == pytest.approx(max(0.25, rendered[-1]["background"] + 0.3))
             assert lows[-1] < 0.7
-    assert lows and any(b >= 0.4 for b in backgrounds)  # stacks too bright to dim a cell visibly were drawn
+    assert lows and any(c["background"] >= 0.4 for c in rendered)  # stacks too bright to dim a cell visibly were drawn
 
 
 # --------------------------------------------------------------------------- sparse annotations
