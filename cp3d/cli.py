@@ -95,11 +95,11 @@ def _segment(args):
 def _reconstruction(model, result, voxel_size):
     """The settings segment's reconstruction used, stored with the --save-flows maps: `cp3d reconstruct` on
     the maps takes them as its defaults and gives the same labels."""
-    from .segment import cell_extent, model_tanh_scale
+    from .segment import cell_extent, model_border_volume, model_tanh_scale
 
     extent = cell_extent(result.diameter, voxel_size, model.config.train_diameter)
     return {"diameter": list(extent), "tanh_scale": list(model_tanh_scale(model.config, extent)),
-            "targets": model.config.targets}
+            "targets": model.config.targets, "min_border_volume": model_border_volume(model.config, extent)}
 
 
 def _is_zarr_path(path):
@@ -305,7 +305,9 @@ def _reconstruct(args):
     # model's flows at the size segment rescaled to), so it stays even when another --diameter is given
     targets = args.targets or saved.get("targets", "tanh")
     settings = {"diameter": args.diameter or saved.get("diameter"), "targets": targets,
-                "tanh_scale": args.tanh_scale or (saved.get("tanh_scale") if targets == "tanh" else None)}
+                "tanh_scale": args.tanh_scale or (saved.get("tanh_scale") if targets == "tanh" else None),
+                "min_border_volume": (saved.get("min_border_volume", 0.0) if args.min_border_volume is None
+                                      else args.min_border_volume)}
     if args.tanh_scale and "auto" in args.tanh_scale:
         if len(args.tanh_scale) > 1:
             raise ValueError(f"--tanh-scale takes one scale, Z Y X scales or 'auto' alone, got {args.tanh_scale}")
@@ -321,6 +323,7 @@ def _reconstruct(args):
                                 for v in (settings["diameter"], settings["tanh_scale"]))
         labels = cp3d_dask.reconstruct(flows, foreground, diameter=diameter, targets=settings["targets"],
                                        tanh_scale=tanh_scale, max_flow_error=args.max_flow_error,
+                                       min_border_volume=settings["min_border_volume"],
                                        temporary_directory=args.temporary_directory, progress=not args.quiet)
         _write_labels_any(args.output, labels, voxel_size, args.quiet)
         cells = int(labels.max().compute())
@@ -450,6 +453,9 @@ def build_parser():
                    help="scale of the tanh flows, or Z Y X, or 'auto' to read it from the maps' central crop; "
                         "default: the one cp3d segment stored with the maps (its model's flows), else diameter / 2")
     p.add_argument("--max-flow-error", type=float, default=0.8)
+    p.add_argument("--min-border-volume", type=float, default=None,
+                   help="smallest volume in voxels of an instance touching the stack's faces; default: the one "
+                        "cp3d segment stored with the maps (a cap of a cell one network voxel deep), else 0")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_overwrite_option(p)
     _add_dask_options(p)

@@ -51,7 +51,7 @@ import weakref
 import numba
 import numpy as np
 
-from ._backend import as_triple, central_box, check_flows, check_foreground
+from ._backend import as_triple, central_box, check_flows, check_foreground, check_scalar
 from .filters import check_thresholds, keep_instances, sphere_volume, tanh_statistic_sums
 from .follow import check_step, follow_in_window, smooth_flows
 from .group import ball_offsets, close_and_label, mark_end_voxels, merge_table, relabel_by_first_voxel
@@ -140,8 +140,8 @@ def local_cluster(n_workers=1, *, memory_limit="auto", **kwargs):
 
 def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=None, diameter_range=None,
                 min_overlap=0.2, max_flow_error=0.8, diameter=None, targets="tanh", tanh_scale=None,
-                inward=False, sigma=0.0, backend="auto", chunks=None, halo=None, temporary_directory=None,
-                progress=False):
+                inward=False, sigma=0.0, min_border_volume=0.0, backend="auto", chunks=None, halo=None,
+                temporary_directory=None, progress=False):
     """Reconstruct cell instances chunk by chunk, exactly as on the whole volume.
 
     Parameters
@@ -151,7 +151,7 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     foreground : dask.array.Array, shape (Z, Y, X)
         Bool mask or a probability map thresholded at 0.5.
     step, n_iter, closing_radius, diameter_range, min_overlap, max_flow_error, diameter, targets, tanh_scale, \
-inward, sigma
+inward, sigma, min_border_volume
         As in :func:`cp3d.reconstruct`.
     backend : {"auto", "numba"}
         Implementation of each chunk's work (the CPU kernels).
@@ -214,7 +214,7 @@ inward, sigma
     plan = _Plan(flows, foreground, step=step, n_iter=n_iter, closing_radius=closing_radius,
                  diameter_range=diameter_range, min_overlap=min_overlap, max_flow_error=max_flow_error,
                  diameter=diameter, targets=targets, tanh_scale=tanh_scale, inward=inward, sigma=sigma,
-                 backend=backend, chunks=chunks, halo=halo, temporary_directory=temporary_directory,
+                 min_border_volume=min_border_volume, backend=backend, chunks=chunks, halo=halo, temporary_directory=temporary_directory,
                  progress=progress)
     # The in-memory checks of the flows' scale and sign, on the middle of the middle chunk: cheap, and at the call
     # (a crop of at most _SAMPLE_SHAPE voxels comes back to the client, not the whole chunk).
@@ -235,8 +235,8 @@ class _Plan:
     """
 
     def __init__(self, flows, foreground, *, step, n_iter, closing_radius, diameter_range, min_overlap,
-                 max_flow_error, diameter, targets, tanh_scale, inward, sigma, backend, chunks, halo,
-                 temporary_directory, progress):
+                 max_flow_error, diameter, targets, tanh_scale, inward, sigma, min_border_volume, backend, chunks,
+                 halo, temporary_directory, progress):
         self.dask = _import_dask()
         if backend not in ("auto", "numba"):
             raise ValueError(f"backend must be 'auto' or 'numba' for chunked reconstruction, got {backend!r}")
@@ -251,6 +251,7 @@ class _Plan:
         self.volume_range = (params.volume_range if diameter_range is None
                              else tuple(map(sphere_volume, diameter_range)))
         self.min_overlap, self.max_flow_error = check_thresholds(min_overlap, max_flow_error)
+        self.min_border_volume = check_scalar(min_border_volume, "min_border_volume", 0)
         if not np.isfinite(sigma) or sigma < 0:
             raise ValueError(f"sigma must be a non-negative number, got {sigma!r}")
         self.grid = _Grid(foreground.shape, foreground.chunksize if chunks is None else chunks)
@@ -360,7 +361,7 @@ class _Plan:
             flow_error = error / (3 * np.maximum(stats.volume, 1))
         overlap = stats.inside / np.maximum(stats.volume, 1)
         keep = keep_instances(stats.volume, overlap, flow_error, stats.on_border, self.volume_range,
-                              self.min_overlap, self.max_flow_error)
+                              self.min_overlap, self.max_flow_error, self.min_border_volume)
         if stats.n and not keep.any():
             warn_all_filtered(stats.n, self.volume_range, self.max_flow_error, self.targets, self.inward)
         # Kept instances numbered in C order of their first voxel, as on the whole volume.
@@ -910,7 +911,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     da = dask.array
 
     from .model import UNet3D, load_model
-    from .segment import Segmentation, cell_extent
+    from .segment import Segmentation, cell_extent, model_border_volume, model_tanh_scale
 
     if not isinstance(image, da.Array):
         image = np.asarray(image)
@@ -963,9 +964,10 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
                              meta=np.empty((0,) * len(chunks), np.float32))
 
     flows, foreground = stored(), da.clip(stored(channels=3), 0.0, 1.0)
-    scale = tuple(config.tanh_scale * e / config.train_diameter for e in extent)
     settings = inspect.signature(reconstruct).bind(
-        flows, foreground, **{**dict(diameter=extent, targets=config.targets, tanh_scale=scale,
+        flows, foreground, **{**dict(diameter=extent, targets=config.targets,
+                                     tanh_scale=model_tanh_scale(config, extent),
+                                     min_border_volume=model_border_volume(config, extent),
                                      temporary_directory=temporary_directory, progress=progress), **kwargs})
     settings.apply_defaults()
     plan = _Plan(**settings.arguments)

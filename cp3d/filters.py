@@ -32,6 +32,41 @@ def sphere_volume(diameter):
 PAPER_VOLUME_RANGE = (sphere_volume(5), sphere_volume(100))
 
 
+def border_cap_volume(extent, depth):
+    """Volume of the cap `depth` of its extent deep of an ellipsoid `extent` voxels across.
+
+    A cell cut by a face of the stack shows a cap of itself; one shallower
+    than the resolution the flows were predicted at (a network voxel:
+    ``depth = 1 / train_diameter``) cannot be told from a speck of
+    background. For a sphere of diameter ``d`` and a cap ``h = depth * d``
+    deep the fraction of the sphere is ``depth**2 * (3 - 2 * depth)``; a cut
+    along any axis of an ellipsoid gives the same fraction.
+
+    Parameters
+    ----------
+    extent : float or (float, float, float)
+        The cells' extent in voxels (z, y, x).
+    depth : float
+        The cap's depth as a fraction of the extent, in [0, 1].
+
+    Returns
+    -------
+    float
+        Voxels.
+
+    Examples
+    --------
+    >>> from cp3d.filters import border_cap_volume, sphere_volume
+    >>> round(border_cap_volume(20, 0.1) / sphere_volume(20), 3)
+    0.028
+    >>> border_cap_volume((10, 20, 20), 1.0) == sphere_volume(20) / 2
+    True
+    """
+    extent = as_triple(extent, "extent")
+    depth = check_scalar(depth, "depth", 0, 1)
+    return math.pi / 6 * math.prod(extent) * depth**2 * (3 - 2 * depth)
+
+
 def check_thresholds(min_overlap, max_flow_error):
     """Validate the overlap and flow-error thresholds; a `max_flow_error` of None means no limit."""
     return (check_scalar(min_overlap, "min_overlap", 0, 1),
@@ -39,7 +74,8 @@ def check_thresholds(min_overlap, max_flow_error):
 
 
 def filter_instances(labels, flows, foreground, *, volume_range=PAPER_VOLUME_RANGE, min_overlap=0.2,
-                     max_flow_error=0.8, targets="tanh", tanh_scale=5.0, inward=False, backend="auto"):
+                     max_flow_error=0.8, targets="tanh", tanh_scale=5.0, inward=False, min_border_volume=0.0,
+                     backend="auto"):
     """Drop implausible instances and renumber the rest 1..N.
 
     An instance is kept when its volume lies in `volume_range`, at least a
@@ -47,7 +83,8 @@ def filter_instances(labels, flows, foreground, *, volume_range=PAPER_VOLUME_RAN
     absolute difference between `flows` and the flows recomputed from the
     instance itself (with the same target formulation) is at most
     `max_flow_error`. Instances touching the volume's outer faces are exempt
-    from the lower size bound: the border can cut a real cell to any size.
+    from the lower size bound, since the border can cut a real cell to any
+    size; they need `min_border_volume` voxels instead.
 
     Parameters
     ----------
@@ -71,6 +108,10 @@ def filter_instances(labels, flows, foreground, *, volume_range=PAPER_VOLUME_RAN
         The ``scale`` of :func:`cp3d.tanh_flows` the flows were made with.
     inward : bool
         Set when `flows` point towards the centres (Cellpose's sign).
+    min_border_volume : float
+        Smallest volume of an instance touching the volume's faces (0: any);
+        :func:`cp3d.segment` passes the cap one network voxel deep of a
+        typical cell (:func:`border_cap_volume`).
     backend : {"auto", "numpy", "numba", "cuda"}
         Implementation; ``"auto"`` picks CUDA for CuPy and Numba for NumPy.
 
@@ -105,17 +146,18 @@ def filter_instances(labels, flows, foreground, *, volume_range=PAPER_VOLUME_RAN
     check_targets(targets)
     min_overlap, max_flow_error = check_thresholds(min_overlap, max_flow_error)
     lo, hi = check_size_range(volume_range, "volume_range")
+    min_border_volume = check_scalar(min_border_volume, "min_border_volume", 0)
     inward = check_bool(inward, "inward")
     tanh_scale = as_triple(tanh_scale, "tanh_scale")
     if int(labels.max()) > _MAX_TABLE_ID:
         # Per-thread tables are indexed by id; the output is renumbered anyway.
         labels = compact_ids(labels)[0]
     return filter_validated(labels, flows, foreground, (lo, hi), min_overlap, max_flow_error, targets, tanh_scale,
-                            inward, backend)
+                            inward, min_border_volume, backend)
 
 
 def filter_validated(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, tanh_scale,
-                     inward, backend):
+                     inward, min_border_volume, backend):
     """filter_instances on validated inputs (called by reconstruct too)."""
     if np.isinf(max_flow_error):
         # No flow-error limit: skip recomputing the flows (heat flows cost a diffusion).
@@ -125,11 +167,12 @@ def filter_validated(labels, flows, foreground, volume_range, min_overlap, max_f
         volume, overlap, flow_error = instance_statistics(
             labels, flows, foreground, targets=targets, tanh_scale=tanh_scale, inward=inward, backend=backend)
     keep = keep_instances(volume, overlap, flow_error, border_ids(labels), volume_range, min_overlap,
-                          max_flow_error)
+                          max_flow_error, min_border_volume)
     return relabel_by_first_voxel(labels, backend, keep=keep)
 
 
-def keep_instances(volume, overlap, flow_error, on_border, volume_range, min_overlap, max_flow_error):
+def keep_instances(volume, overlap, flow_error, on_border, volume_range, min_overlap, max_flow_error,
+                   min_border_volume=0.0):
     """The filters' verdict from per-instance statistics (entry 0 is background).
 
     Parameters
@@ -146,6 +189,8 @@ def keep_instances(volume, overlap, flow_error, on_border, volume_range, min_ove
         Smallest and largest volume kept.
     min_overlap, max_flow_error : float
         Validated thresholds (see :func:`check_thresholds`).
+    min_border_volume : float
+        Smallest volume of an instance in `on_border`.
 
     Returns
     -------
@@ -157,8 +202,9 @@ def keep_instances(volume, overlap, flow_error, on_border, volume_range, min_ove
     The lower size bound is waived for instances that touch the volume's
     border: the border may cut a cell to any size, and such a cut cell is a
     real instance (a crop of a larger stack, or a cell at the specimen's
-    edge of the field of view). The upper bound and the other filters apply
-    to every instance.
+    edge of the field of view). They need `min_border_volume` instead: a
+    cap too shallow for the flows to resolve is a speck, not a cell. The
+    upper bound and the other filters apply to every instance.
 
     Examples
     --------
@@ -168,9 +214,11 @@ def keep_instances(volume, overlap, flow_error, on_border, volume_range, min_ove
     >>> overlap = np.ones(4)
     >>> keep_instances(volume, overlap, None, np.array([2]), (10, 100), 0.2, np.inf).tolist()
     [False, False, True, False]
+    >>> keep_instances(volume, overlap, None, np.array([2]), (10, 100), 0.2, np.inf, 5).tolist()
+    [False, False, False, False]
     """
     big_enough = volume >= volume_range[0]
-    big_enough[on_border] = True
+    big_enough[on_border] = volume[on_border] >= min_border_volume
     keep = big_enough & (volume <= volume_range[1]) & (overlap >= min_overlap)
     if flow_error is not None:
         keep &= flow_error <= max_flow_error

@@ -15,7 +15,7 @@ import numba
 import numpy as np
 
 from ._backend import (as_triple, check_bool, check_flows, check_foreground, check_memory, check_size_range,
-                       check_step, get_array_module, resolve_backend)
+                       check_scalar, check_step, get_array_module, resolve_backend)
 from .filters import PAPER_VOLUME_RANGE, filter_validated, check_targets, check_thresholds, sphere_volume
 from .follow import follow_starts, check_sigma, smooth_flows
 from .group import ball_bytes, ball_offsets, close_and_label
@@ -146,7 +146,7 @@ def _scalar_if_isotropic(triple):
 
 def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=None, diameter_range=None,
                 min_overlap=0.2, max_flow_error=0.8, diameter=None, targets="tanh", tanh_scale=None,
-                inward=False, sigma=0.0, backend="auto"):
+                inward=False, sigma=0.0, min_border_volume=0.0, backend="auto"):
     """Reconstruct cell instances from flows and a foreground map.
 
     Every foreground voxel moves `n_iter` times against the flows by
@@ -190,6 +190,10 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
         Set for flows pointing towards the centres (Cellpose's sign).
     sigma : float
         Gaussian smoothing of the flows before following (0: none).
+    min_border_volume : float
+        Smallest volume of an instance touching the volume's faces, which
+        are exempt from `diameter_range`'s lower bound (0: any; see
+        :func:`cp3d.filter_instances`).
     backend : {"auto", "numpy", "numba", "cuda"}
         Implementation; ``"auto"`` picks CUDA for CuPy and Numba for NumPy.
 
@@ -232,6 +236,7 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
         map(sphere_volume, check_size_range(diameter_range, "diameter_range")))
     scale = as_triple(params.tanh_scale, "tanh_scale")
     min_overlap, max_flow_error = check_thresholds(min_overlap, max_flow_error)
+    min_border_volume = check_scalar(min_border_volume, "min_border_volume", 0)
     sigma = check_sigma(sigma, foreground.shape)
     if sigma > 0:
         flows = smooth_flows(flows, sigma)
@@ -254,7 +259,7 @@ def reconstruct(flows, foreground, *, step=None, n_iter=None, closing_radius=Non
     del groups, end_index
     found = int(labels.max())
     labels = filter_validated(labels, flows, foreground, volume_range, min_overlap, max_flow_error, targets, scale,
-                              inward, backend)
+                              inward, min_border_volume, backend)
     if found and not int(labels.max()):
         warn_all_filtered(found, volume_range, max_flow_error, targets, inward)
     return labels

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._backend import as_int_triple, as_triple, import_cupy, resolve_backend
-from .filters import border_ids
+from .filters import border_cap_volume, border_ids
 from .metrics import median_diameter
 from .reconstruct import flow_divergence, reconstruct, reconstruction_parameters
 
@@ -69,6 +69,18 @@ def model_tanh_scale(config, diameter=None, voxel_size=None):
     """
     extent = cell_extent(diameter, voxel_size, config.train_diameter)
     return tuple(config.tanh_scale * e / config.train_diameter for e in extent)
+
+
+def model_border_volume(config, extent):
+    """The smallest part of a cell cut by the stack's faces that a model resolves: a cap one network voxel deep.
+
+    The network sees cells ``config.train_diameter`` voxels across; a cap
+    thinner than one of its voxels is below its resolution, and on real
+    crops the background specks at the faces were all below it while no
+    cut nucleus was (``bench/bench_segment.py --real``). `extent` is the
+    cells' (z, y, x) extent on the image grid.
+    """
+    return border_cap_volume(extent, 1 / config.train_diameter)
 
 
 def _check_diameter(diameter):
@@ -299,7 +311,7 @@ def _segment_at(image, model, extent, augment, diameter, *, backend, device, til
         # segment and the CLI do not have) would mislead; the check above says what is wrong instead
         warnings.filterwarnings("ignore", message="the flows point", category=UserWarning)
         labels = reconstruct(flows, foreground, diameter=extent, targets=config.targets, tanh_scale=scale,
-                             backend=backend)
+                             min_border_volume=model_border_volume(config, extent), backend=backend)
     if backend == "cuda":
         labels = cupy.asnumpy(labels)
     seconds = {"predict": predicted - start, "reconstruct": time.perf_counter() - predicted}

@@ -8,6 +8,7 @@ import pytest
 
 import cp3d
 from cp3d import io
+from cp3d.segment import cell_extent, model_border_volume, model_tanh_scale
 
 da = pytest.importorskip("dask.array")
 pytest.importorskip("zarr")
@@ -50,6 +51,15 @@ def test_chunked_equals_whole(targets, shape, chunks):
     assert _straddles(whole, chunks)
     # Equal up to renumbering is the promise; the numbering (first voxel in C order) is the same too.
     np.testing.assert_array_equal(out, whole)
+
+
+def test_chunked_min_border_volume_equals_whole():
+    # the border rule needs the whole instance's volume: a cell cut by the stack's face and by chunk borders
+    flows, foreground = _maps("tanh", (16, 32, 32))
+    options = dict(diameter=8, min_border_volume=60.0)
+    whole = cp3d.reconstruct(flows, foreground, **options)
+    assert whole.max() < cp3d.reconstruct(flows, foreground, diameter=8).max()  # some border instance dropped
+    np.testing.assert_array_equal(_chunked(flows, foreground, (8, 16, 16), **options).compute(), whole)
 
 
 @pytest.mark.parametrize("channels", [None, 3])
@@ -150,20 +160,12 @@ def test_chunked_prediction_equals_whole(monkeypatch):
                                        device="cpu")
         np.testing.assert_allclose(result.flows.compute(), whole.flows, atol=1e-5)
         np.testing.assert_allclose(result.foreground.compute(), whole.foreground, atol=1e-5)
-    labels = cp3d.reconstruct(result.flows.compute(), result.foreground.compute(),
-                              diameter=result_extent(net, voxel_size), tanh_scale=result_scale(net, voxel_size))
+    extent = cell_extent(None, voxel_size, net.config.train_diameter)
+    # what cp3d.segment reconstructs with: the model's tanh scale and its border rule
+    labels = cp3d.reconstruct(result.flows.compute(), result.foreground.compute(), diameter=extent,
+                              tanh_scale=model_tanh_scale(net.config, extent),
+                              min_border_volume=model_border_volume(net.config, extent))
     np.testing.assert_array_equal(result.labels.compute(), labels)
-
-
-def result_extent(net, voxel_size):
-    from cp3d.segment import cell_extent
-
-    return cell_extent(None, voxel_size, net.config.train_diameter)
-
-
-def result_scale(net, voxel_size):
-    c = net.config
-    return tuple(c.tanh_scale * e / c.train_diameter for e in result_extent(net, voxel_size))
 
 
 def test_ome_zarr_round_trip(tmp_path):
@@ -374,7 +376,9 @@ def test_cli_reconstruct_on_saved_maps_reproduces_segment(tmp_path, capsys, maps
         {"voxel_size": [1.5, 1.0, 1.0]} if maps.endswith(".zarr") else {})
     labels = io.read_image(tmp_path / "labels.tif").data
     assert labels.max() > 5
-    printed = ["--diameter", *map(str, settings["diameter"]), "--tanh-scale", *map(str, settings["tanh_scale"])]
+    assert settings["min_border_volume"] > 0
+    printed = ["--diameter", *map(str, settings["diameter"]), "--tanh-scale", *map(str, settings["tanh_scale"]),
+               "--min-border-volume", str(settings["min_border_volume"])]
     for name, options in (("stored.tif", []), ("printed.tif", printed)):
         assert main(["reconstruct", str(tmp_path / maps), "-o", str(tmp_path / name), "--chunks", "12", "24", "24",
                      "--quiet"] + options) == 0
@@ -386,7 +390,8 @@ def test_cli_reconstruct_on_saved_maps_reproduces_segment(tmp_path, capsys, maps
     assert main(["reconstruct", str(tmp_path / maps), "-o", str(tmp_path / "d.tif"), "--quiet", "--diameter",
                  "12"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reconstruction"] == {
-        "diameter": [12.0], "tanh_scale": settings["tanh_scale"], "targets": "tanh"}
+        "diameter": [12.0], "tanh_scale": settings["tanh_scale"], "targets": "tanh",
+        "min_border_volume": settings["min_border_volume"]}
 
 
 def test_cli_reconstruct_reads_the_tanh_scale_from_maps_without_settings(tmp_path, capsys):

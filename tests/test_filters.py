@@ -94,6 +94,38 @@ def test_lower_size_bound_waived_at_the_stack_border():
         assert set(np.unique(filter_instances(labels, flows, labels > 0, volume_range=(0, 20))[labels == 2])) == {0}
 
 
+def test_min_border_volume_drops_specks_at_the_stack_border():
+    labels = np.zeros((12, 12, 24), np.uint32)
+    labels[0, 4:6, 4:6] = 1       # a 4-voxel speck on the top face
+    labels[0:3, 4:7, 14:17] = 2   # 27 voxels: a cut cell on the same face
+    labels[3:11, 3:11, 9:20] = 3  # a large cell inside, touching neither
+    labels[5, 5, 2] = 4           # 1 voxel inside: the interior's lower bound applies, not this one
+    flows = cp3d.tanh_flows(labels)
+    for backend in ("numpy", "numba"):
+        kept = filter_instances(labels, flows, labels > 0, volume_range=(2, 1000), min_border_volume=10,
+                                backend=backend)
+        assert set(np.unique(kept[labels == 1])) == {0}
+        assert kept[labels == 2].min() > 0 and kept[labels == 3].min() > 0
+        assert set(np.unique(kept[labels == 4])) == {0}
+        # 0, the default, keeps any border instance
+        assert filter_instances(labels, flows, labels > 0, volume_range=(2, 1000), backend=backend)[0, 4, 4] > 0
+    with pytest.raises(ValueError, match="min_border_volume"):
+        filter_instances(labels, flows, labels > 0, min_border_volume=-1)
+
+
+def test_border_cap_volume_matches_a_counted_cap():
+    from cp3d.filters import border_cap_volume
+
+    # a sphere of diameter 40 voxels cut 4 voxels (a tenth) below its top: count the voxels of the cap
+    z, y, x = np.mgrid[:40, :40, :40] + 0.5
+    inside = (z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 <= 20**2
+    assert border_cap_volume(40, 0.1) == pytest.approx(inside[:4].sum(), rel=0.05)
+    # the same fraction of an anisotropic ellipsoid, cut along z
+    assert border_cap_volume((10, 40, 40), 0.1) == pytest.approx(border_cap_volume(40, 0.1) / 4)
+    with pytest.raises(ValueError, match="depth"):
+        border_cap_volume(10, 1.5)
+
+
 def test_border_ids():
     labels = np.zeros((4, 5, 6), np.uint32)
     labels[1:3, 1:4, 1:5] = 3

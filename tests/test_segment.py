@@ -40,6 +40,29 @@ def predict_kwargs(monkeypatch):
     return seen
 
 
+def test_segment_drops_border_specks_below_a_network_voxel(tiny_model, monkeypatch):
+    from cp3d.filters import border_ids
+    from cp3d.segment import model_border_volume
+
+    seen = {}
+    real_reconstruct = SEGMENT_MODULE.reconstruct
+
+    def spy(flows, foreground, **kwargs):
+        seen.update(kwargs)
+        return real_reconstruct(flows, foreground, **kwargs)
+
+    monkeypatch.setattr(SEGMENT_MODULE, "reconstruct", spy)
+    image, _ = cp3d.data.synthetic_stack((24, 64, 64), 16, seed=1)
+    labels = segment(image, tiny_model, diameter=16, voxel_size=(2, 1, 1)).labels
+    # the cap one network voxel deep of a cell 8 x 16 x 16 voxels: depth**2 * (3 - 2 * depth) of it
+    depth = 1 / tiny_model.config.train_diameter
+    cap = model_border_volume(tiny_model.config, (8.0, 16.0, 16.0))
+    assert cap == pytest.approx(np.pi / 6 * 8 * 16 * 16 * depth**2 * (3 - 2 * depth))
+    assert seen["min_border_volume"] == pytest.approx(cap)
+    volumes = np.bincount(labels.ravel())
+    assert (volumes[border_ids(labels)] >= cap).all()
+
+
 def test_cell_extent_follows_voxel_size():
     assert cell_extent(None, None, 10) == (10, 10, 10)
     assert cell_extent(8, (2.0, 0.5, 0.5), 10) == (2.0, 8.0, 8.0)
