@@ -686,6 +686,34 @@ def test_varied_nuclei_training_draws_bright_grainy_backgrounds_and_validates_on
     assert sum(c["background"] > 0.2 for c in calls) >= 2 and any(c["background"] == 0 for c in calls)
 
 
+def test_mixed_training_draws_nuclei_and_membranes_and_validates_on_both(tmp_path, rendered):
+    calls = rendered
+    config = UNetConfig(**TINY, patch_size=(16, 16, 16))
+    pool = _StackPool(config, seed=0, diameters=(6, 8), n_stacks=1, stack_shape=(16, 32, 32), noise=(0.05, 0.1),
+                      stretch=(0.75, 1.33), refresh_every=0, kind="mixed", varied=True)
+    for k in range(16):
+        pool.make(k)
+    kinds = [c["kind"] for c in calls]
+    assert 4 <= kinds.count("nuclei") <= 12 and kinds.count("membrane") == 16 - kinds.count("nuclei")
+    # each kind with its own varied settings: nuclei on bright grainy backgrounds, membranes of varied walls
+    assert all("background_grain" in c for c in calls if c["kind"] == "nuclei")
+    assert any("wall_thickness" in c for c in calls if c["kind"] == "membrane")
+    train(tmp_path / "m", kind="mixed", varied=True, **_tiny_training(steps=1, validate_stacks=1))
+    card = json.loads((tmp_path / "m" / "model_card.json").read_text())
+    assert "kind='nuclei') for 50% of the stacks" in card["data"]["generator"]
+    assert "bright_background=True" in card["data"]["options_nuclei"]
+    assert "random_membrane_options" in card["data"]["options_membrane"]
+    assert [(card[k]["kind"], card[k]["varied"]) for k in ("validation", "validation_varied", "validation_nuclei")] \
+        == [("membrane", False), ("membrane", True), ("nuclei", True)]
+    # re-scoring from the command line fills the same sets
+    from cp3d.model.train import main
+
+    main([str(tmp_path / "m"), "--validate-only", "--kind", "mixed", "--varied", "--validate-stacks", "1",
+          "--no-progress"])
+    again = json.loads((tmp_path / "m" / "model_card.json").read_text())
+    assert again["validation_nuclei"]["stacks"] == card["validation_nuclei"]["stacks"]
+
+
 def test_dimmed_cells_stay_brighter_than_the_background_haze(monkeypatch, rendered):
     lows = []
     monkeypatch.setattr(importlib.import_module("cp3d.model.train"), "_dim_cells",

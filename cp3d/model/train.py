@@ -5,6 +5,7 @@ Run from the command line (the arguments are those of :func:`train`)::
     cp3d train OUT_DIR --targets tanh --steps 1500 --num-threads 1
     cp3d train OUT_DIR --kind nuclei --init tanh --steps 3000   # the nuclei model: varied synthetic nuclei
     cp3d train OUT_DIR --varied --init tanh --steps 3000   # membranes rendered in varied ways
+    cp3d train OUT_DIR --kind mixed --varied --init nuclei --steps 2000   # both stains: the default model
     cp3d train OUT_DIR --data DIR --init tanh --steps 300   # fine-tune on NAME.tif + NAME_masks.tif pairs
     cp3d train OUT_DIR --validate-only     # re-score a finished run
 
@@ -55,6 +56,10 @@ VARIED_SHARE = 0.75  # membranes with varied=True: the share of stacks drawn wit
 VARIED_SETTINGS_SHARE = 0.5
 # The dimmest a cell is dimmed to, and the least it stays above a stack's background haze.
 DIM_LOW, DIM_HIGH, DIM_ABOVE_BACKGROUND = 0.25, 0.7, 0.3
+# kind="mixed": one model for nuclear and membrane stains (the default model), each stack drawn as nuclei
+# with this chance, else as membranes
+MIXED_NUCLEI_SHARE = 0.5
+TRAIN_KINDS = KINDS + ("mixed",)
 
 
 # --------------------------------------------------------------------------- targets & augmentation
@@ -162,7 +167,10 @@ class _StackPool:
         noise = float(rng.uniform(*self.noise))
         # nuclei vary in every rendering setting; the membrane stacks keep their defaults unless varied,
         # and then a share keeps them still, so the plain stacks are not forgotten
-        if self.kind == "nuclei":
+        kind = self.kind
+        if kind == "mixed":
+            kind = "nuclei" if rng.random() < MIXED_NUCLEI_SHARE else "membrane"
+        if kind == "nuclei":
             # every stack: with half of them plain (dark background, dim nuclei) the crops' background went back
             # to foreground (AP@0.5 0.61 -> 0.31 on 1135) while the synthetic validation rose (README, the model)
             options = dict(cp3d.data.random_nuclei_options(rng, bright_background=self.varied), noise=noise)
@@ -172,7 +180,7 @@ class _StackPool:
         else:
             options = {"noise": noise}
         image, labels = cp3d.data.synthetic_stack(
-            shape, diameter, kind=self.kind, seed=int(self.seed * 1_000_003 + k) % VALIDATION_SEED, **options
+            shape, diameter, kind=kind, seed=int(self.seed * 1_000_003 + k) % VALIDATION_SEED, **options
         )
         image = np.asarray(image, np.float32)
         labels = np.asarray(labels).astype(np.uint32, copy=False)
@@ -567,8 +575,11 @@ def train(
         Steps between lines of ``train_log.jsonl``.
     command : str, optional
         The command line that started the run, recorded in the model card.
-    kind : {"membrane", "nuclei"}
-        Kind of synthetic stack trained and validated on (without `data`).
+    kind : {"membrane", "nuclei", "mixed"}
+        Kind of synthetic stack trained and validated on (without `data`);
+        ``"mixed"`` draws each stack as nuclei or as membranes, half and
+        half, for one model of both stains (the bundled default), and
+        validates on both.
         Nuclei stacks draw every rendering setting at random
         (:func:`cp3d.data.random_nuclei_options`, the noise from `noise`);
         membrane stacks use the generator's defaults but for the noise,
@@ -621,8 +632,8 @@ def train(
         raise ValueError("pass init (start a new run from trained weights) or resume (continue a run), not both")
     if validate_data is not None and data is None:
         raise ValueError("validate_data needs data: the synthetic runs validate on synthetic stacks")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in TRAIN_KINDS:
+        raise ValueError(f"kind must be one of {TRAIN_KINDS}, got {kind!r}")
     if data is not None and kind != "membrane":
         raise ValueError(f"kind={kind!r} chooses synthetic stacks; with data the stacks are the annotated ones")
     if varied and data is not None:
@@ -779,14 +790,12 @@ def train(
         "arguments": arguments,
         "config": config.to_dict(),
         "data": {
-            "generator": f"cp3d.data.synthetic_stack(kind={kind!r})",
-            "options": ("cp3d.data.random_nuclei_options(rng, bright_background=True)" if varied
-                        else "cp3d.data.random_nuclei_options(rng)")
-            + ", noise from 'noise'" if kind == "nuclei"
-            else f"{VARIED_SHARE:.0%} of the stacks cp3d.data.random_membrane_options(rng, settings_share="
-            f"{VARIED_SETTINGS_SHARE}) (noise from its range when drawn), the rest defaults, noise from 'noise'"
-            if varied else "defaults, noise from 'noise'",
-            **({"varied": True, "varied_option_ranges": _membrane_ranges()} if varied and kind == "membrane"
+            "generator": f"cp3d.data.synthetic_stack(kind={kind!r})" if kind != "mixed" else
+            f"cp3d.data.synthetic_stack(kind='nuclei') for {MIXED_NUCLEI_SHARE:.0%} of the stacks, "
+            "kind='membrane' for the rest",
+            **{f"options_{k}" if kind == "mixed" else "options": _pool_options(k, varied)
+               for k in (KINDS if kind == "mixed" else (kind,))},
+            **({"varied": True, "varied_option_ranges": _membrane_ranges()} if varied and kind != "nuclei"
                else {"varied": True} if varied else {}),
             "diameters": list(diameters), "n_stacks": n_stacks, "stack_shape": list(stack_shape),
             "refresh_every": refresh_every, "noise": list(noise), "z_stretch": list(stretch),
@@ -819,19 +828,41 @@ def train(
         # score the saved (float16) weights, i.e. what users will load
         saved = load_model(out_dir, device=dev)
         if data is None:
-            card["validation"] = validate(saved, n_stacks=validate_stacks, kind=kind, progress=progress)
-            if varied:
-                card["validation_varied"] = validate(saved, n_stacks=validate_stacks, kind=kind, varied=True,
-                                                     progress=progress)
+            for key, set_kind, set_varied in validation_sets(kind, varied):
+                card[key] = validate(saved, n_stacks=validate_stacks, kind=set_kind, varied=set_varied,
+                                     progress=progress)
+                if lineage:
+                    card["lineage"][-1][key] = {k: card[key][k] for k in ("mean_dice", "mean_ap50")}
         else:
             card["validation"] = validate_annotated(saved, validation_set, diameter=diameter, voxel_size=voxel_size)
-        if lineage:
-            card["lineage"][-1]["validation"] = {k: card["validation"][k] for k in ("mean_dice", "mean_ap50")}
-            if varied:
-                card["lineage"][-1]["validation_varied"] = {k: card["validation_varied"][k]
-                                                            for k in ("mean_dice", "mean_ap50")}
+            if lineage:
+                card["lineage"][-1]["validation"] = {k: card["validation"][k] for k in ("mean_dice", "mean_ap50")}
         _write_card(out_dir, card)
     return model
+
+
+def _pool_options(kind, varied):
+    """How the training pool draws the rendering settings of a stack of `kind`, as the model card records it."""
+    if kind == "nuclei":
+        return (f"cp3d.data.random_nuclei_options(rng, bright_background={bool(varied)}), noise from 'noise'")
+    if varied:
+        return (f"{VARIED_SHARE:.0%} of the stacks cp3d.data.random_membrane_options(rng, settings_share="
+                f"{VARIED_SETTINGS_SHARE}) (noise from its range when drawn), the rest defaults, noise from 'noise'")
+    return "defaults, noise from 'noise'"
+
+
+def validation_sets(kind, varied):
+    """The held-out synthetic sets a model trained on `kind` is scored on: ``(card key, kind, varied)``.
+
+    Examples
+    --------
+    >>> from cp3d.model.train import validation_sets
+    >>> validation_sets("mixed", True)
+    [('validation', 'membrane', False), ('validation_varied', 'membrane', True), ('validation_nuclei', 'nuclei', True)]
+    """
+    if kind == "mixed":
+        return validation_sets("membrane", varied) + [("validation_nuclei", "nuclei", varied)]
+    return [("validation", kind, False)] + ([("validation_varied", kind, True)] if varied else [])
 
 
 def _membrane_ranges():
@@ -1000,8 +1031,9 @@ def main(argv=None, prog="cp3d train"):
     p.add_argument("out_dir")
     p.add_argument("--targets", choices=("tanh", "heat"), default=None,
                    help="gradient formulation (default: that of --init, else tanh)")
-    p.add_argument("--kind", choices=("membrane", "nuclei"), default="membrane",
-                   help="synthetic stacks to train and validate on (default membrane)")
+    p.add_argument("--kind", choices=TRAIN_KINDS, default="membrane",
+                   help="synthetic stacks to train and validate on (default membrane); mixed: half nuclei, half "
+                        "membranes, one model for both stains (the bundled default)")
     p.add_argument("--varied", action="store_true",
                    help="membranes: draw 3 in 4 stacks' rendering settings with cp3d.data.random_membrane_options "
                         "(thick, patchy walls, textured cells, wider PSF and noise); nuclei: every stack on a "
@@ -1057,11 +1089,12 @@ def main(argv=None, prog="cp3d train"):
             _, stacks = _annotated_sets(a.data or a.validate_data, a.validate_data, a.mask_filter, 1)
             scores = validate_annotated(model, stacks, diameter=a.diameter, voxel_size=a.voxel_size)
         else:
-            scores = validate(model, n_stacks=a.validate_stacks or 4, kind=a.kind, varied=a.varied,
-                              progress=not a.no_progress)
+            scores = {key: validate(model, n_stacks=a.validate_stacks or 4, kind=set_kind, varied=set_varied,
+                                    progress=not a.no_progress)
+                      for key, set_kind, set_varied in validation_sets(a.kind, a.varied)}
         card_path = Path(a.out_dir, "model_card.json")
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-        card["validation_varied" if a.varied and a.validate_data is None else "validation"] = scores
+        card.update(scores if a.validate_data is None else {"validation": scores})
         _write_card(a.out_dir, card)
         print(json.dumps(scores, indent=2))
         return
