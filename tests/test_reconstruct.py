@@ -208,6 +208,14 @@ def test_estimate_tanh_scale_reads_the_scale_of_tanh_flows(scale):
     np.testing.assert_allclose(cp3d.estimate_tanh_scale(-flows, labels > 0, inward=True), expected, rtol=1e-3)
 
 
+def test_estimate_tanh_scale_of_cells_three_voxels_thick():
+    # voxels 3x longer in z: the cells are 3 planes thick, and triples across two cells outnumber their own
+    _, truth = cp3d.data.synthetic_stack((96, 64, 64), 9, seed=1)
+    labels = np.ascontiguousarray(truth[::3])
+    flows = cp3d.tanh_flows(labels, (1.5, 4.5, 4.5))
+    np.testing.assert_allclose(cp3d.estimate_tanh_scale(flows, labels > 0), (1.5, 4.5, 4.5), rtol=1e-3)
+
+
 def test_estimate_tanh_scale_without_foreground_is_none():
     flows = np.zeros((3, 8, 16, 16), np.float32)
     assert cp3d.estimate_tanh_scale(flows, np.zeros((8, 16, 16), bool)) is None
