@@ -56,7 +56,7 @@ def _demo(args):
 def _segment(args):
     from . import io
     from .measure import cell_table
-    from .model import load_model
+    from .model import DEFAULT_MODEL, load_model
     from .preview import save_preview
     from .segment import segment
 
@@ -68,7 +68,7 @@ def _segment(args):
                      overwrite=args.overwrite)
     stack = io.read_image(args.input)
     voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
-    model = load_model("tanh" if args.model is None else args.model)
+    model = load_model(args.model or DEFAULT_MODEL)
     result = segment(stack.data, model, diameter=args.diameter, voxel_size=voxel_size, backend=args.backend,
                      device=args.device, augment=args.augment, tile_size=args.tile_size, context=args.context,
                      progress=not args.quiet)
@@ -171,7 +171,7 @@ def _segment_chunked(args):
     import time
 
     from . import io
-    from .model import load_model
+    from .model import DEFAULT_MODEL, load_model
 
     cp3d_dask = _dask_layer()
     chunks = _check_chunk_shape(args.chunks) or (128, 256, 256)
@@ -181,7 +181,7 @@ def _segment_chunked(args):
     stack = io.open_image(args.input)
     voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
     start = time.perf_counter()
-    model = load_model("tanh" if args.model is None else args.model)
+    model = load_model(args.model or DEFAULT_MODEL)
     diameter = args.diameter
     if diameter == "auto":
         diameter = _estimate_diameter(stack.data, model, voxel_size, args.device)

@@ -910,7 +910,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     dask = _import_dask()
     da = dask.array
 
-    from .model import UNet3D, load_model
+    from .model import DEFAULT_MODEL, UNet3D, load_model
     from .segment import Segmentation, cell_extent, model_border_volume, model_tanh_scale
 
     if not isinstance(image, da.Array):
@@ -924,7 +924,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
         raise ValueError(f"diameter must be a number of voxels for chunked segmentation, got {diameter!r} (estimate "
                          "it with cp3d.segment on a crop, then pass it)")
     if not isinstance(model, UNet3D):
-        model = load_model("tanh" if model is None else model)
+        model = load_model(DEFAULT_MODEL if model is None else model)
     config = model.config
     extent = cell_extent(diameter, voxel_size, config.train_diameter)
     model_voxel = np.array([m * config.train_diameter / e for m, e in zip(config.voxel_size, extent)])

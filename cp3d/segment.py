@@ -181,7 +181,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     >>> cp3d.segment(image, diameter="auto").diameter  # doctest: +SKIP
     10.1
     """
-    from .model import UNet3D, load_model
+    from .model import DEFAULT_MODEL, UNet3D, load_model
     from .model.predict import resolve_device, check_image
 
     image = check_image(image)
@@ -192,7 +192,7 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     if tile_size is not None:
         as_int_triple(tile_size, "tile_size")  # checked here too: a constant stack never reaches predict
     if not isinstance(model, UNet3D):
-        model = load_model("tanh" if model is None else model)
+        model = load_model(DEFAULT_MODEL if model is None else model)
     config = model.config
     auto = isinstance(diameter, str)
     extent = cell_extent(None if auto else diameter, voxel_size, config.train_diameter)

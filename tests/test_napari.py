@@ -127,6 +127,15 @@ def test_segment_widget_gives_the_library_result(make_napari_viewer, plugin, qtb
     assert [layer.name for layer in viewer.layers] == ["stack", "stack labels"]
 
 
+def test_segment_widget_offers_every_bundled_model_the_default_first(make_napari_viewer, plugin):
+    from cp3d.model import DEFAULT_MODEL, available_models
+
+    assert sorted(_widgets.BUNDLED_MODELS) == available_models() and _widgets.BUNDLED_MODELS[0] == DEFAULT_MODEL
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("cp3d", "Segment")
+    assert widget.model.value == DEFAULT_MODEL
+
+
 def test_segment_widget_asks_for_a_model_folder(make_napari_viewer, plugin):
     viewer = make_napari_viewer()
     layer = viewer.add_image(np.zeros((4, 8, 8), np.float32))

@@ -40,6 +40,8 @@ __all__ = ["UNetConfig", "UNet3D", "save_model", "load_model", "available_models
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: The bundled model that segment, the CLI and the napari widget use when none is named.
+DEFAULT_MODEL = "tanh"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.pt"
 
@@ -387,7 +389,7 @@ def resolve_model_dir(name_or_path):
     raise ValueError(f"model directory {p} does not exist")
 
 
-def load_model(name_or_path="tanh", device="cpu"):
+def load_model(name_or_path=DEFAULT_MODEL, device="cpu"):
     """Load a trained :class:`UNet3D` in eval mode.
 
     Parameters

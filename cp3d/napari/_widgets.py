@@ -25,6 +25,7 @@ from napari.utils.notifications import show_error, show_info
 from .._backend import BACKENDS
 from ..filters import TARGETS
 
+# the default model (cp3d.model.DEFAULT_MODEL, not imported here: it would load torch with the plugin) first
 BUNDLED_MODELS = ("tanh", "heat", "nuclei")
 FOLDER = "folder"
 # the labels as segmented, kept in the layer's metadata: what "Train from corrections" compares the user's
@@ -70,7 +71,7 @@ def _init_segment(widget):
              "tooltip": "average four mirror images: more accurate, four times slower"},
     backend={"choices": BACKENDS, "tooltip": "reconstruction backend"},
 )
-def segment_widget(viewer: napari.Viewer, image: napari.layers.Image, model: str = "tanh",
+def segment_widget(viewer: napari.Viewer, image: napari.layers.Image, model: str = BUNDLED_MODELS[0],
                    model_folder: Path = Path(), diameter: float = 0.0, augment: bool = True,
                    backend: str = "auto"):
     """Segment the cells of an image layer with :func:`cp3d.segment`; returns the started worker."""
