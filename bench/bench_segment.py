@@ -82,7 +82,7 @@ import _machine
 from cp3d.data import random_nuclei_options, synthetic_stack
 from cp3d.filters import border_ids
 from cp3d.metrics import evaluate, median_diameter
-from cp3d.model import load_model
+from cp3d.model import DEFAULT_MODEL, available_models, load_model
 from cp3d.segment import segment
 
 HERE = Path(__file__).resolve().parent
@@ -1120,7 +1120,8 @@ def run_nuclei(a, argv):
 # Two real confocal crops with expert labels (GoNuclear, MIT; see their README): validation only, never training.
 REAL_DATA = HERE.parent.parent / "shared" / "data" / "real-nuclei"
 REAL_CROPS = ("1135_mini.h5", "1136_mini.h5")
-REAL_MODELS = ("tanh", "heat", "nuclei")  # every bundled model
+# every bundled model but the default, which runs as model=None
+REAL_MODELS = tuple(m for m in available_models() if m != DEFAULT_MODEL)
 REAL_SETTINGS = ("auto", "true_diameter")
 REAL_GOAL = {"method": "default", "setting": "auto", "dice": 0.75, "ap50": 0.60, "count": 0.25}
 
@@ -1388,7 +1389,8 @@ def real_markdown(report):
              "Two real confocal crops of *Arabidopsis* ovule nuclei with expert labels (GoNuclear, "
              "`../shared/data/real-nuclei/`, validation only: never in any bundled model's training data). Each crop "
              "segmented by `cp3d.segment(image, model, diameter=..., voxel_size=...)` with the voxel size of the "
-             "file; *default*: `model=None`, what `cp3d segment` uses without `--model`; *auto*: "
+             f"file; *default*: `model=None`, what `cp3d segment` uses without `--model` (the bundled "
+             f"`{report.get('default_model', 'tanh')}` model); *auto*: "
              "`diameter=\"auto\"`; *true d*: the truth's median equivalent-sphere diameter (voxels along x). "
              "The watershed is `nuclei_watershed` on the crop resampled to isotropic voxels, its parameters tuned "
              "by a grid search on the crop's own truth (a reference that saw the answer).", ""]
@@ -1478,8 +1480,8 @@ def run_real(a, argv):
     machine = machine_info()
     t_start = time.perf_counter()
     sources = {name: name for name in REAL_MODELS} | {Path(c).name: c for c in a.candidate}
-    # the default (model=None) is whatever `cp3d segment` picks without --model
-    models = {"default": None} | {k: load_model(v) for k, v in sources.items()}
+    # the default is what `cp3d segment` picks without --model
+    models = {"default": load_model(DEFAULT_MODEL)} | {k: load_model(v) for k, v in sources.items()}
     segment(synthetic_stack((24, 48, 48), 8.0, kind="nuclei", seed=99)[0], models["nuclei"], augment=False)
     grid = NUCLEI_WATERSHED_GRID_QUICK if a.quick else NUCLEI_WATERSHED_GRID
     rows = real_bench(crops, models, grid)
@@ -1495,7 +1497,7 @@ def run_real(a, argv):
                           "uncut_diameter": row["uncut_diameter"],
                           "met": met})
     ablation = {name: [real_ablation(path, models[name]) for path in crops]
-                for name in ("nuclei", *(Path(c).name for c in a.candidate))}
+                for name in ("default", "nuclei", *(Path(c).name for c in a.candidate))}
     background = background_ablation({name: models[name] for name in ablation})
     out = Path(a.out) if a.out else RESULTS / "segment_real.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1504,6 +1506,7 @@ def run_real(a, argv):
         "command": " ".join(["python", "bench/bench_segment.py"] + [shlex.quote(x) for x in argv]),
         "machine": machine, "wall_seconds": time.perf_counter() - t_start,
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "default_model": DEFAULT_MODEL,
         "models": {k: model_info(models[k], v) for k, v in sources.items()},
         "goal": dict(REAL_GOAL, crops=goal_rows),
         "crops": [{k: v for k, v in row.items() if k != "labels"} for row, _, _ in rows],
