@@ -92,13 +92,18 @@ def run_memory(store, out):
 
 
 def run_dask(store, out, workers, chunks):
-    """The chunked run on the CLI's local cluster: `workers` processes, one task each, cores / workers threads."""
+    """The chunked run on the CLI's local cluster: `workers` processes, one task each, cores / workers threads;
+    0 workers: dask's default (threaded) scheduler in this process, what a user gets without a cluster."""
+    import contextlib
+
     import dask.array as da
     from distributed import Client
 
     import cp3d.dask
 
-    with cp3d.dask.local_cluster(workers) as cluster, Client(cluster):
+    with contextlib.ExitStack() as stack:
+        if workers:
+            stack.enter_context(Client(stack.enter_context(cp3d.dask.local_cluster(workers))))
         flows = da.from_zarr(store, component="flows")
         foreground = da.from_zarr(store, component="foreground")
         start = time.perf_counter()
@@ -107,7 +112,7 @@ def run_dask(store, out, workers, chunks):
         seconds = time.perf_counter() - start
         cells = int(da.from_zarr(out).max().compute())
     return {"seconds": seconds, "cells": cells, "workers": workers,
-            "numba_threads_per_worker": max(1, (os.cpu_count() or 1) // workers)}
+            "numba_threads_per_worker": max(1, (os.cpu_count() or 1) // max(1, workers))}
 
 
 def measured(args):
@@ -242,6 +247,8 @@ def plot(results, path):
     def name(key):
         run = next(r[key] for r in rows if key in r)  # the counts the run recorded
         workers, threads = run["workers"], run["numba_threads_per_worker"]
+        if not workers:
+            return "dask, threaded scheduler (no cluster)"
         return f"dask, {workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)}"
 
     series = [("memory", "in memory")] + [(key, name(key)) for key in
@@ -267,8 +274,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["1e8", "3e8"], choices=sorted(SHAPES))
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2],
-                        help="local clusters to run (cp3d.dask.local_cluster: W workers of cores / W threads); "
-                             "the first at every size")
+                        help="local clusters to run (cp3d.dask.local_cluster: W workers of cores / W threads; 0: "
+                             "dask's default threaded scheduler, no cluster); the first at every size")
     parser.add_argument("--two-workers", nargs="+", default=["1e8"], help="sizes that run every --workers entry")
     parser.add_argument("--memory-sizes", nargs="+", default=["1e8", "3e8"], help="sizes also run in memory")
     parser.add_argument("--segment", type=float, default=3.4e7, help="voxels of the segment run (0: skip)")
