@@ -214,8 +214,8 @@ inward, sigma, min_border_volume
     plan = _Plan(flows, foreground, step=step, n_iter=n_iter, closing_radius=closing_radius,
                  diameter_range=diameter_range, min_overlap=min_overlap, max_flow_error=max_flow_error,
                  diameter=diameter, targets=targets, tanh_scale=tanh_scale, inward=inward, sigma=sigma,
-                 min_border_volume=min_border_volume, backend=backend, chunks=chunks, halo=halo, temporary_directory=temporary_directory,
-                 progress=progress)
+                 min_border_volume=min_border_volume, backend=backend, chunks=chunks, halo=halo,
+                 temporary_directory=temporary_directory, progress=progress)
     # The in-memory checks of the flows' scale and sign, on the middle of the middle chunk: cheap, and at the call
     # (a crop of at most _SAMPLE_SHAPE voxels comes back to the client, not the whole chunk).
     middle = central_box(plan.grid.block(len(plan.grid) // 2), _SAMPLE_SHAPE)

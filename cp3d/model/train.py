@@ -5,7 +5,7 @@ Run from the command line (the arguments are those of :func:`train`)::
     cp3d train OUT_DIR --targets tanh --steps 1500 --num-threads 1
     cp3d train OUT_DIR --kind nuclei --init tanh --steps 3000   # the nuclei model: varied synthetic nuclei
     cp3d train OUT_DIR --varied --init tanh --steps 3000   # membranes rendered in varied ways
-    cp3d train OUT_DIR --kind mixed --varied --init nuclei --steps 2000   # both stains: the default model
+    cp3d train OUT_DIR --kind mixed --varied --init nuclei --steps 2000   # one model of both stains
     cp3d train OUT_DIR --data DIR --init tanh --steps 300   # fine-tune on NAME.tif + NAME_masks.tif pairs
     cp3d train OUT_DIR --validate-only     # re-score a finished run
 
@@ -56,8 +56,8 @@ VARIED_SHARE = 0.75  # membranes with varied=True: the share of stacks drawn wit
 VARIED_SETTINGS_SHARE = 0.5
 # The dimmest a cell is dimmed to, and the least it stays above a stack's background haze.
 DIM_LOW, DIM_HIGH, DIM_ABOVE_BACKGROUND = 0.25, 0.7, 0.3
-# kind="mixed": one model for nuclear and membrane stains (the default model), each stack drawn as nuclei
-# with this chance, else as membranes
+# kind="mixed": one model for nuclear and membrane stains, each stack drawn as nuclei with this chance, else as
+# membranes (two such runs are scored in the README; neither is bundled)
 MIXED_NUCLEI_SHARE = 0.5
 TRAIN_KINDS = KINDS + ("mixed",)
 
@@ -578,8 +578,7 @@ def train(
     kind : {"membrane", "nuclei", "mixed"}
         Kind of synthetic stack trained and validated on (without `data`);
         ``"mixed"`` draws each stack as nuclei or as membranes, half and
-        half, for one model of both stains (the bundled default), and
-        validates on both.
+        half, for one model of both stains, and validates on both.
         Nuclei stacks draw every rendering setting at random
         (:func:`cp3d.data.random_nuclei_options`, the noise from `noise`);
         membrane stacks use the generator's defaults but for the noise,
@@ -844,7 +843,7 @@ def train(
 def _pool_options(kind, varied):
     """How the training pool draws the rendering settings of a stack of `kind`, as the model card records it."""
     if kind == "nuclei":
-        return (f"cp3d.data.random_nuclei_options(rng, bright_background={bool(varied)}), noise from 'noise'")
+        return f"cp3d.data.random_nuclei_options(rng, bright_background={bool(varied)}), noise from 'noise'"
     if varied:
         return (f"{VARIED_SHARE:.0%} of the stacks cp3d.data.random_membrane_options(rng, settings_share="
                 f"{VARIED_SETTINGS_SHARE}) (noise from its range when drawn), the rest defaults, noise from 'noise'")
@@ -1033,7 +1032,7 @@ def main(argv=None, prog="cp3d train"):
                    help="gradient formulation (default: that of --init, else tanh)")
     p.add_argument("--kind", choices=TRAIN_KINDS, default="membrane",
                    help="synthetic stacks to train and validate on (default membrane); mixed: half nuclei, half "
-                        "membranes, one model for both stains (the bundled default)")
+                        "membranes, one model for both stains")
     p.add_argument("--varied", action="store_true",
                    help="membranes: draw 3 in 4 stacks' rendering settings with cp3d.data.random_membrane_options "
                         "(thick, patchy walls, textured cells, wider PSF and noise); nuclei: every stack on a "
