@@ -589,6 +589,18 @@ def oracle_markdown(record):
                      + " |")
     below = [r for r in record["oracle"] if r["ap50"] < 0.98 or r["dice"] < 0.98]
     lines += ["", f"{len(below)} of {len(record['oracle'])} cases below the goal.", ""]
+    peer = record.get("cellpose", {})
+    if "skipped" in peer:
+        lines += [f"Cellpose's flows: skipped ({peer['skipped']}).", ""]
+    elif peer:
+        lines += [f"**Cellpose's flows** ({'x'.join(map(str, peer['shape']))}, {peer['cells']} synthetic cells d "
+                  f"{peer['nominal_diameter']:g}; Cellpose {peer.get('cellpose_version', '?')}, CPU, best of "
+                  "each; goal: cp3d's AP@0.5 at least Cellpose's):", "",
+                  "| call | AP@0.5 | Dice | cells found | s |", "|---|---|---|---|---|"]
+        for key in ("cp3d", "cellpose", "dropin"):
+            r = peer[key]
+            lines.append(f"| `{r['call']}` | {r['ap50']:.3f} | {r['dice']:.3f} | {r['n_pred']} | {r['seconds']:.2f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -598,6 +610,12 @@ def run_oracle(args, argv):
     record = {"benchmark": "cp3d.reconstruct on oracle flows", "machine": machine_info(),
               "command": " ".join(["python", "bench/bench_reconstruct.py"] + list(argv)),
               "oracle": bench_oracle(args.quick)}
+    # the size: Cellpose's compute_masks on its own oracle flows beside cp3d on its own, and the drop-in
+    config = QUICK if args.quick else FULL
+    shape = (16, 32, 32) if args.quick else (96, 160, 160)
+    log(f"Cellpose compute_masks on {shape}")
+    record["cellpose"] = bench_cellpose(config, synthetic_stack(shape, config["main_diameter"], seed=SEED).labels,
+                                        shape)
     record["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     record["total_seconds"] = round(time.perf_counter() - start, 1)
     out = args.out or RESULTS / ("oracle_quick.json" if args.quick else "oracle.json")
