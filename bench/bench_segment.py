@@ -1121,7 +1121,7 @@ def run_nuclei(a, argv):
 REAL_DATA = HERE.parent.parent / "shared" / "data" / "real-nuclei"
 REAL_CROPS = ("1135_mini.h5", "1136_mini.h5")
 # every bundled model but the default, which runs as model=None
-REAL_MODELS = tuple(m for m in available_models() if m != DEFAULT_MODEL)
+REAL_MODELS = tuple(available_models())  # beside the default, which chooses between STAIN_MODELS per crop
 REAL_SETTINGS = ("auto", "true_diameter")
 REAL_GOAL = {"method": "default", "setting": "auto", "dice": 0.75, "ap50": 0.60, "count": 0.25}
 
@@ -1173,7 +1173,8 @@ def real_bench(crops, models, grid):
                                  voxel_size=voxel_size)
                 seconds = time.perf_counter() - start
                 scores = _scores(gt, result.labels)
-                row["results"][f"{method}/{setting}"] = dict(scores, diameter=result.diameter, seconds=seconds)
+                row["results"][f"{method}/{setting}"] = dict(scores, diameter=result.diameter, seconds=seconds,
+                                                             model=result.model)
                 row["labels"][f"{method}/{setting}"] = result.labels
                 print(f"  {path.name} {method}/{setting}: d {result.diameter:.1f} (true {d_true:.1f}) dice "
                       f"{scores['dice']:.3f} ap50 {scores['ap50']:.3f} n {scores['n_pred']}/{scores['n_gt']}", flush=True)
@@ -1389,8 +1390,9 @@ def real_markdown(report):
              "Two real confocal crops of *Arabidopsis* ovule nuclei with expert labels (GoNuclear, "
              "`../shared/data/real-nuclei/`, validation only: never in any bundled model's training data). Each crop "
              "segmented by `cp3d.segment(image, model, diameter=..., voxel_size=...)` with the voxel size of the "
-             f"file; *default*: `model=None`, what `cp3d segment` uses without `--model` (the bundled "
-             f"`{report.get('default_model', 'tanh')}` model); *auto*: "
+             f"file; *default*: `model=None`, what `cp3d segment` uses without `--model` "
+             f"(`{report.get('default_model', 'tanh')}`: the bundled model whose flows agree best with the instances "
+             "it makes, chosen per crop between the tanh and nuclei models; the chosen one in brackets); *auto*: "
              "`diameter=\"auto\"`; *true d*: the truth's median equivalent-sphere diameter (voxels along x). "
              "The watershed is `nuclei_watershed` on the crop resampled to isotropic voxels, its parameters tuned "
              "by a grid search on the crop's own truth (a reference that saw the answer).", ""]
@@ -1404,6 +1406,8 @@ def real_markdown(report):
                   "|---|---|---|---|---|---|---|---|"]
         for key, res in row["results"].items():
             method, setting = key.split("/")
+            if method == "default" and res.get("model"):
+                method = f"default ({res['model']})"
             lines.append(f"| {method} | {SETTING_LABELS.get(setting, setting)} | {res['diameter']:.1f} | "
                          f"{res['dice']:.3f} | {res['ap50']:.3f} | {res['ap75']:.3f} | {res['n_pred']} / "
                          f"{res['n_gt']} | {res['seconds']:.1f} |")
@@ -1480,8 +1484,8 @@ def run_real(a, argv):
     machine = machine_info()
     t_start = time.perf_counter()
     sources = {name: name for name in REAL_MODELS} | {Path(c).name: c for c in a.candidate}
-    # the default is what `cp3d segment` picks without --model
-    models = {"default": load_model(DEFAULT_MODEL)} | {k: load_model(v) for k, v in sources.items()}
+    # the default is what `cp3d segment` does without --model: it chooses between the stain models per crop
+    models = {"default": DEFAULT_MODEL} | {k: load_model(v) for k, v in sources.items()}
     segment(synthetic_stack((24, 48, 48), 8.0, kind="nuclei", seed=99)[0], models["nuclei"], augment=False)
     grid = NUCLEI_WATERSHED_GRID_QUICK if a.quick else NUCLEI_WATERSHED_GRID
     rows = real_bench(crops, models, grid)
@@ -1497,7 +1501,7 @@ def run_real(a, argv):
                           "uncut_diameter": row["uncut_diameter"],
                           "met": met})
     ablation = {name: [real_ablation(path, models[name]) for path in crops]
-                for name in ("default", "nuclei", *(Path(c).name for c in a.candidate))}
+                for name in ("tanh", "nuclei", *(Path(c).name for c in a.candidate))}
     background = background_ablation({name: models[name] for name in ablation})
     out = Path(a.out) if a.out else RESULTS / "segment_real.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1518,6 +1522,118 @@ def run_real(a, argv):
         "notes": list(a.note),
     }
     _write_report(report, out, real_markdown)
+
+
+# --choice: the default model's choice per stack, on held-out stacks of both stains that no bundled model saw
+CHOICE_MEMBRANE_SETS = {"standard": 2, "varied": 3, "new_kind": 1, "phantom": 1, "phantom_hard": 1, "phantom_dim": 1,
+                        "phantom_aniso": 1}
+CHOICE_NUCLEI_SETS = {"varied": 4, "plain": 1, "large": 1}
+CHOICE_SETTINGS = ("auto", "true_diameter")
+
+
+def choice_stacks(quick, real_data):
+    """(set, stain, image, labels, voxel_size) of the held-out stacks --choice segments."""
+    for name in REAL_CROPS[:1] if quick else REAL_CROPS:
+        image, gt, voxel_size = read_real_crop(Path(real_data) / name)
+        yield f"real {name}", "nuclei", image, gt, voxel_size
+    for name, n in CHOICE_NUCLEI_SETS.items():
+        config = dict(NUCLEI_SETS[name], **(NUCLEI_QUICK[name] if quick else {}))
+        config["stacks"] = 1 if quick else n
+        for spec in nuclei_specs(name, config):
+            yield f"nuclei {name} d {spec['diameter']:g}", "nuclei", *nuclei_stack(spec), (1.0, 1.0, 1.0)
+    for name, n in CHOICE_MEMBRANE_SETS.items():
+        for _, image, gt in itertools.islice(generalise_stacks(name, quick), 1 if quick else n):
+            yield f"membrane {name}", "membrane", image, gt, GENERALISE_SETS[name].get("voxel_size", (1.0, 1.0, 1.0))
+
+
+def choice_bench(quick, real_data):
+    """Each stack segmented by the default (model="auto") and by each stain model alone, no augmentation."""
+    from cp3d.filters import mean_flow_error
+    from cp3d.model import STAIN_MODELS
+    from cp3d.segment import cell_extent, model_tanh_scale
+
+    stain_of = {"tanh": "membrane", "nuclei": "nuclei"}
+    models = {name: load_model(name) for name in STAIN_MODELS}
+    rows = []
+    for set_name, stain, image, gt, voxel_size in choice_stacks(quick, real_data):
+        d_true = true_diameter(gt, voxel_size)
+        row = {"set": set_name, "stain": stain, "shape": list(image.shape), "true_diameter": d_true, "results": {}}
+        for setting in CHOICE_SETTINGS:
+            diameter = "auto" if setting == "auto" else d_true
+            for method, model in {"default": DEFAULT_MODEL, **{name: name for name in models}}.items():
+                start = time.perf_counter()
+                result = segment(image, model, diameter=diameter, voxel_size=voxel_size, augment=False)
+                seconds = time.perf_counter() - start
+                config = models[result.model].config
+                scale = model_tanh_scale(config, cell_extent(result.diameter, voxel_size, config.train_diameter))
+                error = mean_flow_error(result.labels, result.flows, tanh_scale=scale)
+                row["results"][f"{method}/{setting}"] = dict(
+                    _scores(gt, result.labels), model=result.model, diameter=result.diameter, seconds=seconds,
+                    mean_flow_error=None if np.isnan(error) else error)
+            chosen = row["results"][f"default/{setting}"]["model"]
+            row[f"right/{setting}"] = stain_of[chosen] == stain
+            print(f"  {set_name} ({stain}) {setting}: chose {chosen} "
+                  + " ".join(f"{m} ap50 {row['results'][f'{m}/{setting}']['ap50']:.3f}" for m in models), flush=True)
+        rows.append(row)
+    summary = {setting: {"right": sum(r[f"right/{setting}"] for r in rows), "stacks": len(rows),
+                         "seconds_default": sum(r["results"][f"default/{setting}"]["seconds"] for r in rows),
+                         "seconds_chosen_alone": sum(r["results"][f"{r['results'][f'default/{setting}']['model']}/"
+                                                               f"{setting}"]["seconds"] for r in rows)}
+               for setting in CHOICE_SETTINGS}
+    return summary, rows
+
+
+def choice_markdown(report):
+    lines = ["# The default model's choice of stain", "", f"`{report['command']}`", "", _machine_line(report["machine"]),
+             "", "`cp3d.segment(image)` with no model (`model=\"auto\"`, what `cp3d segment` does without "
+             "`--model`) lets the bundled tanh (membrane) and nuclei models each segment the stack without "
+             "augmentation and keeps the one whose flows agree best with the instances it made: the lower "
+             "`cp3d.filters.mean_flow_error` (the paper's flow-error filter over all instances) of its trial. Here "
+             "each held-out stack, of both stains, is segmented by the default and by each model alone (no "
+             "augmentation); *auto*: `diameter=\"auto\"` (the trials are each model's estimating passes), *true d*: "
+             "the truth's median diameter. The flow error shown is that of each run's result (the choice compares "
+             "the trials, the last estimating passes). No stack here was in any bundled model's training data.", ""]
+    for setting, sm in report["summary"].items():
+        lines.append(f"- {SETTING_LABELS.get(setting, setting)}: the right model for {sm['right']} of "
+                     f"{sm['stacks']} stacks; {sm['seconds_default']:.0f} s for the default against "
+                     f"{sm['seconds_chosen_alone']:.0f} s for the chosen model alone "
+                     f"({sm['seconds_default'] / max(sm['seconds_chosen_alone'], 1e-9):.1f}x, no augmentation)")
+    lines += ["", "| stack | stain | true d | diameter | chosen | default Dice / AP@0.5 | tanh: error, Dice / AP@0.5 | "
+              "nuclei: error, Dice / AP@0.5 |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(res):
+        error = "-" if res["mean_flow_error"] is None else f"{res['mean_flow_error']:.3f}"
+        return f"{error}, {res['dice']:.3f} / {res['ap50']:.3f} (d {res['diameter']:.1f}, {res['n_pred']} inst.)"
+
+    for row in report["stacks"]:
+        for setting in CHOICE_SETTINGS:
+            res = row["results"]
+            default = res[f"default/{setting}"]
+            mark = "" if row[f"right/{setting}"] else " **(wrong)**"
+            lines.append(f"| {row['set']} | {row['stain']} | {row['true_diameter']:.1f} | "
+                         f"{SETTING_LABELS.get(setting, setting)} | {default['model']}{mark} | {default['dice']:.3f} / "
+                         f"{default['ap50']:.3f} | {cell(res[f'tanh/{setting}'])} | {cell(res[f'nuclei/{setting}'])} |")
+    lines.append("")
+    if report.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def run_choice(a, argv):
+    torch.set_num_threads(a.threads)
+    segment(synthetic_stack((24, 48, 48), 8.0, kind="nuclei", seed=99)[0], augment=False)  # compile the kernels
+    t_start = time.perf_counter()
+    machine = machine_info()
+    summary, rows = choice_bench(a.quick, a.real_data)
+    report = {
+        "command": " ".join(["python", "bench/bench_segment.py"] + [shlex.quote(x) for x in argv]),
+        "machine": machine, "wall_seconds": time.perf_counter() - t_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "config": {"membrane_sets": CHOICE_MEMBRANE_SETS, "nuclei_sets": CHOICE_NUCLEI_SETS, "quick": a.quick},
+        "summary": summary, "stacks": rows, "notes": list(a.note),
+    }
+    _write_report(report, Path(a.out) if a.out else RESULTS / ("segment_choice_quick.json" if a.quick
+                                                               else "segment_choice.json"), choice_markdown)
 
 
 def model_info(model, source):
@@ -1564,11 +1680,16 @@ def main(argv=None):
     p.add_argument("--real", action="store_true", help="only the real annotated nuclei crops: the default model and "
                                                        "every bundled model beside a watershed tuned on the answer "
                                                        "(bench/results/segment_real.json, real_sections.png)")
+    p.add_argument("--choice", action="store_true", help="only the default model's choice of stain (model='auto') "
+                                                         "on real nuclei, nuclei and membrane phantoms "
+                                                         "(bench/results/segment_choice.json)")
     p.add_argument("--real-data", default=str(REAL_DATA), help="folder of the real crops (default ../shared/data/"
                                                                 "real-nuclei beside the repository)")
     p.add_argument("--candidate", action="append", default=[], help="--real: a trained model folder to score too "
                                                                     "(repeatable)")
     a = p.parse_args(argv)
+    if a.choice:
+        return run_choice(a, argv)
     if a.real:
         return run_real(a, argv)
     if a.generalise:

@@ -339,6 +339,12 @@ def check_size_range(value, name):
     return lo, hi
 
 
+#: The central crop a whole stack is sampled by when one number is read from it: the cell size and the model a
+#: chunked run uses (:func:`cp3d.dask.segment_central_crop`), the flows' tanh scale (``cp3d reconstruct``): a few
+#: dozen cells of up to 40 voxels.
+CENTRAL_CROP = (64, 256, 256)
+
+
 def central_box(box, size):
     """Slices of at most `size` voxels per axis, centred in `box` (a tuple of slices with starts and stops).
 

@@ -32,8 +32,9 @@ def _demo(args):
     image, truth = data.synthetic_stack(tuple(args.shape), args.diameter, seed=args.seed, noise=args.noise)
     seconds = {"synthesize": time.perf_counter() - start}
     # the first run after installing also compiles the Numba kernels: say so rather than sit silent
-    print(f"cp3d demo: segmenting it with the {args.model or 'bundled tanh'} model (the first run after installing "
-          "also compiles the kernels, 10-20 s)", file=sys.stderr)
+    what = f"the {args.model} model" if args.model else "the bundled model that fits it (tanh or nuclei, chosen)"
+    print(f"cp3d demo: segmenting it with {what} (the first run after installing also compiles the kernels, "
+          "10-20 s)", file=sys.stderr)
     result = segment(image, args.model, diameter=args.diameter, backend=args.backend, device=args.device,
                      augment=args.augment, tile_size=args.tile_size, context=args.context)
     seconds.update(result.seconds)
@@ -48,6 +49,7 @@ def _demo(args):
             -1, *image.shape[1:]))
         save_preview(out / "preview.png", image, result.labels)
     report = {"shape": list(image.shape), "cells": int(truth.max()), "found": int(result.labels.max()),
+              "model": result.model,
               "scores": {k: round(float(v), 4) for k, v in scores.items()},
               "seconds": {k: round(v, 3) for k, v in seconds.items()}, "written_to": str(out)}
     print(json.dumps(report, indent=2))
@@ -56,7 +58,7 @@ def _demo(args):
 def _segment(args):
     from . import io
     from .measure import cell_table
-    from .model import DEFAULT_MODEL, load_model
+    from .model import load_model
     from .preview import save_preview
     from .segment import segment
 
@@ -68,13 +70,15 @@ def _segment(args):
                      overwrite=args.overwrite)
     stack = io.read_image(args.input)
     voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
-    model = load_model(args.model or DEFAULT_MODEL)
+    model = _named_model(args.model)
     result = segment(stack.data, model, diameter=args.diameter, voxel_size=voxel_size, backend=args.backend,
                      device=args.device, augment=args.augment, tile_size=args.tile_size, context=args.context,
                      progress=not args.quiet)
+    if model is None:
+        print(f"model 'auto': {result.model}", file=sys.stderr)
     if args.diameter == "auto":
         print(f"diameter 'auto': {result.diameter:.2f} voxels along x", file=sys.stderr)
-    settings = _reconstruction(model, result, voxel_size)
+    settings = _reconstruction(load_model(result.model), result, voxel_size)
     with io.written_together(overwrite=args.overwrite):
         io.write_labels(args.output, result.labels, voxel_size=voxel_size)
         if args.save_flows:
@@ -87,9 +91,20 @@ def _segment(args):
                        targets=settings["targets"], tanh_scale=settings["tanh_scale"]).to_csv(args.table)
         if args.preview:
             save_preview(args.preview, stack.data, result.labels, voxel_size)
-    print(json.dumps({"cells": int(result.labels.max()), "diameter": round(result.diameter, 2),
+    print(json.dumps({"cells": int(result.labels.max()), "model": result.model, "diameter": round(result.diameter, 2),
                       "output": str(args.output), "reconstruction": settings,
                       "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}))
+
+
+def _named_model(name):
+    """The --model value: a model name or folder, ``None`` for the default choice per stack ("auto")."""
+    from .model import DEFAULT_MODEL
+    from .model.unet import resolve_model_dir
+
+    if name is None or name == DEFAULT_MODEL:
+        return None
+    resolve_model_dir(name)  # a wrong name fails here, before the stack is read
+    return name
 
 
 def _reconstruction(model, result, voxel_size):
@@ -171,7 +186,7 @@ def _segment_chunked(args):
     import time
 
     from . import io
-    from .model import DEFAULT_MODEL, load_model
+    from .model import load_model
 
     cp3d_dask = _dask_layer()
     chunks = _check_chunk_shape(args.chunks) or (128, 256, 256)
@@ -181,10 +196,14 @@ def _segment_chunked(args):
     stack = io.open_image(args.input)
     voxel_size = tuple(args.voxel_size) if args.voxel_size else stack.voxel_size
     start = time.perf_counter()
-    model = load_model(args.model or DEFAULT_MODEL)
-    diameter = args.diameter
-    if diameter == "auto":
-        diameter = _estimate_diameter(stack.data, model, voxel_size, args.device)
+    name, diameter = _named_model(args.model), args.diameter
+    if name is None or diameter == "auto":
+        sample = cp3d_dask.segment_central_crop(stack.data, name, diameter=diameter, voxel_size=voxel_size,
+                                                device=args.device)
+        name, diameter = sample.model, sample.diameter
+        crop = "x".join(str(min(n, c)) for n, c in zip(stack.data.shape, cp3d_dask.CENTRAL_CROP))
+        print(f"from the central {crop} crop: model {name!r}, diameter {diameter:.2f} voxels", file=sys.stderr)
+    model = load_model(name)
     with _dask_client(args):
         result = cp3d_dask.segment(stack.data, model, diameter=diameter, voxel_size=voxel_size,
                                    chunks=chunks, augment=args.augment, context=args.context,
@@ -196,36 +215,20 @@ def _segment_chunked(args):
             if args.save_flows:
                 _save_maps(args.save_flows, result.flows, result.foreground, voxel_size, settings)
         cells = int(result.labels.max().compute())
-    print(json.dumps({"cells": cells, "diameter": round(result.diameter, 2), "output": str(args.output),
-                      "reconstruction": settings,
+    print(json.dumps({"cells": cells, "model": name, "diameter": round(result.diameter, 2),
+                      "output": str(args.output), "reconstruction": settings,
                       "chunks": list(chunks), "seconds": {**{k: round(v, 3) for k, v in result.seconds.items()},
                                   "total": round(time.perf_counter() - start, 3)}}))
 
 
-# The central crop a chunked run estimates diameter="auto" on: a few dozen cells of up to 40 voxels.
-AUTO_CROP = (64, 256, 256)
-
-
-def _estimate_diameter(image, model, voxel_size, device):
-    """``segment(diameter="auto")`` on a central crop of a (lazy) stack: the cell size for a chunked run."""
-    from ._backend import central_box
-    from .segment import segment
-
-    crop = np.asarray(image[central_box(tuple(slice(0, n) for n in image.shape), AUTO_CROP)])
-    diameter = segment(crop, model, diameter="auto", voxel_size=voxel_size, augment=False, device=device).diameter
-    print(f"diameter 'auto' from the central {'x'.join(map(str, crop.shape))} crop: {diameter:.2f} voxels",
-          file=sys.stderr)
-    return diameter
-
-
 def _estimate_tanh_scale(flows, foreground, targets):
     """``--tanh-scale auto``: the scale of (lazy) tanh maps, read from their central crop, as a (z, y, x) list."""
-    from ._backend import central_box
+    from ._backend import CENTRAL_CROP, central_box
     from .reconstruct import estimate_tanh_scale
 
     if targets != "tanh":
         raise ValueError(f"--tanh-scale auto reads the scale of tanh flows; these maps are {targets!r} flows")
-    box = central_box(tuple(slice(0, n) for n in foreground.shape), AUTO_CROP)
+    box = central_box(tuple(slice(0, n) for n in foreground.shape), CENTRAL_CROP)
     scale = estimate_tanh_scale(np.asarray(flows[(slice(None), *box)]), np.asarray(foreground[box]))
     if scale is None:
         raise ValueError("--tanh-scale auto found no foreground in the maps' central crop to measure; give the scale")
@@ -384,8 +387,10 @@ def _add_overwrite_option(parser):
 
 def _add_segment_options(parser):
     parser.add_argument("--model", default=None,
-                        help="bundled model name: tanh (the default) or heat for membrane stains, nuclei for nuclear "
-                             "stains; or a model folder written by cp3d train")
+                        help="auto (the default: of the bundled tanh and nuclei models, the one whose flows agree "
+                             "best with the cells it finds; chunked runs choose on a central crop); a bundled model "
+                             "name: tanh or heat for membrane stains, nuclei for nuclear stains; or a model folder "
+                             "written by cp3d train")
     parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "numba", "cuda"),
                         help="reconstruction backend (default auto: numba on the CPU; cuda moves the maps to the GPU)")
     parser.add_argument("--device", default="auto", help="torch device for prediction")

@@ -51,14 +51,14 @@ import weakref
 import numba
 import numpy as np
 
-from ._backend import as_triple, central_box, check_flows, check_foreground, check_scalar
+from ._backend import CENTRAL_CROP, as_int_triple, as_triple, central_box, check_flows, check_foreground, check_scalar
 from .filters import check_thresholds, keep_instances, sphere_volume, tanh_statistic_sums
 from .follow import check_step, follow_in_window, smooth_flows
 from .group import ball_offsets, close_and_label, mark_end_voxels, merge_table, relabel_by_first_voxel
 from .reconstruct import reconstruction_parameters, warn_all_filtered, warn_on_flow_convention
 from .targets import heat_flows
 
-__all__ = ["local_cluster", "reconstruct", "segment"]
+__all__ = ["local_cluster", "reconstruct", "segment", "segment_central_crop"]
 
 # The flows' scale and sign are checked at the call on at most this much of the middle chunk.
 _SAMPLE_SHAPE = (64, 128, 128)
@@ -853,9 +853,12 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     image : dask.array.Array, shape (Z, Y, X)
         One-channel stack (a NumPy array is wrapped).
     model : UNet3D or str or path-like, optional
-        As in :func:`cp3d.segment`; the bundled tanh model by default.
+        As in :func:`cp3d.segment`. ``None`` or ``"auto"``: the bundled
+        model :func:`cp3d.segment` chooses on the stack's central crop
+        (:func:`segment_central_crop`).
     diameter, voxel_size
-        As in :func:`cp3d.segment`.
+        As in :func:`cp3d.segment`, but a number: estimate ``"auto"`` on the
+        central crop first (:func:`segment_central_crop`).
     chunks : int or (int, int, int), optional
         Chunk shape of the stored maps and of the reconstruction, on the
         image's grid; default the chunks of `image`. The network runs on
@@ -886,9 +889,9 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     cp3d.Segmentation
         ``labels`` (lazy uint32), ``flows`` and ``foreground`` (lazy float32,
         read from the temporary store once predicted), ``seconds`` empty
-        (nothing has run yet) and the ``diameter`` used. The network runs
-        once, when the first of them is computed; later computations read
-        its stored maps.
+        (nothing has run yet), the ``diameter`` and the ``model`` used. The
+        network runs once, when the first of them is computed; later
+        computations read its stored maps.
 
     Notes
     -----
@@ -923,8 +926,12 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     if isinstance(diameter, str):
         raise ValueError(f"diameter must be a number of voxels for chunked segmentation, got {diameter!r} (estimate "
                          "it with cp3d.segment on a crop, then pass it)")
+    if model is None or (isinstance(model, str) and model == DEFAULT_MODEL):
+        model = segment_central_crop(image, DEFAULT_MODEL, diameter=diameter, voxel_size=voxel_size,
+                                     device=device).model
+    name = None if isinstance(model, UNet3D) else str(model)
     if not isinstance(model, UNet3D):
-        model = load_model(DEFAULT_MODEL if model is None else model)
+        model = load_model(model)
     config = model.config
     extent = cell_extent(diameter, voxel_size, config.train_diameter)
     model_voxel = np.array([m * config.train_diameter / e for m, e in zip(config.voxel_size, extent)])
@@ -973,7 +980,48 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, chunks=None, a
     plan = _Plan(**settings.arguments)
     labels = plan.labels(after=(predicted,))
     return Segmentation(labels, stored(predicted), da.clip(stored(predicted, 3), 0.0, 1.0), {},
-                        float(config.train_diameter if diameter is None else diameter))
+                        float(config.train_diameter if diameter is None else diameter), name)
+
+
+def segment_central_crop(image, model=None, *, diameter="auto", voxel_size=None, shape=None, device="auto"):
+    """:func:`cp3d.segment` on the central crop of a (lazy) stack: what a chunked run learns from a sample.
+
+    The crop (at most `shape`) is read into memory and segmented without
+    test-time augmentation. Its ``diameter`` is the cell size of
+    ``diameter="auto"`` and its ``model`` the choice of ``model="auto"``,
+    to pass to :func:`segment` for the whole stack.
+
+    Parameters
+    ----------
+    image : dask.array.Array or array-like, shape (Z, Y, X)
+        The stack (only the crop is read).
+    model, diameter, voxel_size, device
+        As in :func:`cp3d.segment`; ``diameter="auto"`` by default.
+    shape : (int, int, int), optional
+        The crop's largest shape (z, y, x); default ``CENTRAL_CROP``,
+        (64, 256, 256): a few dozen cells of up to 40 voxels.
+
+    Returns
+    -------
+    cp3d.Segmentation
+        The crop's segmentation.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import cp3d, cp3d.dask
+    >>> image, _ = cp3d.data.synthetic_stack((32, 128, 128), 10, seed=1)
+    >>> sample = cp3d.dask.segment_central_crop(da.from_array(image, chunks=64))  # doctest: +SKIP
+    >>> sample.model, round(sample.diameter)  # doctest: +SKIP
+    ('tanh', 10)
+    >>> result = cp3d.dask.segment(image, sample.model, diameter=sample.diameter)  # doctest: +SKIP
+    """
+    from .segment import segment as segment_in_memory
+
+    shape = as_int_triple(CENTRAL_CROP if shape is None else shape, "shape")
+    box = central_box(tuple(slice(0, n) for n in image.shape), shape)
+    crop = np.asarray(image[box])
+    return segment_in_memory(crop, model, diameter=diameter, voxel_size=voxel_size, augment=False, device=device)
 
 
 class _Prediction:

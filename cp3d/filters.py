@@ -284,6 +284,61 @@ def instance_statistics(labels, flows, foreground, *, targets="tanh", tanh_scale
     return volume, overlap, error / (3 * xp.maximum(volume, 1))
 
 
+def mean_flow_error(labels, flows, *, tanh_scale=5.0, backend="auto"):
+    """The flow error of a whole segmentation: the volume-weighted mean of its instances' flow errors.
+
+    Each instance's error is the one the flow-error filter bounds
+    (:func:`instance_statistics`: the mean absolute difference between
+    the tanh flows and those recomputed from the instance), so this is the
+    mean over all instance voxels. Any flows are consistent with *some*
+    instances; this measures how well, and so compares two models' results
+    on one stack (``cp3d.segment(model="auto")``): a model shown a stain it
+    was not trained on makes instances its flows do not explain.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (Z, Y, X)
+        Instances, 0 for background.
+    flows : ndarray, shape (3, Z, Y, X)
+        Tanh flows pointing away from the centres.
+    tanh_scale : float or (float, float, float)
+        The flows' tanh scale (z, y, x).
+    backend : {"auto", "numpy", "numba", "cuda"}
+        As for :func:`filter_instances`.
+
+    Returns
+    -------
+    float
+        In [0, 2]; ``nan`` when there is no instance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cp3d import tanh_flows
+    >>> from cp3d.filters import mean_flow_error
+    >>> labels = np.zeros((16, 16, 16), np.uint32)
+    >>> labels[2:8, 2:8, 2:8], labels[8:14, 8:14, 8:14] = 1, 2
+    >>> flows = tanh_flows(labels, 2.0)
+    >>> float(mean_flow_error(labels, flows, tanh_scale=2.0))
+    0.0
+    >>> merged = (labels > 0).astype(np.uint32)  # flows of two cells read as one
+    >>> bool(mean_flow_error(merged, flows, tanh_scale=2.0) > 0.5)
+    True
+    """
+    backend = resolve_backend(backend, labels, flows)
+    labels = check_labels(labels)
+    flows = check_flows(flows)
+    if flows.shape[1:] != labels.shape:
+        raise ValueError(f"flows shape {tuple(flows.shape)} does not match labels shape {tuple(labels.shape)}")
+    tanh_scale = as_triple(tanh_scale, "tanh_scale")
+    if int(labels.max()) > _MAX_TABLE_ID:
+        labels = compact_ids(labels)[0]
+    if not labels.any():
+        return float("nan")
+    volume, _, error = instance_statistics(labels, flows, labels > 0, tanh_scale=tanh_scale, backend=backend)
+    return float((error * volume)[1:].sum() / volume[1:].sum())
+
+
 def _numba_tanh_statistics(labels, flows, foreground, tanh_scale, inward):
     start_numba_pool()  # before numba.get_num_threads(), which would start it
     n_labels = int(labels.max())

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._backend import as_int_triple, as_triple, import_cupy, resolve_backend
-from .filters import border_cap_volume, border_ids
+from .filters import border_cap_volume, border_ids, mean_flow_error
 from .metrics import median_diameter
 from .reconstruct import flow_divergence, reconstruct, reconstruction_parameters
 
@@ -34,6 +34,10 @@ class Segmentation(NamedTuple):
         The typical cell diameter, in voxels along x, the segmentation was
         made for: the one given, the estimate of ``diameter="auto"``, or the
         model's training size.
+    model : str or None
+        The model that made it: the bundled model ``model="auto"`` chose
+        (with ``"choose"`` in `seconds` for the trials), the name or folder
+        given, ``None`` for a network passed as an object.
     """
 
     labels: np.ndarray
@@ -41,6 +45,7 @@ class Segmentation(NamedTuple):
     foreground: np.ndarray
     seconds: dict
     diameter: float
+    model: str = None
 
 
 def cell_extent(diameter, voxel_size, train_diameter):
@@ -110,8 +115,9 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
         One-channel stack.
     model : UNet3D or str or path-like, optional
         A network, a bundled model name (``"tanh"``, ``"heat"`` for membrane
-        stains, ``"nuclei"`` for nuclear stains) or a model directory; the
-        bundled tanh model by default.
+        stains, ``"nuclei"`` for nuclear stains) or a model directory.
+        ``None`` or ``"auto"`` (:data:`cp3d.model.DEFAULT_MODEL`) chooses
+        between the bundled tanh and nuclei models for this stack: see Notes.
     diameter : float or (float, float, float) or "auto", optional
         Typical cell diameter in voxels along x (Cellpose's convention), the
         other axes following from `voxel_size`. ``None`` assumes the
@@ -153,6 +159,19 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
 
     Notes
     -----
+    ``model="auto"`` lets each of :data:`cp3d.model.STAIN_MODELS` segment
+    the stack without test-time augmentation (at `diameter`, or through
+    the estimating passes of ``diameter="auto"`` below) and keeps the one
+    whose flows agree best with the instances it made, by the flow error
+    the paper's filter uses (:func:`cp3d.filters.mean_flow_error`): a
+    model shown a stain it was not trained on still makes instances, but
+    its flows do not explain them. A trial at cells too large for the stack
+    to hold one whole is no evidence. The chosen model then segments with augmentation, or its trial
+    is the result when ``augment=False``. This costs the other model's
+    trial (about 1.5x a run of one model with augmentation). Measured on
+    real nuclei, membrane and nuclei phantoms in
+    ``bench/bench_segment.py --choice``.
+
     ``diameter="auto"`` segments the stack once at the model's training size
     and takes the volume-weighted median equivalent-sphere diameter of the
     instances found (:func:`cp3d.metrics.median_diameter` with
@@ -180,8 +199,10 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     True
     >>> cp3d.segment(image, diameter="auto").diameter  # doctest: +SKIP
     10.1
+    >>> result.model  # doctest: +SKIP
+    'tanh'
     """
-    from .model import DEFAULT_MODEL, UNet3D, load_model
+    from .model import DEFAULT_MODEL, STAIN_MODELS, UNet3D, load_model
     from .model.predict import resolve_device, check_image
 
     image = check_image(image)
@@ -191,22 +212,29 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     _check_diameter(diameter)
     if tile_size is not None:
         as_int_triple(tile_size, "tile_size")  # checked here too: a constant stack never reaches predict
-    if not isinstance(model, UNet3D):
-        model = load_model(DEFAULT_MODEL if model is None else model)
-    config = model.config
+    if model is None or (isinstance(model, str) and model == DEFAULT_MODEL):
+        name, candidates = DEFAULT_MODEL, {m: load_model(m) for m in STAIN_MODELS}
+    else:
+        name = None if isinstance(model, UNet3D) else str(model)
+        candidates = {name: model if isinstance(model, UNet3D) else load_model(model)}
     auto = isinstance(diameter, str)
-    extent = cell_extent(None if auto else diameter, voxel_size, config.train_diameter)
-    used = extent[2]  # the diameter in voxels along x
+    extents = {n: cell_extent(None if auto else diameter, voxel_size, m.config.train_diameter)
+               for n, m in candidates.items()}
     if float(image.min()) == float(image.max()):
         # A constant stack (e.g. all zero) holds no cells; the network would only see noise-free padding.
         zeros = np.zeros(image.shape, np.float32)
+        first = next(iter(candidates))
         return Segmentation(np.zeros(image.shape, np.uint32), np.zeros((3, *image.shape), np.float32), zeros,
-                            {"predict": 0.0, "reconstruct": 0.0}, used)
-    _check_cell_size(image.shape, config, extent, f"diameter={diameter!r} with voxel_size={voxel_size!r}")
+                            {"predict": 0.0, "reconstruct": 0.0}, extents[first][2], first)
+    for n, m in candidates.items():
+        _check_cell_size(image.shape, m.config, extents[n], f"diameter={diameter!r} with voxel_size={voxel_size!r}")
     options = dict(backend=backend, device=device, tile_size=tile_size, context=context, progress=progress)
+    if len(candidates) > 1:
+        return _segment_choosing(image, candidates, diameter, voxel_size, augment, **options)
+    model = candidates[name]
     if not auto:
-        return _segment_at(image, model, extent, augment, used, **options)
-    return _segment_auto(image, model, voxel_size, augment, **options)
+        return _segment_at(image, model, extents[name], augment, extents[name][2], **options)._replace(model=name)
+    return _segment_auto(image, model, voxel_size, augment, **options)._replace(model=name)
 
 
 _REUSE_TOLERANCE = 0.05  # relative diameter change below which the last estimating pass is the result
@@ -215,15 +243,15 @@ _AUTO_PASSES = 8  # estimating passes at most
 _FRAGMENT = 0.5  # instances under this share of the weighted median diameter are fragments to the estimate
 
 
-def _segment_auto(image, model, voxel_size, augment, **options):
-    """``diameter="auto"``: measure the cells of a pass at the training size, refine, segment at the estimate."""
-    start = time.perf_counter()
+def _estimating_passes(image, model, voxel_size, label="", **options):
+    """``diameter="auto"``'s passes (see :func:`segment`'s Notes): the last pass, the estimate and the cell
+    extent (z, y, x) the last pass assumed."""
 
     def measured_at(d, number):
         """Pass `number` at `d`, its volume-weighted median diameter and its plain median without fragments."""
-        label = f"estimate {number}: d {d:.1f}"
+        title = f"{label}estimate {number}: d {d:.1f}"
         result = _segment_at(image, model, cell_extent(d, voxel_size, d), False, d,
-                             **dict(options, progress=options["progress"] and label))
+                             **dict(options, progress=options["progress"] and title))
         # Cells cut by the stack's faces read small; they are left out unless there is nothing else.
         # Weighted by volume: an oversegmented pass (many small fragments) still measures the cells.
         cut = border_ids(result.labels)
@@ -244,7 +272,7 @@ def _segment_auto(image, model, voxel_size, augment, **options):
     history = [assumed]
     if estimate is None:
         warnings.warn("diameter='auto' found no cell at the training size; segmenting at the training size",
-                      stacklevel=3)
+                      stacklevel=4)
         estimate = assumed
     else:
         # Cells far above the training size come out in fragments, so each estimate is low but above the
@@ -256,14 +284,66 @@ def _segment_auto(image, model, voxel_size, augment, **options):
             if estimate is None:
                 climbing = estimate = assumed
     log.info("diameter='auto': %.2f voxels (passes at %s)", estimate, ", ".join(f"{d:.2f}" for d in history))
+    return result, float(estimate), cell_extent(assumed, voxel_size, assumed)
+
+
+def _final_pass(image, model, augment, trial, extent, trial_extent, label, **options):
+    """Segment for cells of `extent`, or keep `trial` (a pass without augmentation for cells of `trial_extent`)
+    when it is that."""
+    if augment or abs(extent[2] / trial_extent[2] - 1) >= _REUSE_TOLERANCE:
+        title = f"{label}predict at d {extent[2]:.1f}"
+        return _segment_at(image, model, extent, augment, extent[2],
+                           **dict(options, progress=options["progress"] and title))
+    return trial._replace(diameter=float(extent[2]))
+
+
+def _segment_auto(image, model, voxel_size, augment, **options):
+    """``diameter="auto"``: measure the cells of a pass at the training size, refine, segment at the estimate."""
+    start = time.perf_counter()
+    trial, estimate, trial_extent = _estimating_passes(image, model, voxel_size, **options)
     estimated = time.perf_counter() - start
-    if augment or abs(estimate / assumed - 1) >= _REUSE_TOLERANCE:
-        label = f"predict at d {estimate:.1f}"
-        result = _segment_at(image, model, cell_extent(estimate, voxel_size, estimate), augment, estimate,
-                             **dict(options, progress=options["progress"] and label))
-    else:
-        estimated -= sum(result.seconds.values())  # the reused pass's stages are counted as such
-    return result._replace(seconds=dict(result.seconds, estimate=estimated), diameter=float(estimate))
+    result = _final_pass(image, model, augment, trial, cell_extent(estimate, voxel_size, estimate), trial_extent, "",
+                         **options)
+    if result.seconds is trial.seconds:
+        estimated -= sum(trial.seconds.values())  # the reused pass's stages are counted as such
+    return result._replace(seconds=dict(result.seconds, estimate=estimated))
+
+
+def _segment_choosing(image, candidates, diameter, voxel_size, augment, **options):
+    """``model="auto"``: each candidate's trial without augmentation, the one whose flows agree best with its
+    instances segments (see :func:`segment`'s Notes)."""
+    start = time.perf_counter()
+    trials = {}
+    for name, model in candidates.items():
+        with warnings.catch_warnings():
+            # a model shown the other stain is expected to misfit here: the choice is the answer to that
+            warnings.filterwarnings("ignore", message="the model's flows point", category=UserWarning)
+            if isinstance(diameter, str):
+                trial, estimate, trial_extent = _estimating_passes(image, model, voxel_size, label=f"{name}: ",
+                                                                   **options)
+                extent = cell_extent(estimate, voxel_size, estimate)
+            else:
+                extent = trial_extent = cell_extent(diameter, voxel_size, model.config.train_diameter)
+                title = f"{name}: trial at d {extent[2]:.1f}"
+                trial = _segment_at(image, model, extent, False, extent[2],
+                                    **dict(options, progress=options["progress"] and title))
+        # the trial's maps are NumPy arrays, whatever backend reconstructed them
+        error = mean_flow_error(trial.labels, trial.flows, tanh_scale=model_tanh_scale(model.config, trial_extent),
+                                backend="auto" if options["backend"] == "cuda" else options["backend"])
+        if np.isnan(error) or any(e > n for e, n in zip(trial_extent, image.shape)):
+            # No instance, or cells too big for the stack to hold one (a model shown the other stain can read
+            # it as one smooth blob the size of the stack, whose few flows agree with it trivially): no evidence.
+            error = np.inf
+        trials[name] = (trial, extent, trial_extent, error)
+    name = min(trials, key=lambda n: trials[n][3])
+    log.info("model='auto': %s (mean flow error %s)", name,
+             ", ".join(f"{n} {t[3]:.3f}" for n, t in trials.items()))
+    trial, extent, trial_extent, _ = trials[name]
+    chosen = time.perf_counter() - start
+    result = _final_pass(image, candidates[name], augment, trial, extent, trial_extent, f"{name}: ", **options)
+    if result.seconds is trial.seconds:
+        chosen -= sum(trial.seconds.values())
+    return result._replace(seconds=dict(result.seconds, choose=chosen), model=name)
 
 
 def _check_cell_size(shape, config, extent, what):
@@ -286,7 +366,8 @@ def _warn_if_the_model_does_not_fit(prediction):
         warnings.warn("the model's flows point towards the cell centres on average, where a model that recognises "
                       "the cells points away from them: the stack is probably not of the kind the model was "
                       "trained on. For nuclear stains use model='nuclei' (cp3d segment --model nuclei); for "
-                      "membrane stains model='tanh'", stacklevel=4)
+                      "membrane stains model='tanh'; or leave the choice to model='auto', the default",
+                      stacklevel=4)
 
 
 def _segment_at(image, model, extent, augment, diameter, *, backend, device, tile_size, context, progress):

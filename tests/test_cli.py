@@ -25,7 +25,7 @@ def fake_segment(monkeypatch):
         labels = np.zeros(image.shape, np.uint32)
         labels[..., :2, :2] = 1
         return Segmentation(labels, np.zeros((3, *image.shape), np.float32), np.zeros(image.shape, np.float32),
-                            {"predict": 0.0, "reconstruct": 0.0}, 10.0)
+                            {"predict": 0.0, "reconstruct": 0.0}, 10.0, model or "tanh")
 
     monkeypatch.setattr(SEGMENT_MODULE, "segment", spy)
     return calls
@@ -173,8 +173,13 @@ def test_segment_estimates_the_cell_size_by_default(tmp_path, capsys):
                      "--no-augment"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out.strip().splitlines()[-1])
-    assert 11.5 < report["diameter"] < 17.5 and "estimate" in report["seconds"]
-    assert f"diameter 'auto': {report['diameter']:.2f} voxels" in captured.err
+    # the default model too is chosen: each stain model's estimating passes are its trial
+    assert 11.5 < report["diameter"] < 17.5 and "choose" in report["seconds"] and report["model"] == "tanh"
+    assert f"diameter 'auto': {report['diameter']:.2f} voxels" in captured.err and "model 'auto': tanh" in captured.err
+    assert cli.main(["segment", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "labels.tif"), "--quiet",
+                     "--no-augment", "--model", "tanh", "--overwrite"]) == 0
+    named = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert named["diameter"] == report["diameter"] and "estimate" in named["seconds"] and named["model"] == "tanh"
 
 
 def test_segment_names_each_progress_bar(tmp_path, capsys):
@@ -183,7 +188,9 @@ def test_segment_names_each_progress_bar(tmp_path, capsys):
     assert cli.main(["segment", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "labels.tif"),
                      "--no-augment"]) == 0
     err = capsys.readouterr().err
-    assert "estimate 1: d 10.2" in err and "estimate 2: d " in err  # the passes of diameter='auto', numbered
+    # the passes of diameter='auto', numbered, for each model the default chooses between
+    assert all(f"{model}: estimate 1: d 10.2" in err and f"{model}: estimate 2: d " in err
+               for model in ("tanh", "nuclei"))
 
 
 @pytest.mark.parametrize("option, name", [("-o", "labels.png"), ("--save-flows", "maps.npy"), ("--table", "cells.tsv"),
@@ -215,7 +222,7 @@ def test_warnings_reach_the_cli_user_as_one_line_each(tmp_path, image, monkeypat
             warnings.warn("the stack is probably not of the kind the model was trained on")
         labels = np.zeros(image.shape, np.uint32)
         return Segmentation(labels, np.zeros((3, *image.shape), np.float32), np.zeros(image.shape, np.float32),
-                            {"predict": 0.0, "reconstruct": 0.0}, 10.0)
+                            {"predict": 0.0, "reconstruct": 0.0}, 10.0, model or "tanh")
 
     monkeypatch.setattr(SEGMENT_MODULE, "segment", warns_each_pass)
     assert cli.main(["segment", str(image), "-o", str(tmp_path / "l.tif"), "--diameter", "10", "--quiet"]) == 0

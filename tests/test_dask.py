@@ -345,17 +345,18 @@ def test_chunks_thinner_than_the_halo_warn_and_stay_exact():
         _chunked(flows, foreground, (8, 12, 12), diameter=8)  # as thick as the halo: no warning
 
 
-def test_cli_chunked_segment_estimates_the_cell_size_on_a_crop(tmp_path, capsys, monkeypatch):
+def test_cli_chunked_segment_estimates_the_cell_size_and_model_on_a_crop(tmp_path, capsys, monkeypatch):
     from cp3d import cli
 
-    monkeypatch.setattr(cli, "AUTO_CROP", (40, 64, 64))  # a crop smaller than the stack
+    monkeypatch.setattr(cp3d.dask, "CENTRAL_CROP", (40, 64, 64))  # a crop smaller than the stack
     image, _ = cp3d.data.synthetic_stack((40, 96, 96), 14, seed=3)
     io.write_image(tmp_path / "stack.tif", image)
     assert cli.main(["segment", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "labels.tif"), "--chunks", "40",
                      "48", "48", "--quiet", "--no-augment"]) == 0
     out, err = capsys.readouterr()
-    assert "central 40x64x64 crop" in err
-    assert 11.5 < json.loads(out.strip().splitlines()[-1])["diameter"] < 17.5
+    assert "central 40x64x64 crop: model 'tanh'" in err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert 11.5 < report["diameter"] < 17.5 and report["model"] == "tanh"
 
 
 @pytest.mark.parametrize("maps, chunked", [("maps.tif", False), ("maps.tif", True), ("maps.zarr", True)])

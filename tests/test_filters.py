@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import cp3d
-from cp3d.filters import border_ids, filter_instances, instance_statistics
+from cp3d.filters import border_ids, filter_instances, instance_statistics, mean_flow_error
 
 
 def two_cells():
@@ -43,6 +43,21 @@ def test_heat_targets_recomputed_with_heat():
     labels = two_cells()
     kept = filter_instances(labels, cp3d.heat_flows(labels), labels > 0, targets="heat")
     assert kept.max() == 2
+
+
+def test_mean_flow_error_is_the_volume_weighted_instance_error(membrane_cells):
+    labels = membrane_cells[1]
+    flows = cp3d.tanh_flows(labels, 3.0) + np.float32(0.3) * np.sin(np.arange(labels.size, dtype=np.float32)).reshape(
+        labels.shape)
+    volume, _, error = instance_statistics(labels, flows, labels > 0, tanh_scale=3.0, backend="numpy")
+    expected = (volume * error)[1:].sum() / volume[1:].sum()
+    for backend in ("numpy", "numba"):
+        assert mean_flow_error(labels, flows, tanh_scale=3.0, backend=backend) == pytest.approx(expected, rel=1e-5)
+    # the flows of many cells read as one instance disagree with it
+    assert mean_flow_error((labels > 0).astype(np.uint32), flows, tanh_scale=3.0) > 2 * expected
+    assert np.isnan(mean_flow_error(np.zeros_like(labels), flows))
+    with pytest.raises(ValueError, match="does not match"):
+        mean_flow_error(labels, flows[:, 1:])
 
 
 def test_numba_identical_to_numpy(membrane_cells):

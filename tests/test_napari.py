@@ -130,10 +130,11 @@ def test_segment_widget_gives_the_library_result(make_napari_viewer, plugin, qtb
 def test_segment_widget_offers_every_bundled_model_the_default_first(make_napari_viewer, plugin):
     from cp3d.model import DEFAULT_MODEL, available_models
 
-    assert sorted(_widgets.BUNDLED_MODELS) == available_models() and _widgets.BUNDLED_MODELS[0] == DEFAULT_MODEL
+    assert sorted(_widgets.BUNDLED_MODELS) == available_models() and _widgets.AUTO_MODEL == DEFAULT_MODEL
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("cp3d", "Segment")
-    assert widget.model.value == DEFAULT_MODEL
+    offered = [value for _, value in _widgets.segment_model_choices()]
+    assert widget.model.value == DEFAULT_MODEL == offered[0] and set(_widgets.BUNDLED_MODELS) < set(offered)
 
 
 def test_segment_widget_asks_for_a_model_folder(make_napari_viewer, plugin):

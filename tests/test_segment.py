@@ -282,7 +282,7 @@ def test_cli_demo_with_a_model_folder(tmp_path, tiny_model_dir, capsys):
 
 def test_tiling_is_invisible_with_the_bundled_model():
     """Default-context tiles against one whole-stack tile: the same maps to 1e-3, the same instances."""
-    model = cp3d.load_model()
+    model = cp3d.load_model("tanh")
     image, _ = cp3d.data.synthetic_stack((48, 160, 160), 10, seed=777)
     whole = cp3d.model.predict(image, model, tile_size=(48, 160, 160), augment=False)
     tiled = cp3d.model.predict(image, model, tile_size=(48, 128, 128), augment=False)
@@ -300,7 +300,8 @@ def test_cli_segment_reads_the_voxel_size_from_the_tiff(tmp_path, monkeypatch, c
     def spy(image, model=None, **kwargs):
         seen.update(kwargs)
         return Segmentation(np.zeros(image.shape, np.uint32), np.zeros((3, *image.shape), np.float32),
-                            np.zeros(image.shape, np.float32), {"predict": 0.0, "reconstruct": 0.0}, 10.0)
+                            np.zeros(image.shape, np.float32), {"predict": 0.0, "reconstruct": 0.0}, 10.0,
+                            model or "tanh")
 
     monkeypatch.setattr(SEGMENT_MODULE, "segment", spy)
     cp3d.io.write_image(tmp_path / "in.tif", np.ones((4, 8, 8), np.float32), voxel_size=(2.0, 0.5, 0.5))
@@ -401,6 +402,37 @@ def test_bundled_nuclei_model_finds_most_nuclei():
     labels = segment(image, "nuclei", diameter=10, augment=False).labels
     scores = cp3d.metrics.evaluate(truth, labels)
     assert scores["dice"] > 0.7 and scores["ap50"] > 0.6, scores
+
+
+@pytest.mark.parametrize("kind, chosen", [("membrane", "tanh"), ("nuclei", "nuclei")])
+def test_default_model_is_the_one_for_the_stain(kind, chosen):
+    image, truth = cp3d.data.synthetic_stack((32, 64, 64), 10, kind=kind, seed=21, noise=0.08)
+    result = segment(image, diameter=10, augment=False)
+    assert result.model == chosen and "choose" in result.seconds
+    # without augmentation the winning trial is the result: the same as naming the model
+    np.testing.assert_array_equal(result.labels, segment(image, chosen, diameter=10, augment=False).labels)
+    assert segment(image, "auto", diameter="auto", augment=False).model == chosen
+
+
+def test_model_choice_ignores_a_trial_at_cells_larger_than_the_stack(monkeypatch):
+    # The nuclei model's estimate on a membrane stack can climb to one smooth blob the size of the stack, whose
+    # few flows agree with it trivially (bench_segment.py --choice): such a trial is no evidence.
+    image = np.random.default_rng(0).random((16, 32, 32)).astype(np.float32)
+    blob = np.ones(image.shape, np.uint32)
+    flows = cp3d.tanh_flows(blob, scale=40.0)
+
+    def trial(image, model, voxel_size, label="", **options):
+        extent = (50.0, 50.0, 50.0) if label.startswith("nuclei") else (10.0, 10.0, 10.0)
+        noisy = flows + np.float32(0.0 if label.startswith("nuclei") else 0.5)
+        return Segmentation(blob, noisy, np.ones(image.shape, np.float32), {}, extent[2]), extent[2], extent
+
+    monkeypatch.setattr(SEGMENT_MODULE, "_estimating_passes", trial)
+    assert segment(image, diameter="auto", augment=False).model == "tanh"
+
+
+def test_load_model_refuses_auto_and_names_segment():
+    with pytest.raises(ValueError, match=r"cp3d.segment\(image, model='auto'\) chooses one of \('tanh', 'nuclei'\)"):
+        cp3d.load_model("auto")
 
 
 @pytest.mark.parametrize("sign", [1, -1])

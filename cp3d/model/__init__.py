@@ -5,10 +5,11 @@ This is the only part of cp3d that imports torch.
 
 from .predict import Prediction, normalize_percentile, predict
 from .train import train, validate
-from .unet import DEFAULT_MODEL, UNet3D, UNetConfig, available_models, load_model, save_model
+from .unet import DEFAULT_MODEL, STAIN_MODELS, UNet3D, UNetConfig, available_models, load_model, save_model
 
 __all__ = [
     "DEFAULT_MODEL",
+    "STAIN_MODELS",
     "UNet3D",
     "UNetConfig",
     "load_model",

@@ -35,13 +35,17 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .._backend import as_int_triple, as_triple
 from ..io import atomic_write
 
-__all__ = ["UNetConfig", "UNet3D", "save_model", "load_model", "available_models", "WEIGHTS_DIR"]
+__all__ = ["UNetConfig", "UNet3D", "save_model", "load_model", "available_models", "WEIGHTS_DIR", "DEFAULT_MODEL",
+           "STAIN_MODELS"]
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-#: The bundled model that segment, the CLI and the napari widget use when none is named.
-DEFAULT_MODEL = "tanh"
+#: What segment, the CLI and the napari widget use when no model is named: the choice, per stack, between the
+#: :data:`STAIN_MODELS` (see :func:`cp3d.segment`). It names no one model: :func:`load_model` refuses it.
+DEFAULT_MODEL = "auto"
+#: The bundled models the default chooses between: one for membrane stains, one for nuclear stains.
+STAIN_MODELS = ("tanh", "nuclei")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.pt"
 
@@ -375,6 +379,9 @@ def resolve_model_dir(name_or_path):
     p = Path(name_or_path)
     if p.is_dir():
         return p
+    if name_or_path == DEFAULT_MODEL:
+        raise ValueError(f"{DEFAULT_MODEL!r} names no one model: cp3d.segment(image, model={DEFAULT_MODEL!r}) chooses "
+                         f"one of {STAIN_MODELS} for each stack; load one of those by name")
     if isinstance(name_or_path, str) and os.sep not in name_or_path and "/" not in name_or_path:
         bundled = WEIGHTS_DIR / name_or_path
         if bundled.is_dir():
@@ -389,15 +396,17 @@ def resolve_model_dir(name_or_path):
     raise ValueError(f"model directory {p} does not exist")
 
 
-def load_model(name_or_path=DEFAULT_MODEL, device="cpu"):
+def load_model(name_or_path, device="cpu"):
     """Load a trained :class:`UNet3D` in eval mode.
 
     Parameters
     ----------
     name_or_path : str or path-like
-        A bundled model name (``"tanh"``, ``"heat"``; see
+        A bundled model name (``"tanh"``, ``"heat"``, ``"nuclei"``; see
         :func:`available_models`) or a directory holding ``config.json`` and
-        ``weights.pt``. Nothing is downloaded.
+        ``weights.pt``. Nothing is downloaded. ``"auto"`` (the
+        :data:`DEFAULT_MODEL`) is not one model but :func:`cp3d.segment`'s
+        choice per stack, and is refused here.
     device : str or torch.device
         Where to put the model.
 

@@ -25,8 +25,10 @@ from napari.utils.notifications import show_error, show_info
 from .._backend import BACKENDS
 from ..filters import TARGETS
 
-# the default model (cp3d.model.DEFAULT_MODEL, not imported here: it would load torch with the plugin) first
 BUNDLED_MODELS = ("tanh", "heat", "nuclei")
+# the Segment widget's default: the choice per image (cp3d.model.DEFAULT_MODEL, not imported here: it would load
+# torch with the plugin); not a model to fine-tune
+AUTO_MODEL = "auto"
 FOLDER = "folder"
 # the labels as segmented, kept in the layer's metadata: what "Train from corrections" compares the user's
 # corrections with, and what tells a later run that the layer has been edited
@@ -41,6 +43,11 @@ def model_choices(widget=None):
     """The models the widgets offer: the bundled ones, those trained in this session, a folder of your own."""
     return ([(m, m) for m in BUNDLED_MODELS] + [(f"trained: {Path(f).name}", f) for f in TRAINED_MODELS]
             + [(FOLDER, FOLDER)])
+
+
+def segment_model_choices(widget=None):
+    """The Segment widget's models: first the choice per image between the tanh and nuclei models."""
+    return [(f"{AUTO_MODEL} (tanh or nuclei, chosen per image)", AUTO_MODEL)] + model_choices(widget)
 
 
 def _model_of(model, model_folder):
@@ -62,8 +69,10 @@ def _init_segment(widget):
     call_button="Segment",
     widget_init=_init_segment,
     image={"tooltip": "a one-channel 3D stack; its scale is taken as the voxel size (z, y, x)"},
-    model={"choices": model_choices,
-           "tooltip": "bundled model (tanh, heat: membranes; nuclei), one trained here, or a folder written by cp3d train"},
+    model={"choices": segment_model_choices,
+           "tooltip": "auto: of the tanh (membranes) and nuclei models, the one whose flows agree best with the cells "
+                      "it finds; a bundled model (tanh, heat: membranes; nuclei), one trained here, or a folder "
+                      "written by cp3d train"},
     model_folder={"mode": "d", "label": "model folder"},
     diameter={"min": 0.0, "max": 1000.0, "step": 0.5,
               "tooltip": "typical cell diameter in voxels along x; 0: the model's training size"},
@@ -71,7 +80,7 @@ def _init_segment(widget):
              "tooltip": "average four mirror images: more accurate, four times slower"},
     backend={"choices": BACKENDS, "tooltip": "reconstruction backend"},
 )
-def segment_widget(viewer: napari.Viewer, image: napari.layers.Image, model: str = BUNDLED_MODELS[0],
+def segment_widget(viewer: napari.Viewer, image: napari.layers.Image, model: str = AUTO_MODEL,
                    model_folder: Path = Path(), diameter: float = 0.0, augment: bool = True,
                    backend: str = "auto"):
     """Segment the cells of an image layer with :func:`cp3d.segment`; returns the started worker."""
