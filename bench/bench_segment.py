@@ -1528,7 +1528,7 @@ def run_real(a, argv):
 CHOICE_MEMBRANE_SETS = {"standard": 2, "varied": 3, "new_kind": 1, "phantom": 1, "phantom_hard": 1, "phantom_dim": 1,
                         "phantom_aniso": 1}
 CHOICE_NUCLEI_SETS = {"varied": 4, "plain": 1, "large": 1}
-CHOICE_SETTINGS = ("auto", "true_diameter")
+CHOICE_SETTINGS = ("auto", "true_diameter", "default")
 
 
 def choice_stacks(quick, real_data):
@@ -1559,7 +1559,7 @@ def choice_bench(quick, real_data):
         d_true = true_diameter(gt, voxel_size)
         row = {"set": set_name, "stain": stain, "shape": list(image.shape), "true_diameter": d_true, "results": {}}
         for setting in CHOICE_SETTINGS:
-            diameter = "auto" if setting == "auto" else d_true
+            diameter = {"auto": "auto", "true_diameter": d_true, "default": None}[setting]
             for method, model in {"default": DEFAULT_MODEL, **{name: name for name in models}}.items():
                 start = time.perf_counter()
                 result = segment(image, model, diameter=diameter, voxel_size=voxel_size, augment=False)
@@ -1591,7 +1591,8 @@ def choice_markdown(report):
              "`cp3d.filters.mean_flow_error` (the paper's flow-error filter over all instances) of its trial. Here "
              "each held-out stack, of both stains, is segmented by the default and by each model alone (no "
              "augmentation); *auto*: `diameter=\"auto\"` (the trials are each model's estimating passes), *true d*: "
-             "the truth's median diameter. The flow error shown is that of each run's result (the choice compares "
+             "the truth's median diameter, *default*: no diameter (the training size; the choice is made from the "
+             "estimating passes as with `\"auto\"`). The flow error shown is that of each run's result (the choice compares "
              "the trials, the last estimating passes). No stack here was in any bundled model's training data.", ""]
     for setting, sm in report["summary"].items():
         lines.append(f"- {SETTING_LABELS.get(setting, setting)}: the right model for {sm['right']} of "

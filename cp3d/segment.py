@@ -161,7 +161,9 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     -----
     ``model="auto"`` lets each of :data:`cp3d.model.STAIN_MODELS` segment
     the stack without test-time augmentation (at `diameter`, or through
-    the estimating passes of ``diameter="auto"`` below) and keeps the one
+    the estimating passes of ``diameter="auto"`` below, also when no
+    diameter is given: the cells are then segmented at the training size,
+    but the models are compared at the size each measures) and keeps the one
     whose flows agree best with the instances it made, by the flow error
     the paper's filter uses (:func:`cp3d.filters.mean_flow_error`): a
     model shown a stain it was not trained on still makes instances, but
@@ -318,10 +320,13 @@ def _segment_choosing(image, candidates, diameter, voxel_size, augment, **option
         with warnings.catch_warnings():
             # a model shown the other stain is expected to misfit here: the choice is the answer to that
             warnings.filterwarnings("ignore", message="the model's flows point", category=UserWarning)
-            if isinstance(diameter, str):
+            if diameter is None or isinstance(diameter, str):
+                # Without a diameter too: at the training size a model shown nuclei several times larger breaks
+                # them up, and its flows then agree with its fragments worse than the membrane model's with its
+                # specks (both real nuclei crops); each model is compared at the size it measures.
                 trial, estimate, trial_extent = _estimating_passes(image, model, voxel_size, label=f"{name}: ",
                                                                    **options)
-                extent = cell_extent(estimate, voxel_size, estimate)
+                extent = cell_extent(estimate if diameter else None, voxel_size, model.config.train_diameter)
             else:
                 extent = trial_extent = cell_extent(diameter, voxel_size, model.config.train_diameter)
                 title = f"{name}: trial at d {extent[2]:.1f}"

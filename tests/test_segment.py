@@ -414,7 +414,8 @@ def test_default_model_is_the_one_for_the_stain(kind, chosen):
     assert segment(image, "auto", diameter="auto", augment=False).model == chosen
 
 
-def test_model_choice_ignores_a_trial_at_cells_larger_than_the_stack(monkeypatch):
+@pytest.mark.parametrize("diameter", ["auto", None])  # without a diameter too, the models are compared as measured
+def test_model_choice_ignores_a_trial_at_cells_larger_than_the_stack(monkeypatch, diameter):
     # The nuclei model's estimate on a membrane stack can climb to one smooth blob the size of the stack, whose
     # few flows agree with it trivially (bench_segment.py --choice): such a trial is no evidence.
     image = np.random.default_rng(0).random((16, 32, 32)).astype(np.float32)
@@ -427,7 +428,7 @@ def test_model_choice_ignores_a_trial_at_cells_larger_than_the_stack(monkeypatch
         return Segmentation(blob, noisy, np.ones(image.shape, np.float32), {}, extent[2]), extent[2], extent
 
     monkeypatch.setattr(SEGMENT_MODULE, "_estimating_passes", trial)
-    assert segment(image, diameter="auto", augment=False).model == "tanh"
+    assert segment(image, diameter=diameter, augment=False).model == "tanh"
 
 
 def test_load_model_refuses_auto_and_names_segment():
