@@ -168,11 +168,11 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     the paper's filter uses (:func:`cp3d.filters.mean_flow_error`): a
     model shown a stain it was not trained on still makes instances, but
     its flows do not explain them. A trial at cells too large for the stack
-    to hold one whole is no evidence. The chosen model then segments with augmentation, or its trial
-    is the result when ``augment=False``. This costs the other model's
-    trial (about 1.5x a run of one model with augmentation). Measured on
-    real nuclei, membrane and nuclei phantoms in
-    ``bench/bench_segment.py --choice``.
+    to hold one whole is no evidence. The chosen model then segments with
+    augmentation, or its trial is the result when ``augment=False``. This
+    takes about twice the time of the chosen model alone (2.0-2.3x on real
+    nuclei crops); it chose right on all held-out stacks of both stains of
+    ``bench/bench_segment.py --choice``, real nuclei among them.
 
     ``diameter="auto"`` segments the stack once at the model's training size
     and takes the volume-weighted median equivalent-sphere diameter of the

@@ -342,9 +342,22 @@ def test_out_of_focus_light_brightens_the_gaps_and_leaves_the_labels():
     assert ghosts.image[gaps].mean() > plain.image[gaps].mean() + 0.02
 
 
+def test_glowing_walls_draw_bright_sheets_between_the_nuclei_and_leave_the_labels():
+    options = dict(kind="nuclei", seed=3, noise=0.0, density=0.4, psf_sigma=(0.0, 0.0, 0.0), depth_attenuation=0.0)
+    plain = synthetic_stack(NUCLEI_SHAPE, DIAMETER, **options)
+    walls = synthetic_stack(NUCLEI_SHAPE, DIAMETER, glowing_walls=1.0, **options)
+    np.testing.assert_array_equal(plain.labels, walls.labels)
+    lit = walls.image > plain.image + 0.05
+    assert lit.sum() > 100 and not (lit & (plain.labels > 0)).any()  # outside the nuclei only
+    # sheets, not blobs: most lit voxels are within a voxel or two of an unlit one
+    assert np.mean(ndimage.distance_transform_edt(lit)[lit] <= 2) > 0.9
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
+        ({"glowing_walls": 2.0}, "glowing_walls must be in"),
+        ({"kind": "membrane", "glowing_walls": 0.5}, "glowing_walls: an option of kind='nuclei'"),
         ({"background": 1.0}, "background"),
         ({"background": -0.1}, "background"),
         ({"elongation": -0.1}, "elongation"),
