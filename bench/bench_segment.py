@@ -330,6 +330,13 @@ def _machine_line(m):
             f"(commit {(m['git_commit'] or '?')[:10]}). Load average at start {m['load_average']}.")
 
 
+def _markdown_with_notes(lines, report):
+    """A report's markdown: `lines`, then the report's notes, if any, as a list."""
+    if report.get("notes"):
+        lines = lines + ["Notes:", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(lines)
+
+
 def markdown(report):
     lines = [
         "# End-to-end segmentation on held-out synthetic membrane stacks",
@@ -410,9 +417,7 @@ def markdown(report):
         f"{b['ap50']:.3f}). See `watershed_baseline` in `bench/bench_segment.py`.",
         "",
     ]
-    if report.get("notes"):
-        lines += ["Notes:", ""] + [f"- {n}" for n in report["notes"]] + [""]
-    return "\n".join(lines)
+    return _markdown_with_notes(lines, report)
 
 
 # ---------------------------------------------------------------------------
@@ -656,9 +661,7 @@ def finetune_markdown(report):
               "|---|---|---|" + "---|" * len(f["summary"])]
     for r in f["stacks"]:
         lines.append(f"| {r['seed']} | {r['true_diameter']:.1f} | {r['n_gt']} | {_dice_ap_cells(r)} |")
-    if report.get("notes"):
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
-    return "\n".join(lines + [""])
+    return _markdown_with_notes(lines + [""], report)
 
 
 def _dice_ap_cells(row):
@@ -871,9 +874,7 @@ def generalise_markdown(report):
     for name, res in report["sets"].items():
         for r in res["stacks"]:
             lines.append(f"| {name} | {r['seed']} | {r['true_diameter']:.1f} | {r['n_gt']} | {_dice_ap_cells(r)} |")
-    if report.get("notes"):
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
-    return "\n".join(lines + [""])
+    return _markdown_with_notes(lines + [""], report)
 
 
 def run_generalise(a, argv):
@@ -1079,9 +1080,7 @@ def nuclei_markdown(report):
               f"{len(tw['rows'])} grid points, objective {tw['objective']}): `{json.dumps(tw['best']['params'])}` "
               f"(tuning stack: Dice {tw['best']['dice']:.3f}, AP@0.5 {tw['best']['ap50']:.3f}). See "
               "`nuclei_watershed` in `bench/bench_segment.py`.", ""]
-    if report.get("notes"):
-        lines += ["Notes:", ""] + [f"- {n}" for n in report["notes"]] + [""]
-    return "\n".join(lines)
+    return _markdown_with_notes(lines, report)
 
 
 def run_nuclei(a, argv):
@@ -1469,9 +1468,7 @@ def real_markdown(report):
         lines.append(f"| {r['seed']} | {r['diameter']:.1f} | {r['plain']['ap50']:.3f} / {r['plain']['dice']:.3f} | "
                      f"{r['clipped']['ap50']:.3f} / {r['clipped']['dice']:.3f} |")
     lines.append("")
-    if report.get("notes"):
-        lines += ["Notes:", ""] + [f"- {n}" for n in report["notes"]] + [""]
-    return "\n".join(lines)
+    return _markdown_with_notes(lines, report)
 
 
 def run_real(a, argv):
@@ -1615,9 +1612,7 @@ def choice_markdown(report):
                          f"{SETTING_LABELS.get(setting, setting)} | {default['model']}{mark} | {default['dice']:.3f} / "
                          f"{default['ap50']:.3f} | {cell(res[f'tanh/{setting}'])} | {cell(res[f'nuclei/{setting}'])} |")
     lines.append("")
-    if report.get("notes"):
-        lines += ["Notes:", ""] + [f"- {n}" for n in report["notes"]] + [""]
-    return "\n".join(lines)
+    return _markdown_with_notes(lines, report)
 
 
 def run_choice(a, argv):

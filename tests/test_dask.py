@@ -168,6 +168,20 @@ def test_chunked_prediction_equals_whole(monkeypatch):
     np.testing.assert_array_equal(result.labels.compute(), labels)
 
 
+@pytest.mark.parametrize("kind, chosen", [("membrane", "tanh"), ("nuclei", "nuclei")])
+def test_segment_chooses_the_model_on_the_central_crop(tmp_path, monkeypatch, kind, chosen):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(cp3d_dask, "CENTRAL_CROP", (24, 48, 48))
+    image, _ = cp3d.data.synthetic_stack((24, 64, 64), 10, kind=kind, seed=4, noise=0.08)
+    sample = cp3d_dask.segment_central_crop(image, diameter=10)
+    assert sample.labels.shape == (24, 48, 48) and sample.model == chosen
+    result = cp3d_dask.segment(da.from_array(image, chunks=(24, 32, 32)), diameter=10,
+                               temporary_directory=tmp_path)
+    assert result.model == chosen
+    np.testing.assert_array_equal(result.labels.compute(),
+                                  cp3d.segment(image, chosen, diameter=10, augment=False).labels)
+
+
 def test_ome_zarr_round_trip(tmp_path):
     image = np.random.default_rng(0).integers(0, 1000, (6, 20, 24)).astype(np.uint16)
     labels = np.zeros(image.shape, np.uint32)
