@@ -186,7 +186,12 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     10 % (eight passes at most; cells 4x the training size need about
     five). The estimate is the plain median diameter of the last pass's
     instances, fragments under half its weighted median left out (the
-    weighted median reads high wherever cell sizes vary). The stack is then
+    weighted median reads high wherever cell sizes vary). A second chain of
+    passes starts at 3x the training size, and the chain whose last pass's
+    flows agree best with its instances (the lower
+    :func:`cp3d.filters.mean_flow_error`) gives the estimate: from the
+    training size alone, a model that reads a grainy background as small
+    cells finds what it assumed and stops there. The stack is then
     segmented at the estimate (the last pass is reused when it was made at
     that size, within 5 %, and without augmentation). The estimating passes predict
     without test-time augmentation. When the first pass finds no cell, the
@@ -243,11 +248,15 @@ _REUSE_TOLERANCE = 0.05  # relative diameter change below which the last estimat
 _AUTO_GROWTH = 1.1  # after the refinement, passes continue while the weighted median grows by more than this
 _AUTO_PASSES = 8  # estimating passes at most
 _FRAGMENT = 0.5  # instances under this share of the weighted median diameter are fragments to the estimate
+# diameter="auto"'s chains of passes start at these multiples of the training size; the one whose last pass's flows
+# agree best with its instances wins. From the training size alone, a model that reads a real crop's grainy
+# background as small cells stops there (1136_mini.h5: 9.9 for nuclei 24-39 across); from 3x it climbs to them.
+_AUTO_STARTS = (1, 3)
 
 
-def _estimating_passes(image, model, voxel_size, label="", **options):
-    """``diameter="auto"``'s passes (see :func:`segment`'s Notes): the last pass, the estimate and the cell
-    extent (z, y, x) the last pass assumed."""
+def _climbing_passes(image, model, voxel_size, start, label, **options):
+    """Passes from `start` while the weighted median grows (see :func:`segment`'s Notes): the last pass, the
+    estimate (``None`` when the first pass found no cell) and the cell extent (z, y, x) the last pass assumed."""
 
     def measured_at(d, number):
         """Pass `number` at `d`, its volume-weighted median diameter and its plain median without fragments."""
@@ -269,24 +278,57 @@ def _estimating_passes(image, model, voxel_size, label="", **options):
         plain = median_diameter(result.labels, voxel_size, exclude=cut, min_diameter=_FRAGMENT * weighted)
         return result, weighted, plain
 
-    assumed = model.config.train_diameter
+    assumed = start
     result, climbing, estimate = measured_at(assumed, 1)
     history = [assumed]
-    if estimate is None:
-        warnings.warn("diameter='auto' found no cell at the training size; segmenting at the training size",
-                      stacklevel=4)
-        estimate = assumed
-    else:
-        # Cells far above the training size come out in fragments, so each estimate is low but above the
-        # size it was made at: the weighted estimates climb towards the true size, and passes go on while they do.
+    if estimate is not None:
+        # Cells far above the size assumed come out in fragments, so each estimate is low but above the size it
+        # was made at: the weighted estimates climb towards the true size, and passes go on while they do.
         while len(history) < 2 or (climbing > _AUTO_GROWTH * assumed and len(history) < _AUTO_PASSES):
             assumed = climbing
             history.append(assumed)
             result, climbing, estimate = measured_at(assumed, len(history))
             if estimate is None:
                 climbing = estimate = assumed
-    log.info("diameter='auto': %.2f voxels (passes at %s)", estimate, ", ".join(f"{d:.2f}" for d in history))
-    return result, float(estimate), cell_extent(assumed, voxel_size, assumed)
+    log.info("diameter='auto' from %.2f: %s voxels (passes at %s)", start,
+             "no cell" if estimate is None else f"{estimate:.2f}", ", ".join(f"{d:.2f}" for d in history))
+    return result, estimate, cell_extent(assumed, voxel_size, assumed)
+
+
+def _flow_error_of(trial, model, trial_extent, backend):
+    """The mean flow error of a pass's instances (:func:`cp3d.filters.mean_flow_error`), ``inf`` where it is no
+    evidence: no instance, or cells too big for the stack to hold one (a model can read a stack of another
+    stain, or shrunk far below its cells, as one smooth blob the size of the stack, whose few flows agree with
+    it trivially)."""
+    # the pass's maps are NumPy arrays, whatever backend reconstructed them
+    error = mean_flow_error(trial.labels, trial.flows, tanh_scale=model_tanh_scale(model.config, trial_extent),
+                            backend="auto" if backend == "cuda" else backend)
+    if np.isnan(error) or any(e > n for e, n in zip(trial_extent, trial.labels.shape)):
+        return np.inf
+    return error
+
+
+def _estimating_passes(image, model, voxel_size, label="", **options):
+    """``diameter="auto"``'s passes (see :func:`segment`'s Notes): the last pass of the chain that won, the
+    estimate, the cell extent (z, y, x) that pass assumed and its mean flow error."""
+    chains, first = [], None
+    for factor in _AUTO_STARTS:
+        trial, estimate, trial_extent = _climbing_passes(image, model, voxel_size, factor * model.config.train_diameter,
+                                                         f"{label}from {factor:g}x: " if factor != 1 else label,
+                                                         **options)
+        first = first or (trial, trial_extent)
+        if estimate is not None:
+            chains.append((_flow_error_of(trial, model, trial_extent, options["backend"]), trial, estimate,
+                           trial_extent))
+    if not chains:
+        warnings.warn("diameter='auto' found no cell at the training size; segmenting at the training size",
+                      stacklevel=4)
+        trial, trial_extent = first
+        return trial, float(trial_extent[2]), trial_extent, np.inf
+    error, trial, estimate, trial_extent = min(chains, key=lambda chain: chain[0])
+    log.info("diameter='auto': %.2f voxels (mean flow error %s)", estimate,
+             ", ".join(f"{c[2]:.2f}: {c[0]:.3f}" for c in chains))
+    return trial, float(estimate), trial_extent, error
 
 
 def _final_pass(image, model, augment, trial, extent, trial_extent, label, **options):
@@ -302,7 +344,7 @@ def _final_pass(image, model, augment, trial, extent, trial_extent, label, **opt
 def _segment_auto(image, model, voxel_size, augment, **options):
     """``diameter="auto"``: measure the cells of a pass at the training size, refine, segment at the estimate."""
     start = time.perf_counter()
-    trial, estimate, trial_extent = _estimating_passes(image, model, voxel_size, **options)
+    trial, estimate, trial_extent, _ = _estimating_passes(image, model, voxel_size, **options)
     estimated = time.perf_counter() - start
     result = _final_pass(image, model, augment, trial, cell_extent(estimate, voxel_size, estimate), trial_extent, "",
                          **options)
@@ -324,21 +366,15 @@ def _segment_choosing(image, candidates, diameter, voxel_size, augment, **option
                 # Without a diameter too: at the training size a model shown nuclei several times larger breaks
                 # them up, and its flows then agree with its fragments worse than the membrane model's with its
                 # specks (both real nuclei crops); each model is compared at the size it measures.
-                trial, estimate, trial_extent = _estimating_passes(image, model, voxel_size, label=f"{name}: ",
-                                                                   **options)
+                trial, estimate, trial_extent, error = _estimating_passes(image, model, voxel_size,
+                                                                          label=f"{name}: ", **options)
                 extent = cell_extent(estimate if diameter else None, voxel_size, model.config.train_diameter)
             else:
                 extent = trial_extent = cell_extent(diameter, voxel_size, model.config.train_diameter)
                 title = f"{name}: trial at d {extent[2]:.1f}"
                 trial = _segment_at(image, model, extent, False, extent[2],
                                     **dict(options, progress=options["progress"] and title))
-        # the trial's maps are NumPy arrays, whatever backend reconstructed them
-        error = mean_flow_error(trial.labels, trial.flows, tanh_scale=model_tanh_scale(model.config, trial_extent),
-                                backend="auto" if options["backend"] == "cuda" else options["backend"])
-        if np.isnan(error) or any(e > n for e, n in zip(trial_extent, image.shape)):
-            # No instance, or cells too big for the stack to hold one (a model shown the other stain can read
-            # it as one smooth blob the size of the stack, whose few flows agree with it trivially): no evidence.
-            error = np.inf
+                error = _flow_error_of(trial, model, trial_extent, options["backend"])
         trials[name] = (trial, extent, trial_extent, error)
     name = min(trials, key=lambda n: trials[n][3])
     log.info("model='auto': %s (mean flow error %s)", name,

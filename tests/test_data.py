@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cp3d.data import synthetic_stack, write_synthetic_dataset
+from cp3d.data import random_nuclei_options, synthetic_stack, write_synthetic_dataset
 
 SHAPE = (32, 64, 64)
 DIAMETER = 10
@@ -340,6 +340,16 @@ def test_out_of_focus_light_brightens_the_gaps_and_leaves_the_labels():
     gaps = ndimage.distance_transform_edt(plain.labels == 0) > 3
     assert gaps.sum() > 100
     assert ghosts.image[gaps].mean() > plain.image[gaps].mean() + 0.02
+
+
+def test_glowing_wall_options_light_walls_in_half_the_stacks_and_keep_the_other_draws():
+    draws = [random_nuclei_options(np.random.default_rng(seed), bright_background=True, glowing_walls=True)
+             for seed in range(40)]
+    plain = [random_nuclei_options(np.random.default_rng(seed), bright_background=True) for seed in range(40)]
+    assert all({k: v for k, v in d.items() if k != "glowing_walls"} == p for d, p in zip(draws, plain))
+    levels = [d["glowing_walls"] for d in draws if "glowing_walls" in d]
+    assert 10 < len(levels) < 30 and all(0.3 <= v <= 1.5 for v in levels)
+    synthetic_stack((16, 32, 32), 8, kind="nuclei", seed=0, **next(d for d in draws if "glowing_walls" in d))
 
 
 def test_glowing_walls_draw_bright_sheets_between_the_nuclei_and_leave_the_labels():

@@ -173,7 +173,8 @@ class _StackPool:
         if kind == "nuclei":
             # every stack: with half of them plain (dark background, dim nuclei) the crops' background went back
             # to foreground (AP@0.5 0.61 -> 0.31 on 1135) while the synthetic validation rose (README, the model)
-            options = dict(cp3d.data.random_nuclei_options(rng, bright_background=self.varied), noise=noise)
+            options = dict(cp3d.data.random_nuclei_options(rng, bright_background=self.varied,
+                                                           glowing_walls=self.varied), noise=noise)
         elif self.varied and rng.random() < VARIED_SHARE:
             # a noise drawn from its own, wider, range replaces the pool's
             options = {"noise": noise} | cp3d.data.random_membrane_options(rng, VARIED_SETTINGS_SHARE)
@@ -589,9 +590,10 @@ def train(
         patchiness, cytoplasm texture, wavy walls, PSF, anisotropy, noise up
         to 0.35, ...; their noise replaces `noise`), the rest with the
         defaults. Nuclei: draw every stack with
-        ``random_nuclei_options(bright_background=True)``, a bright, grainy
-        background in four stacks of five, sparse to packed nuclei, no dim
-        nuclei: on real confocal crops that background was the cause of
+        ``random_nuclei_options(bright_background=True, glowing_walls=True)``,
+        a bright, grainy background in four stacks of five, sparse to packed
+        nuclei, no dim nuclei, and glowing cell walls in half: on real
+        confocal crops that background and such walls were the cause of
         most false nuclei. Validate on plain and on varied stacks.
     sparse : bool
         The masks in `data` label only some cells: their unlabelled voxels
@@ -843,7 +845,8 @@ def train(
 def _pool_options(kind, varied):
     """How the training pool draws the rendering settings of a stack of `kind`, as the model card records it."""
     if kind == "nuclei":
-        return f"cp3d.data.random_nuclei_options(rng, bright_background={bool(varied)}), noise from 'noise'"
+        return (f"cp3d.data.random_nuclei_options(rng, bright_background={bool(varied)}, glowing_walls={bool(varied)}), "
+                "noise from 'noise'")
     if varied:
         return (f"{VARIED_SHARE:.0%} of the stacks cp3d.data.random_membrane_options(rng, settings_share="
                 f"{VARIED_SETTINGS_SHARE}) (noise from its range when drawn), the rest defaults, noise from 'noise'")
@@ -1036,8 +1039,9 @@ def main(argv=None, prog="cp3d train"):
     p.add_argument("--varied", action="store_true",
                    help="membranes: draw 3 in 4 stacks' rendering settings with cp3d.data.random_membrane_options "
                         "(thick, patchy walls, textured cells, wider PSF and noise); nuclei: every stack on a "
-                        "bright, grainy background (4 in 5), sparse to packed, no dim nuclei "
-                        "(random_nuclei_options(bright_background=True)); validate on plain and varied")
+                        "bright, grainy background (4 in 5), sparse to packed, no dim nuclei, glowing cell walls "
+                        "in half (random_nuclei_options(bright_background=True, glowing_walls=True)); validate on "
+                        "plain and varied")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--patch-size", type=lambda s: _parse_pair(s, int), default=(48, 48, 48), help="z,y,x")
