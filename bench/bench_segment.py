@@ -1581,16 +1581,16 @@ def choice_bench(quick, real_data):
 
 
 def choice_markdown(report):
-    lines = ["# The default model's choice of stain", "", f"`{report['command']}`", "", _machine_line(report["machine"]),
-             "", "`cp3d.segment(image)` with no model (`model=\"auto\"`, what `cp3d segment` does without "
+    lines = ["# The default model's choice of stain", "", f"`{report['command']}`", "",
+             _machine_line(report["machine"]), "", "`cp3d.segment(image)` with no model (`model=\"auto\"`, what `cp3d segment` does without "
              "`--model`) lets the bundled tanh (membrane) and nuclei models each segment the stack without "
              "augmentation and keeps the one whose flows agree best with the instances it made: the lower "
              "`cp3d.filters.mean_flow_error` (the paper's flow-error filter over all instances) of its trial. Here "
              "each held-out stack, of both stains, is segmented by the default and by each model alone (no "
              "augmentation); *auto*: `diameter=\"auto\"` (the trials are each model's estimating passes), *true d*: "
              "the truth's median diameter, *default*: no diameter (the training size; the choice is made from the "
-             "estimating passes as with `\"auto\"`). The flow error shown is that of each run's result (the choice compares "
-             "the trials, the last estimating passes). No stack here was in any bundled model's training data.", ""]
+             "estimating passes as with `\"auto\"`). The flow error shown is that of each run's result (the "
+             "choice compares the trials, the last estimating passes). No stack here was in any bundled model's training data.", ""]
     for setting, sm in report["summary"].items():
         lines.append(f"- {SETTING_LABELS.get(setting, setting)}: the right model for {sm['right']} of "
                      f"{sm['stacks']} stacks; {sm['seconds_default']:.0f} s for the default against "

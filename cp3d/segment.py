@@ -170,9 +170,10 @@ def segment(image, model=None, *, diameter=None, voxel_size=None, backend="auto"
     its flows do not explain them. A trial at cells too large for the stack
     to hold one whole is no evidence. The chosen model then segments with
     augmentation, or its trial is the result when ``augment=False``. This
-    takes about twice the time of the chosen model alone (2.0-2.3x on real
-    nuclei crops); it chose right on all held-out stacks of both stains of
-    ``bench/bench_segment.py --choice``, real nuclei among them.
+    takes about twice the time of the chosen model alone (1.9-2.6x on real
+    nuclei crops); it chose right on 53 of the 54 runs of
+    ``bench/bench_segment.py --choice`` (18 held-out stacks of both stains,
+    real nuclei among them, three diameter settings).
 
     ``diameter="auto"`` segments the stack once at the model's training size
     and takes the volume-weighted median equivalent-sphere diameter of the

@@ -845,8 +845,8 @@ def train(
 def _pool_options(kind, varied):
     """How the training pool draws the rendering settings of a stack of `kind`, as the model card records it."""
     if kind == "nuclei":
-        return (f"cp3d.data.random_nuclei_options(rng, bright_background={bool(varied)}, glowing_walls={bool(varied)}), "
-                "noise from 'noise'")
+        return (f"cp3d.data.random_nuclei_options(rng, bright_background={bool(varied)}, "
+                f"glowing_walls={bool(varied)}), noise from 'noise'")
     if varied:
         return (f"{VARIED_SHARE:.0%} of the stacks cp3d.data.random_membrane_options(rng, settings_share="
                 f"{VARIED_SETTINGS_SHARE}) (noise from its range when drawn), the rest defaults, noise from 'noise'")
