@@ -668,11 +668,12 @@ def test_cli_train_checks_out_dir_before_any_work(tmp_path, monkeypatch, capsys)
     assert started == [str(model), str(model), str(tmp_path / "new" / "run")]
 
 
-def test_varied_nuclei_training_draws_bright_grainy_backgrounds_and_validates_on_them(tmp_path, rendered):
+def test_varied_nuclei_training_draws_bright_grainy_backgrounds_and_glowing_walls_and_validates_on_them(tmp_path,
+                                                                                                      rendered):
     calls = rendered
     train(tmp_path / "w", kind="nuclei", varied=True, **_tiny_training(steps=1, validate_stacks=1))
     card = json.loads((tmp_path / "w" / "model_card.json").read_text())
-    assert "random_nuclei_options(rng, bright_background=True)" in card["data"]["options"]
+    assert "random_nuclei_options(rng, bright_background=True, glowing_walls=True)" in card["data"]["options"]
     assert card["validation_varied"]["varied"] and card["validation_varied"]["kind"] == "nuclei"
     assert not card["validation"]["varied"]
     calls.clear()
@@ -684,6 +685,7 @@ def test_varied_nuclei_training_draws_bright_grainy_backgrounds_and_validates_on
     assert len(calls) == 12 and all("background_grain" in c for c in calls)
     assert all(c["dim_fraction"] == 0 and 0 <= c["background"] <= 0.6 and c["density"] >= 0.2 for c in calls)
     assert sum(c["background"] > 0.2 for c in calls) >= 2 and any(c["background"] == 0 for c in calls)
+    assert 2 <= sum("glowing_walls" in c for c in calls) <= 10  # in about half the stacks
 
 
 def test_mixed_training_draws_nuclei_and_membranes_and_validates_on_both(tmp_path, rendered):
