@@ -32,7 +32,7 @@ def _demo(args):
     image, truth = data.synthetic_stack(tuple(args.shape), args.diameter, seed=args.seed, noise=args.noise)
     seconds = {"synthesize": time.perf_counter() - start}
     # the first run after installing also compiles the Numba kernels: say so rather than sit silent
-    what = f"the {args.model} model" if args.model else "the bundled model that fits it (tanh or nuclei, chosen)"
+    what = f"the {args.model} model" if args.model else "the bundled model that fits it (tanh or nuclei)"
     print(f"cp3d demo: segmenting it with {what} (the first run after installing also compiles the kernels, "
           "10-20 s)", file=sys.stderr)
     result = segment(image, args.model, diameter=args.diameter, backend=args.backend, device=args.device,
